@@ -1,0 +1,87 @@
+"""Build a Megatron-Core ``GPTModel`` for a Qwen-MoE HF config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config, to_transformer_config
+from megatron_pr2.models.spec import decoder_block_spec
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """How to build the model, beyond what the HF config fixes."""
+
+    router_class: type = TopKRouter
+    use_transformer_engine: bool = False
+    config_overrides: dict = dataclasses.field(default_factory=dict)
+
+
+def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = None):
+    """Build this rank's model chunks (one per virtual pipeline stage).
+
+    Args:
+        hf_config: path to an HF checkpoint dir / ``config.json``, a dict, or a parsed
+            :class:`QwenMoeSpec`.
+        parallel: :class:`megatron_pr2.platform.ParallelConfig`; Megatron's parallel state
+            must already be initialised with the same layout.
+        options: router class, TransformerEngine, extra ``TransformerConfig`` fields.
+
+    Returns:
+        ``(spec, config, chunks)``: the parsed HF spec, the ``TransformerConfig`` and a list of
+        ``GPTModel`` chunks.
+    """
+    options = options or ModelOptions()
+    spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
+    config = to_transformer_config(spec, parallel, **options.config_overrides)
+    _check_divisibility(spec, config)
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        block = decoder_block_spec(config, options.router_class, options.use_transformer_engine,
+                                   vp_stage=stage, pp_rank=pp_rank)
+        chunks.append(GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=stage),
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta),
+            vp_stage=stage,
+        ))
+    return spec, config, chunks
+
+
+def build_model(hf_config, parallel=None, options: ModelOptions | None = None):
+    """Build a single-chunk model (no virtual pipeline). Returns ``(spec, config, model)``."""
+    spec, config, chunks = build_model_chunks(hf_config, parallel, options)
+    if len(chunks) != 1:
+        raise ValueError("build_model() builds one chunk; use build_model_chunks() with VPP")
+    return spec, config, chunks[0]
+
+
+def _check_divisibility(spec: QwenMoeSpec, config) -> None:
+    tp = config.tensor_model_parallel_size
+    ep = config.expert_model_parallel_size
+    pp = config.pipeline_model_parallel_size
+    checks = [
+        (spec.num_attention_heads % tp, f"num_attention_heads={spec.num_attention_heads}", "TP", tp),
+        (spec.num_key_value_heads % tp, f"num_key_value_heads={spec.num_key_value_heads}", "TP", tp),
+        (spec.vocab_size % tp, f"vocab_size={spec.vocab_size}", "TP", tp),
+        (spec.num_experts % ep, f"num_experts={spec.num_experts}", "EP", ep),
+        (spec.num_layers % pp, f"num_layers={spec.num_layers}", "PP", pp),
+    ]
+    for remainder, what, name, size in checks:
+        if remainder:
+            raise ValueError(f"{what} is not divisible by {name}={size}")

@@ -1,0 +1,149 @@
+"""CPU backend: lets Megatron-Core run on a machine without CUDA.
+
+Megatron-Core assumes CUDA in a handful of places (device placement through
+``torch.cuda.current_device()``, the CUDA RNG tracker, ``torch.cuda.synchronize``,
+``device="cuda"`` in factory calls, TransformerEngine's GEMM in the router).
+:func:`enable_cpu_backend` adapts exactly those places and nothing else. It must be
+called explicitly, and it refuses to run on a machine where CUDA is available, so it
+can never change the behaviour of a GPU run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_ENABLED = False
+_DEVICE_MODE: TorchFunctionMode | None = None
+
+
+class CpuBackendError(RuntimeError):
+    """Raised when the CPU backend is asked for on a machine where it must not run."""
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuDeviceMode(TorchFunctionMode):
+    """Maps ``device="cuda"`` (or ``torch.device("cuda")``) in tensor factory calls to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Named RNG states on the CPU default generator, the CPU twin of Megatron's CUDA tracker.
+
+    ``fork(name)`` swaps the default CPU generator to the named state for the duration of the
+    block and saves the advanced state back, as Megatron's tracker does for the CUDA generator.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise ValueError(f"rng state {name} is not added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def _install_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _patch_torch_cuda() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # Seed the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    # Without TransformerEngine this name is never bound in 0.16.1 (NameError on use).
+    moe_utils.te_general_gemm = None
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def enable_cpu_backend() -> None:
+    """Make Megatron-Core run on CPU with gloo. Idempotent; refuses when CUDA is available.
+
+    Raises:
+        CpuBackendError: if CUDA is available (the GPU path must stay native).
+    """
+    global _ENABLED, _DEVICE_MODE
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise CpuBackendError(
+            "enable_cpu_backend() was called on a machine with CUDA; the CPU backend only "
+            "adapts Megatron-Core for CPU-only machines. Use --device cuda."
+        )
+    _patch_torch_cuda()
+    _patch_megatron()
+    _install_rng_tracker()
+    _DEVICE_MODE = _CudaToCpuDeviceMode()
+    _DEVICE_MODE.__enter__()
+    _ENABLED = True
+    logger.info("Megatron-Core CPU backend enabled (gloo, CPU RNG tracker).")
+
+
+def cpu_backend_enabled() -> bool:
+    """Whether :func:`enable_cpu_backend` has run in this process."""
+    return _ENABLED

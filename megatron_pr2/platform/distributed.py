@@ -1,0 +1,140 @@
+"""Process-group set-up shared by every entry point (single process and ``torchrun``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron_pr2.platform.cpu import CpuRNGStatesTracker, enable_cpu_backend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel layout, with Megatron-LM's flag names."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def validate(self, world_size: int) -> None:
+        """Raise ``ValueError`` naming the problem when the layout cannot fit ``world_size``."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        mp = self.model_parallel_size()
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP*PP*CP = "
+                f"{self.tensor_model_parallel_size}*{self.pipeline_model_parallel_size}*"
+                f"{self.context_parallel_size} = {mp}"
+            )
+        etp = self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        expert_mp = etp * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % expert_mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by ETP*EP*PP = {expert_mp}"
+            )
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ValueError(
+                "tensor parallelism with MoE layers needs --sequence-parallel "
+                "(Megatron-Core requires it for MoE training with TP > 1)"
+            )
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is present, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(device: str | None = None) -> None:
+    """Initialise ``torch.distributed`` from torchrun's environment, or as a 1-process group.
+
+    On CPU this also enables the CPU backend and uses gloo; on CUDA it uses NCCL and sets the
+    local device.
+    """
+    device = device or default_device()
+    if device == "cpu":
+        enable_cpu_backend()
+    elif device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but CUDA is not available")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "gloo" if device == "cpu" else "nccl"
+    dist.init_process_group(backend=backend)
+    logger.info("process group: backend=%s rank=%d world=%d", backend, dist.get_rank(),
+                dist.get_world_size())
+
+
+def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
+                              device: str | None = None) -> None:
+    """Set up the process group, Megatron's parallel state and the model-parallel RNG."""
+    from megatron.core import parallel_state
+
+    init_process_group(device)
+    parallel.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+    )
+    seed_model_parallel(seed)
+
+
+def seed_model_parallel(seed: int) -> None:
+    """Seed the default and model-parallel RNG states (CPU or CUDA)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's parallel state and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
