@@ -44,6 +44,18 @@ class LayerRoutes:
                 f"{self.valid.dtype} {tuple(self.valid.shape)}"
             )
 
+    @classmethod
+    def from_expert_ids(cls, expert_ids: torch.Tensor, num_experts: int,
+                        valid: torch.Tensor | None = None) -> "LayerRoutes":
+        """Routes from ``[N, K]`` ids of any integer dtype, stored compactly (all valid by default)."""
+        if valid is None:
+            valid = torch.ones(expert_ids.shape[0], dtype=torch.bool, device=expert_ids.device)
+        return cls(expert_ids.to(compact_route_dtype(num_experts)), valid)
+
+    def widened(self, device=None) -> torch.Tensor:
+        """The expert ids as ``int64`` (what ``torch.gather``/``scatter`` need), on ``device``."""
+        return self.expert_ids.to(device=device or self.expert_ids.device, dtype=torch.long)
+
 
 @dataclasses.dataclass
 class RoutePlan:
@@ -76,3 +88,15 @@ class RoutePlan:
 
     def microbatch_ids(self) -> list[int]:
         return sorted({mb for mb, _ in self.routes})
+
+    def select(self, microbatch_ids) -> "RoutePlan":
+        """A plan with only the given micro-batch ids (e.g. one mini-step's share)."""
+        wanted = set(microbatch_ids)
+        missing = wanted - set(self.microbatch_ids())
+        if missing:
+            raise KeyError(f"route plan has no micro-batches {sorted(missing)}")
+        return RoutePlan({key: r for key, r in self.routes.items() if key[0] in wanted})
+
+    def keys_for_layer(self, layer_number: int) -> list[tuple[int, int]]:
+        """The ``(micro-batch id, layer)`` keys of one layer, sorted."""
+        return sorted(key for key in self.routes if key[1] == layer_number)
