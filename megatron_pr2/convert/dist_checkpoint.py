@@ -1,0 +1,200 @@
+"""Streaming write / grouped read of Megatron-Core ``torch_dist`` distributed checkpoints.
+
+Writing: the checkpoint is produced with ``torch.distributed.checkpoint`` (the storage format
+behind Megatron's ``torch_dist`` backend) through a planner whose ``resolve_data`` builds each
+chunk on demand, and a writer that puts every chunk in its own file. The writer resolves and
+writes items one at a time, so peak memory is one tensor plus its HF sources, never the model.
+Megatron's ``metadata.json`` and ``common.pt`` complete the directory, so
+``megatron.core.dist_checkpointing.load`` reads it like any checkpoint Megatron saved.
+
+Reading: tensors are loaded in caller-chosen groups (one decoder layer at a time) through
+``dist_checkpointing.load`` with whole-tensor ``ShardedTensor`` requests, which also reads
+checkpoints the trainer saved under any parallel layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from megatron_pr2.convert.errors import ConversionError
+from megatron_pr2.convert.layout import DistKey, tp_chunks
+
+logger = logging.getLogger(__name__)
+
+CONTENT_METADATA_KEY = "content_metadata"  # where Megatron keeps content metadata in common.pt
+
+
+@dataclasses.dataclass
+class PlannedTensor:
+    """One single-process Megatron tensor to write, produced on demand.
+
+    Attributes:
+        name: single-process Megatron name (for messages and progress).
+        where: its distributed-checkpoint key and prepended-axis position.
+        shape: its shape (without the prepended expert axis).
+        dtype: the dtype to store.
+        tp_axis, glu, tp: how to cut it into the chunks ranks of the target layout read.
+        produce: returns the full tensor (called once per tensor, when its first chunk is written).
+        nbytes_in: source bytes read to produce it (for throughput reporting).
+    """
+
+    name: str
+    where: DistKey
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tp_axis: int | None
+    glu: bool
+    tp: int
+    produce: Callable[[], torch.Tensor]
+    nbytes_in: int = 0
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """A save planner over chunks that do not exist until ``resolve_data`` asks for them."""
+
+    def __init__(self, tensors: list[PlannedTensor], on_tensor_done: Callable[[PlannedTensor], None]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._items: list[WriteItem] = []
+        self._chunk_of: dict[tuple, tuple[int, tuple, tuple]] = {}
+        self._tensors = tensors
+        self._on_tensor_done = on_tensor_done
+        for index, planned in enumerate(tensors):
+            self._add_items(index, planned)
+        self._current: tuple[int, torch.Tensor] | None = None
+
+    def _add_items(self, index: int, planned: PlannedTensor) -> None:
+        chunks = tp_chunks(planned.shape, planned.tp_axis, planned.glu, planned.tp)
+        global_shape = torch.Size(planned.where.global_shape(planned.shape))
+        prepend = planned.where.prepend
+        for offset, size in chunks:
+            if prepend:
+                offset, size = (prepend[0], *offset), (1, *size)
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(size))
+            self._items.append(WriteItem(
+                index=MetadataIndex(planned.where.key, torch.Size(offset)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=chunk,
+                                            properties=TensorProperties(dtype=planned.dtype),
+                                            size=global_shape),
+            ))
+            self._chunk_of[(planned.where.key, tuple(offset))] = (index, offset, size)
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(items=list(self._items))
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        index, offset, size = self._chunk_of[(write_item.index.fqn, tuple(write_item.index.offset))]
+        planned = self._tensors[index]
+        if self._current is None or self._current[0] != index:
+            self._finish_current()
+            full = planned.produce().to(planned.dtype)
+            if tuple(full.shape) != tuple(planned.shape):
+                raise ConversionError(f"{planned.name}: produced shape {tuple(full.shape)}, "
+                                      f"expected {planned.shape}")
+            if planned.where.prepend:
+                full = full.unsqueeze(0)
+            self._current = (index, full)
+        piece = self._current[1]
+        for axis, (start, length) in enumerate(zip(offset, size)):
+            if axis == 0 and planned.where.prepend:
+                continue
+            piece = piece.narrow(axis, start, length)
+        return piece.contiguous()
+
+    def _finish_current(self) -> None:
+        if self._current is not None:
+            self._on_tensor_done(self._tensors[self._current[0]])
+            self._current = None
+
+    def close(self) -> None:
+        self._finish_current()
+
+
+def write_dist_checkpoint(out_dir: str, tensors: list[PlannedTensor], content_metadata: dict,
+                          on_tensor_done: Callable[[PlannedTensor], None] = lambda t: None) -> None:
+    """Write ``tensors`` as a Megatron ``torch_dist`` checkpoint, one tensor in memory at a time.
+
+    Args:
+        out_dir: an empty or new directory.
+        tensors: the tensors in write order (keep each tensor's sources close together).
+        content_metadata: JSON-like dict stored as Megatron content metadata (``common.pt``).
+        on_tensor_done: progress callback, called after each tensor's chunks were handed over.
+    """
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    os.makedirs(out_dir, exist_ok=True)
+    if any(not name.startswith(".") for name in os.listdir(out_dir)):
+        raise ConversionError(f"output directory {out_dir} is not empty")
+    planner = _LazySavePlanner(tensors, on_tensor_done)
+    writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=False, thread_count=1,
+                                  sync_files=False)
+    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    planner.close()
+    torch.save({CONTENT_METADATA_KEY: content_metadata}, os.path.join(out_dir, "common.pt"))
+    save_config(CheckpointingConfig(sharded_backend="torch_dist"), out_dir)
+
+
+def ensure_process_group() -> None:
+    """Megatron's checkpoint loader needs ``torch.distributed``; start a 1-process gloo group."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def is_dist_checkpoint(path: str) -> bool:
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+
+    return os.path.isdir(path) and check_is_distributed_checkpoint(path)
+
+
+def read_tensor_metadata(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (global_shape, dtype)}`` of every tensor in a ``torch_dist`` checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    if not is_dist_checkpoint(ckpt_dir):
+        raise ConversionError(
+            f"{ckpt_dir} is not a Megatron distributed checkpoint (no metadata.json)"
+        )
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    return {key: (tuple(sh.global_shape), sh.dtype) for key, sh in metadata.items()}
+
+
+def read_content_metadata(ckpt_dir: str) -> dict:
+    """The content metadata stored in ``common.pt`` (empty dict when there is none)."""
+    from megatron.core.dist_checkpointing.serialization import load_content_metadata
+
+    return load_content_metadata(ckpt_dir) or {}
+
+
+def read_tensors(ckpt_dir: str, requests: Iterable[tuple[str, DistKey, tuple[int, ...], torch.dtype]]
+                 ) -> dict[str, torch.Tensor]:
+    """Load whole tensors ``(name, where, shape, dtype)`` from a ``torch_dist`` checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    ensure_process_group()
+    sharded = {}
+    for name, where, shape, dtype in requests:
+        data = torch.empty(shape, dtype=dtype)
+        if where.prepend:
+            index, count = where.prepend
+            sharded[name] = ShardedTensor.from_rank_offsets(
+                where.key, data, (0, index, count), replica_id=0, prepend_axis_num=1)
+        else:
+            sharded[name] = ShardedTensor.from_rank_offsets(where.key, data, replica_id=0)
+    loaded = dist_checkpointing.load(sharded, ckpt_dir, validate_access_integrity=False)
+    return {name: loaded[name] for name in sharded}

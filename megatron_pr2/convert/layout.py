@@ -1,0 +1,112 @@
+"""Target parallel layout: validation, distributed-checkpoint keys and chunk layout.
+
+A converted checkpoint is a Megatron-Core ``torch_dist`` distributed checkpoint: every tensor
+is stored under the key Megatron's ``sharded_state_dict()`` gives it, with its *global* shape,
+so a model with any TP/PP/EP layout loads it (Megatron reshards on load). The layout given at
+conversion time is validated against the model, recorded in the checkpoint metadata and used
+to cut each tensor into the chunks that layout's ranks read, so that loading with it reads
+exactly what each rank needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from megatron_pr2.convert.errors import ConversionError
+from megatron_pr2.models.hf_config import QwenMoeSpec
+
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    """Tensor / pipeline / expert (/ expert-tensor) parallel sizes, Megatron-LM names."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+
+    @property
+    def etp(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    def as_dict(self) -> dict:
+        return {"tensor_model_parallel_size": self.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
+                "expert_model_parallel_size": self.expert_model_parallel_size,
+                "expert_tensor_parallel_size": self.etp}
+
+    def validate(self, spec: QwenMoeSpec) -> None:
+        """Raise :class:`ConversionError` naming the first size that does not divide the model."""
+        tp, pp, ep, etp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                           self.expert_model_parallel_size, self.etp)
+        for name, size in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp)):
+            if size < 1:
+                raise ConversionError(f"{name} must be >= 1, got {size}")
+        has_dense = not all(spec.moe_layer_pattern)
+        checks = [
+            ("num_attention_heads", spec.num_attention_heads, "--tp", tp),
+            ("num_key_value_heads", spec.num_key_value_heads, "--tp", tp),
+            ("vocab_size", spec.vocab_size, "--tp", tp),
+            ("num_hidden_layers", spec.num_layers, "--pp", pp),
+            ("num_experts", spec.num_experts, "--ep", ep),
+            ("moe_intermediate_size", spec.moe_ffn_hidden_size, "--etp", etp),
+        ]
+        if has_dense:
+            checks.append(("intermediate_size", spec.ffn_hidden_size, "--tp", tp))
+        if spec.shared_expert_intermediate_size:
+            checks.append(("shared_expert_intermediate_size",
+                           spec.shared_expert_intermediate_size, "--tp", tp))
+        for field, value, flag, size in checks:
+            if value % size:
+                raise ConversionError(
+                    f"the layout does not divide the model: {field}={value} is not divisible "
+                    f"by {flag}={size}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistKey:
+    """Where a single-process Megatron tensor lives in the distributed checkpoint.
+
+    Routed experts of a layer share one key with a prepended expert axis (global shape
+    ``[num_experts, *shape]``), exactly as Megatron's ``SequentialMLP.sharded_state_dict``
+    stores them; every other tensor is stored under its own name.
+    """
+
+    key: str
+    prepend: tuple[int, int] | None = None   # (index, count) along the prepended axis
+
+    def global_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return ((self.prepend[1],) if self.prepend else ()) + tuple(shape)
+
+
+def dist_key(megatron_name: str, num_experts: int) -> DistKey:
+    """The distributed-checkpoint key of a single-process Megatron tensor name."""
+    match = _EXPERT.match(megatron_name)
+    if match is None:
+        return DistKey(megatron_name)
+    prefix, expert, rest = match.groups()
+    return DistKey(f"{prefix}experts.{rest}", (int(expert), num_experts))
+
+
+def tp_chunks(shape: tuple[int, ...], tp_axis: int | None, glu: bool,
+              tp: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(offset, size)`` of the pieces a tensor-parallel group of ``tp`` ranks holds.
+
+    A GLU ``linear_fc1`` (``[gate; up]``) is held as ``[gate_r; up_r]`` on rank r, so it is cut
+    into ``2 * tp`` pieces along dim 0 (Megatron's SwiGLU sharded factory does the same).
+    """
+    if tp_axis is None or tp == 1:
+        return [(tuple(0 for _ in shape), tuple(shape))]
+    pieces = 2 * tp if glu else tp
+    step = shape[tp_axis] // pieces
+    chunks = []
+    for i in range(pieces):
+        offset = [0] * len(shape)
+        size = list(shape)
+        offset[tp_axis], size[tp_axis] = i * step, step
+        chunks.append((tuple(offset), tuple(size)))
+    return chunks
