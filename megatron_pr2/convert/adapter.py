@@ -239,7 +239,8 @@ class StateDictAdapter:
                         "--predictive-gate to fold them into the gates)", dropped)
         expected = [r.megatron_name for r in self._rules] + (sorted(set(
             g.predictor_name for g in gates.values())) if gates else [])
-        missing = [n for n in expected if n not in done]
+        received = done.union(*(sources.keys() for sources in pending.values()))
+        missing = [n for n in expected if n not in received]
         if missing:
             raise ConversionError(_missing_message("Megatron", missing))
 

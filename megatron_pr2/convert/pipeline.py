@@ -166,7 +166,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, layout: ParallelLayout | None = No
     with open(os.path.join(out_dir, HF_CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(ckpt.config, handle, indent=2, sort_keys=True)
     copy_hf_assets(hf_dir, os.path.join(out_dir, ASSETS_DIR))
-    logger.info("wrote %s (%d tensors, %.2f GB) in %.1f s", out_dir, progress.stats.tensors,
+    logger.debug("wrote %s (%d tensors, %.2f GB) in %.1f s", out_dir, progress.stats.tensors,
                 progress.stats.bytes_written / 1e9, progress.stats.seconds)
     return progress.stats
 
@@ -283,7 +283,7 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
     assets = os.path.join(megatron_dir, ASSETS_DIR)
     if os.path.isdir(assets):
         copy_hf_assets(assets, out_dir)
-    logger.info("wrote %s (%d tensors, %.2f GB) in %.1f s", out_dir, progress.stats.tensors,
+    logger.debug("wrote %s (%d tensors, %.2f GB) in %.1f s", out_dir, progress.stats.tensors,
                 progress.stats.bytes_written / 1e9, progress.stats.seconds)
     return progress.stats
 
