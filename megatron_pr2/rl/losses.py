@@ -149,9 +149,9 @@ def router_shift_weight(router_logp_cur: torch.Tensor, router_logp_old: torch.Te
 
 
 def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token importance ratio ``exp(logp - old_logp)`` (``mask`` unused; same signature as GSPO)."""
+    """Token importance ratio ``exp(logp - old_logp)`` in fp32 (``mask`` unused; GSPO's signature)."""
     del mask
-    return torch.exp(logp - old_logp)
+    return torch.exp(logp.float() - old_logp.float())
 
 
 def gspo_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,8 @@ def gspo_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -
     Written as ``sg(s_i) * exp(logp_t - sg(logp_t))``: the value is ``s_i`` on each token and the
     per-sequence mean of its gradients equals the gradient of ``s_i``.
     """
-    seq_log_ratio = masked_row_mean(logp - old_logp, mask)
+    logp = logp.float()
+    seq_log_ratio = masked_row_mean(logp - old_logp.float(), mask)
     return torch.exp(logp - logp.detach() + seq_log_ratio.detach()[:, None])
 
 
@@ -206,7 +207,7 @@ def _rollout_weights(inputs: PolicyLossInputs, cfg: PolicyLossConfig,
         if cfg.tis or cfg.icepop:
             raise ValueError("TIS and IcePop need rollout_logp (the rollout engine's log-probs)")
         return None
-    is_ratio = torch.exp(inputs.old_logp.detach() - inputs.rollout_logp.detach())
+    is_ratio = torch.exp(inputs.old_logp.detach().float() - inputs.rollout_logp.detach().float())
     metrics["is_ratio_clip_fraction"] = masked_mean((is_ratio > cfg.tis_cap).float(), inputs.mask)
     weight = torch.ones_like(is_ratio)
     if cfg.tis:
@@ -244,7 +245,7 @@ def _clipped_policy_loss(ratio: torch.Tensor, inputs: PolicyLossInputs, cfg: Pol
     if weight is not None:
         per_token = per_token * weight
     loss = aggregate(per_token, inputs.mask, cfg.aggregation, normalizer)
-    log_ratio = (inputs.logp - inputs.old_logp).detach()
+    log_ratio = (inputs.logp.detach().float() - inputs.old_logp.float())
     metrics["pg_clip_fraction"] = masked_mean(clip_active.float(), inputs.mask)
     metrics["approx_kl"] = masked_mean(torch.exp(log_ratio) - 1.0 - log_ratio, inputs.mask)
     metrics["policy_loss"] = loss.detach()
