@@ -1,0 +1,333 @@
+"""Align rollout routes to the trainer: DP shards, micro-batches, and the router's route plan (pure torch).
+
+Token ``t`` of a sample was processed by the engine with route ``routed_experts[t]``
+(``t = 0 .. T-2``); its last token has no route. In a micro-batch the trainer feeds the whole
+sequence, so the router position holding token ``t`` replays ``routed_experts[t]``; the last
+token's position and padding are marked invalid (routed live by the router).
+
+Router token order (Megatron): hidden states are ``[S, B, H]`` and the router sees them flattened
+sequence-first, row ``s * B + b``. Context parallelism (CP) first keeps this rank's sequence
+chunks (the sequence in ``2 * CP`` chunks, rank ``r`` holding chunks ``r`` and ``2CP-1-r``; for
+packed THD batches per sequence), then sequence parallelism (SP) keeps ``S_local / TP``
+consecutive positions per TP rank. Routes are keyed by micro-batch id and Megatron's 1-based
+global layer number (pipeline offset and virtual stages included), never by list position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import torch
+
+from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.sample import Sample
+from megatron_pr2.routing.route_plan import LayerRoutes, RoutePlan
+
+Layout = Literal["bshd", "thd"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenParallel:
+    """How a micro-batch's tokens are split over tensor/context-parallel ranks.
+
+    Attributes:
+        tp_size, tp_rank: tensor-parallel group; tokens are split only with ``sequence_parallel``.
+        sequence_parallel: each TP rank holds ``S_local / TP`` consecutive positions.
+        cp_size, cp_rank: context-parallel group.
+    """
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    sequence_parallel: bool = False
+    cp_size: int = 1
+    cp_rank: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.tp_rank < self.tp_size or not 0 <= self.cp_rank < self.cp_size:
+            raise ValueError(f"ranks out of range in {self}")
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Per-sequence padding multiple that keeps every CP chunk and SP slice whole."""
+        cp = 2 * self.cp_size if self.cp_size > 1 else 1
+        return cp * (self.tp_size if self.sequence_parallel else 1)
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """Samples laid out for one trainer forward.
+
+    Attributes:
+        layout: ``"bshd"`` (padded ``[B, S]``) or ``"thd"`` (packed ``[1, S]``).
+        tokens: ``[B, S]`` token ids (pad id where ``sample_of`` is -1).
+        position_ids: ``[B, S]``; restart at 0 for each packed sequence.
+        sample_of: ``[B, S]`` index into ``sample_indices`` of the token's sample, -1 for padding.
+        token_of: ``[B, S]`` position of the token within its sample, -1 for padding.
+        response_mask: ``[B, S]`` True at response tokens.
+        sample_indices: the samples of this micro-batch (indices into the caller's list).
+        cu_seqlens, cu_seqlens_padded: ``[n+1]`` int32 sequence boundaries (THD only).
+    """
+
+    layout: Layout
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    sample_of: torch.Tensor
+    token_of: torch.Tensor
+    response_mask: torch.Tensor
+    sample_indices: list[int]
+    cu_seqlens: torch.Tensor | None = None
+    cu_seqlens_padded: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel shards and micro-batches
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_for_dp(num_samples: int, dp_size: int, dp_rank: int) -> list[int]:
+    """Indices of the samples of one data-parallel rank: a contiguous, equal share.
+
+    Raises:
+        ValueError: the sample count does not split evenly (ranks must run as many micro-batches).
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+    if num_samples % dp_size:
+        raise ValueError(f"{num_samples} samples do not split evenly over {dp_size} data-parallel ranks")
+    share = num_samples // dp_size
+    return list(range(dp_rank * share, (dp_rank + 1) * share))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _empty_grid(rows: int, cols: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    return {
+        "tokens": torch.full((rows, cols), pad_token_id, dtype=torch.long),
+        "position_ids": torch.zeros((rows, cols), dtype=torch.long),
+        "sample_of": torch.full((rows, cols), -1, dtype=torch.long),
+        "token_of": torch.full((rows, cols), -1, dtype=torch.long),
+        "response_mask": torch.zeros((rows, cols), dtype=torch.bool),
+    }
+
+
+def _place(grid: dict, row: int, start: int, sample: Sample, slot: int) -> None:
+    length = sample.total_length
+    span = slice(start, start + length)
+    grid["tokens"][row, span] = sample.tokens
+    grid["position_ids"][row, span] = torch.arange(length)
+    grid["sample_of"][row, span] = slot
+    grid["token_of"][row, span] = torch.arange(length)
+    grid["response_mask"][row, start + sample.prompt_length:start + length] = True
+
+
+def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], layout: Layout,
+                      parallel: TokenParallel = TokenParallel(), pad_token_id: int = 0) -> MicroBatch:
+    """Lay out ``samples[i] for i in indices`` as one padded or packed micro-batch.
+
+    BSHD pads every row to the longest sample, rounded up to ``parallel.sequence_multiple``.
+    THD packs the samples into one row, each padded to ``parallel.sequence_multiple``.
+    """
+    chosen = [samples[i] for i in indices]
+    if not chosen:
+        raise ValueError("a micro-batch needs at least one sample")
+    multiple = parallel.sequence_multiple
+    if layout == "bshd":
+        width = _round_up(max(s.total_length for s in chosen), multiple)
+        grid = _empty_grid(len(chosen), width, pad_token_id)
+        for slot, sample in enumerate(chosen):
+            _place(grid, slot, 0, sample, slot)
+        return MicroBatch("bshd", sample_indices=list(indices), **grid)
+    if layout == "thd":
+        lengths = [s.total_length for s in chosen]
+        padded = [_round_up(n, multiple) for n in lengths]
+        grid = _empty_grid(1, sum(padded), pad_token_id)
+        starts = [0, *torch.tensor(padded).cumsum(0).tolist()]
+        for slot, sample in enumerate(chosen):
+            _place(grid, 0, starts[slot], sample, slot)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return MicroBatch("thd", sample_indices=list(indices), cu_seqlens=cu,
+                          cu_seqlens_padded=torch.tensor(starts, dtype=torch.int32), **grid)
+    raise ValueError(f"unknown micro-batch layout {layout!r} (use 'bshd' or 'thd')")
+
+
+def build_micro_batches(samples: Sequence[Sample], indices: Sequence[int], micro_batch_size: int,
+                        layout: Layout = "bshd", parallel: TokenParallel = TokenParallel(),
+                        pad_token_id: int = 0) -> list[MicroBatch]:
+    """Consecutive groups of ``micro_batch_size`` samples (the last may be smaller)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return [build_micro_batch(samples, indices[i:i + micro_batch_size], layout, parallel, pad_token_id)
+            for i in range(0, len(indices), micro_batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Router token order
+# ---------------------------------------------------------------------------------------------
+
+
+def _cp_chunks(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions ``[0, length)`` kept by CP rank ``cp_rank`` (chunks r and 2CP-1-r of 2CP)."""
+    if cp_size == 1:
+        return torch.arange(length)
+    if length % (2 * cp_size):
+        raise ValueError(f"sequence length {length} is not divisible by 2*CP = {2 * cp_size}")
+    chunk = length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+def _sp_slice(positions: torch.Tensor, parallel: TokenParallel) -> torch.Tensor:
+    if not parallel.sequence_parallel or parallel.tp_size == 1:
+        return positions
+    if positions.numel() % parallel.tp_size:
+        raise ValueError(
+            f"{positions.numel()} local positions are not divisible by TP = {parallel.tp_size} "
+            "(sequence parallelism)"
+        )
+    share = positions.numel() // parallel.tp_size
+    return positions[parallel.tp_rank * share:(parallel.tp_rank + 1) * share]
+
+
+def router_token_index(micro_batch: MicroBatch, parallel: TokenParallel = TokenParallel()) -> torch.Tensor:
+    """For each router row on this rank, the flat index ``b * S + s`` into the micro-batch grid.
+
+    Returns:
+        ``[N_local]`` int64, in the router's own order.
+    """
+    batch, width = micro_batch.shape
+    if micro_batch.layout == "bshd":
+        positions = _sp_slice(_cp_chunks(width, parallel.cp_size, parallel.cp_rank), parallel)
+        return (positions[:, None] + torch.arange(batch)[None, :] * width).reshape(-1)
+    bounds = micro_batch.cu_seqlens_padded.tolist()
+    per_sequence = [start + _cp_chunks(end - start, parallel.cp_size, parallel.cp_rank)
+                    for start, end in zip(bounds[:-1], bounds[1:])]
+    return _sp_slice(torch.cat(per_sequence), parallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _spread_ids(rows: int, layout: RouteLayout) -> torch.Tensor:
+    """Distinct, non-constant ids for rows without a route (never sent: they are routed live)."""
+    base = torch.arange(rows)[:, None] * layout.top_k + torch.arange(layout.top_k)[None, :]
+    return (base % layout.num_experts)[:, None, :].expand(rows, layout.num_moe_layers, layout.top_k)
+
+
+def _checked_routes(samples: Sequence[Sample], indices: Sequence[int], layout: RouteLayout) -> list[torch.Tensor]:
+    routes = []
+    for index in indices:
+        experts = samples[index].routed_experts
+        if experts is None:
+            raise ValueError(f"sample {index} has no routed experts (R3 needs the engine's routes)")
+        if tuple(experts.shape[1:]) != (layout.num_moe_layers, layout.top_k):
+            raise ValueError(
+                f"sample {index} routes have shape {tuple(experts.shape)}; expected "
+                f"[T-1, {layout.num_moe_layers}, {layout.top_k}]"
+            )
+        routes.append(experts)
+    return routes
+
+
+def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], layout: RouteLayout,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routes at grid positions: ``([N, L_moe, K] compact, [N] valid)``.
+
+    Args:
+        positions: flat grid indices ``b * S + s`` to read (default: the whole grid, row-major).
+    """
+    sample_of = micro_batch.sample_of.reshape(-1)
+    token_of = micro_batch.token_of.reshape(-1)
+    if positions is not None:
+        sample_of, token_of = sample_of[positions], token_of[positions]
+    per_sample = _checked_routes(samples, micro_batch.sample_indices, layout)
+    route_rows = torch.tensor([r.shape[0] for r in per_sample])  # T - 1 per sample
+    first_row = torch.cumsum(route_rows, 0) - route_rows
+    owner = sample_of.clamp(min=0)
+    valid = (sample_of >= 0) & (token_of < route_rows[owner])
+    routes = _spread_ids(sample_of.numel(), layout).to(layout.compact_dtype).clone()
+    source = first_row[owner[valid]] + token_of[valid]
+    routes[valid] = torch.cat(per_sample).to(layout.compact_dtype)[source]
+    return routes, valid
+
+
+def local_moe_layer_numbers(layer_numbers: Sequence[int] | None, layout: RouteLayout) -> list[int]:
+    """The MoE layers among a stage's global layer numbers (None = every MoE layer)."""
+    if layer_numbers is None:
+        return list(layout.moe_layer_numbers)
+    bad = [n for n in layer_numbers if not 1 <= n <= layout.num_hidden_layers]
+    if bad:
+        raise ValueError(f"layer numbers {bad} outside [1, {layout.num_hidden_layers}]")
+    return [n for n in layer_numbers if n in layout.moe_layer_numbers]
+
+
+def stage_layer_numbers(num_layers: int, pp_size: int = 1, pp_rank: int = 0,
+                        vp_size: int | None = None, vp_stage: int = 0) -> list[int]:
+    """Megatron's default (even) assignment of global layer numbers to a pipeline stage.
+
+    For uneven layouts read the numbers from the built model instead (each decoder layer's
+    ``layer_number``); see :func:`model_layer_numbers`.
+    """
+    chunks = pp_size * (vp_size or 1)
+    if num_layers % chunks:
+        raise ValueError(f"{num_layers} layers do not split evenly into {chunks} pipeline chunks")
+    per_chunk = num_layers // chunks
+    offset = vp_stage * (num_layers // (vp_size or 1)) + pp_rank * per_chunk
+    return list(range(offset + 1, offset + per_chunk + 1))
+
+
+def model_layer_numbers(model_chunks) -> list[int]:
+    """Global layer numbers of the decoder layers of this rank's Megatron model chunks."""
+    numbers = []
+    for chunk in model_chunks:
+        module = getattr(chunk, "module", chunk)
+        while hasattr(module, "module") and not hasattr(module, "decoder"):
+            module = module.module
+        numbers.extend(int(layer.layer_number) for layer in module.decoder.layers)
+    return numbers
+
+
+def build_route_plan(micro_batches: Sequence[MicroBatch], samples: Sequence[Sample],
+                     layout: RouteLayout, *, layer_numbers: Sequence[int] | None = None,
+                     parallel: TokenParallel = TokenParallel(), first_microbatch_id: int = 0) -> RoutePlan:
+    """The route plan of this rank: micro-batch ``i`` gets id ``first_microbatch_id + i``.
+
+    Args:
+        micro_batches: this rank's micro-batches, in execution order.
+        samples: the list their ``sample_indices`` point into.
+        layout: the model's route layout.
+        layer_numbers: global layer numbers on this pipeline stage (None: all layers).
+        parallel: this rank's TP/SP/CP position.
+    """
+    plan = RoutePlan()
+    moe_numbers = local_moe_layer_numbers(layer_numbers, layout)
+    slot_of = {number: slot for slot, number in enumerate(layout.moe_layer_numbers)}
+    for offset, micro_batch in enumerate(micro_batches):
+        index = router_token_index(micro_batch, parallel)
+        local_routes, local_valid = route_grid(micro_batch, samples, layout, index)
+        for number in moe_numbers:
+            expert_ids = local_routes[:, slot_of[number], :].contiguous()
+            plan.add(first_microbatch_id + offset, number, LayerRoutes(expert_ids, local_valid.clone()))
+    return plan
+
+
+def route_bytes(plan: RoutePlan) -> int:
+    """Memory held by a plan's expert ids and masks."""
+    return sum(r.expert_ids.numel() * r.expert_ids.element_size() + r.valid.numel()
+               for r in plan.routes.values())
+
+
+__all__ = [
+    "MicroBatch", "TokenParallel", "build_micro_batch", "build_micro_batches", "build_route_plan",
+    "local_moe_layer_numbers", "model_layer_numbers", "route_bytes", "route_grid",
+    "router_token_index", "shard_for_dp", "stage_layer_numbers",
+]

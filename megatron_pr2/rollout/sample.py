@@ -1,0 +1,110 @@
+"""The contract from rollout to trainer: one :class:`Sample` per generated sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import torch
+
+
+class SampleStatus(str, enum.Enum):
+    """How generation of a sample ended."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"  # stopped at an EOS / stop token
+    TRUNCATED = "truncated"  # reached max_new_tokens
+    ABORTED = "aborted"  # the engine gave up on it
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample continuations.
+
+    Attributes:
+        max_new_tokens: generated tokens per prompt, at most.
+        temperature: softmax temperature; ignored when ``greedy``.
+        greedy: argmax decoding (the reference for engine agreement tests).
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: nucleus mass (1.0 = all).
+        stop_token_ids: tokens that end a sequence (kept as its last token).
+        ignore_eos: generate exactly ``max_new_tokens`` tokens.
+        seed: sampling seed, where the engine supports one.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    greedy: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 unless greedy, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One prompt and its generated continuation.
+
+    Attributes:
+        tokens: ``[T]`` int64, prompt followed by the response.
+        prompt_length: number of prompt tokens ``P`` (``1 <= P <= T``).
+        rollout_log_probs: ``[T - P]`` float32, the engine's log-prob of each response token.
+        routed_experts: ``[T - 1, L, K]`` expert ids the engine used when processing input position
+            ``t`` (``t = 0 .. T-2``; the last token is never processed), for the model's ``L`` MoE
+            layers in order, in the narrowest integer dtype (uint8 for E <= 256); or None.
+        reward: scalar reward, once scored.
+        status: how generation ended.
+        metadata: free-form (prompt id, group id, answer, engine address, ...).
+    """
+
+    tokens: torch.Tensor
+    prompt_length: int
+    rollout_log_probs: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
+    reward: float | None = None
+    status: SampleStatus = SampleStatus.PENDING
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokens.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(self.tokens.shape)}")
+        total = self.tokens.numel()
+        if not 1 <= self.prompt_length <= total:
+            raise ValueError(f"prompt_length {self.prompt_length} outside [1, {total}]")
+        if self.rollout_log_probs is not None and self.rollout_log_probs.shape != (self.response_length,):
+            raise ValueError(
+                f"rollout_log_probs must have shape [{self.response_length}] (one per response "
+                f"token), got {tuple(self.rollout_log_probs.shape)}"
+            )
+        if self.routed_experts is not None:
+            shape = tuple(self.routed_experts.shape)
+            if len(shape) != 3 or shape[0] != total - 1:
+                raise ValueError(
+                    f"routed_experts must be [T-1={total - 1}, L, K], got {shape}"
+                )
+            if self.routed_experts.is_floating_point():
+                raise ValueError(f"routed_experts must be integer, got {self.routed_experts.dtype}")
+
+    @property
+    def total_length(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def response_length(self) -> int:
+        return self.tokens.numel() - self.prompt_length
+
+    @property
+    def response_tokens(self) -> torch.Tensor:
+        return self.tokens[self.prompt_length:]

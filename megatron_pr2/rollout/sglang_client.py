@@ -1,0 +1,406 @@
+"""SGLang rollout adapter over HTTP (``/generate`` on token ids, weight updates, health).
+
+One request per prompt, spread over the server addresses (prompt ``i`` starts at address
+``i mod n``) and run concurrently. Connection failures, timeouts and 5xx answers are retried on
+the next address with backoff, within a bounded budget; 4xx answers and malformed bodies are not
+retried. When some prompts still fail, :class:`PartialRolloutError` carries every sample already
+collected (prompt order) and the failed prompt indices, so a caller can resubmit only those.
+
+Every answer is checked against the wire contract (DESIGN.md sections 4, 5): ``output_ids``
+present, integer and in the vocabulary; one log-prob per output token naming the same token;
+``meta_info["routed_experts"]`` decoding to exactly ``[seqlen - 1 - start_len, layers, top_k]``
+with valid, non-repeating expert ids (see :mod:`megatron_pr2.rollout.route_codec`); the server's
+prompt length equal to ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import io
+import logging
+import pickle
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+import requests
+import torch
+
+from megatron_pr2.rollout.engine import (
+    EngineHealth,
+    EngineUnavailableError,
+    MalformedResponseError,
+    PartialRolloutError,
+    RolloutError,
+)
+from megatron_pr2.rollout.route_codec import RouteLayout, decode_routed_experts, hf_config_dict
+from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
+
+
+@dataclasses.dataclass(frozen=True)
+class SGLangClientConfig:
+    """Transport settings.
+
+    Attributes:
+        connect_timeout: seconds to open a connection.
+        request_timeout: seconds to wait for one answer.
+        max_attempts: tries per request, across addresses (>= 1).
+        backoff: seconds before the second try; doubled after each failure.
+        max_concurrency: requests in flight at once.
+        weight_chunk_bytes: tensor bytes per ``/update_weights_from_tensor`` request.
+        tp_size: the servers' tensor-parallel size (the tensor payload is sent once per rank).
+    """
+
+    connect_timeout: float = 5.0
+    request_timeout: float = 600.0
+    max_attempts: int = 3
+    backoff: float = 0.5
+    max_concurrency: int = 8
+    weight_chunk_bytes: int = 256 << 20
+    tp_size: int = 1
+
+    def __post_init__(self):
+        if self.max_attempts < 1 or self.max_concurrency < 1 or self.tp_size < 1:
+            raise ValueError("max_attempts, max_concurrency and tp_size must be >= 1")
+
+
+class _RetryableError(RolloutError):
+    """A failure worth trying again on another address."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure wire helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def build_generate_payload(prompt: Sequence[int], sampling: SamplingParams, *,
+                           return_logprobs: bool, return_routed_experts: bool,
+                           routed_experts_start_len: int = 0) -> dict[str, Any]:
+    """The JSON body of one ``/generate`` request."""
+    params: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
+        "top_p": sampling.top_p,
+        "ignore_eos": sampling.ignore_eos,
+    }
+    if sampling.top_k:
+        params["top_k"] = sampling.top_k
+    if sampling.stop_token_ids:
+        params["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.seed is not None:
+        params["sampling_seed"] = sampling.seed
+    payload: dict[str, Any] = {
+        "input_ids": [int(t) for t in prompt],
+        "sampling_params": params,
+        "return_logprob": return_logprobs,
+    }
+    if return_routed_experts:
+        payload["return_routed_experts"] = True
+        payload["routed_experts_start_len"] = routed_experts_start_len
+    return payload
+
+
+def _field(body: dict, key: str, kind: type, where: str):
+    if key not in body:
+        raise MalformedResponseError(f"{where} has no {key!r} field")
+    value = body[key]
+    if not isinstance(value, kind):
+        raise MalformedResponseError(f"{where}[{key!r}] must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _output_ids(body: dict, vocab_size: int | None) -> list[int]:
+    ids = _field(body, "output_ids", list, "generate answer")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise MalformedResponseError("output_ids must be a list of integers")
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise MalformedResponseError(f"output_ids has token {bad} outside [0, {vocab_size})")
+    return ids
+
+
+def _output_log_probs(meta: dict, output_ids: list[int]) -> torch.Tensor:
+    entries = _field(meta, "output_token_logprobs", list, "meta_info")
+    if len(entries) != len(output_ids):
+        raise MalformedResponseError(
+            f"output_token_logprobs has {len(entries)} entries for {len(output_ids)} output tokens"
+        )
+    values = []
+    for i, (entry, token) in enumerate(zip(entries, output_ids)):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[0], (int, float)):
+            raise MalformedResponseError(f"output_token_logprobs[{i}] must be [logprob, token_id, ...], got {entry!r}")
+        if entry[1] != token:
+            raise MalformedResponseError(
+                f"output_token_logprobs[{i}] is for token {entry[1]}, but output_ids[{i}] = {token}"
+            )
+        values.append(float(entry[0]))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _status(meta: dict) -> SampleStatus:
+    reason = meta.get("finish_reason")
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind == "abort":
+        message = reason.get("message", "") if isinstance(reason, dict) else ""
+        raise _RetryableError(f"server aborted the request {message}".strip())
+    if kind not in _FINISH_STATUS:
+        raise MalformedResponseError(f"meta_info.finish_reason {reason!r} is not stop/length/abort")
+    return _FINISH_STATUS[kind]
+
+
+def parse_generate_response(body: Any, prompt: Sequence[int], layout: RouteLayout, *,
+                            vocab_size: int | None, return_logprobs: bool,
+                            return_routed_experts: bool, routed_experts_start_len: int = 0) -> Sample:
+    """Check one ``/generate`` answer and turn it into a :class:`Sample`.
+
+    With ``routed_experts_start_len = s > 0`` the server sends rows ``s .. T-2`` only; they are
+    kept in ``metadata["routed_experts_tail"]`` and ``routed_experts`` stays None (a Sample
+    always holds all ``T-1`` rows).
+
+    Raises:
+        MalformedResponseError: naming the broken part of the contract.
+    """
+    if not isinstance(body, dict):
+        raise MalformedResponseError(f"generate answer must be a JSON object, got {type(body).__name__}")
+    output_ids = _output_ids(body, vocab_size)
+    meta = _field(body, "meta_info", dict, "generate answer")
+    status = _status(meta)
+    if not output_ids:
+        raise MalformedResponseError("output_ids is empty: the server generated nothing")
+    prompt_tokens = meta.get("prompt_tokens")
+    if prompt_tokens is not None and prompt_tokens != len(prompt):
+        raise MalformedResponseError(
+            f"server counted {prompt_tokens} prompt tokens, the request had {len(prompt)}"
+        )
+    tokens = torch.tensor([*prompt, *output_ids], dtype=torch.long)
+    log_probs = _output_log_probs(meta, output_ids) if return_logprobs else None
+    routes, metadata = None, {}
+    if return_routed_experts:
+        num_rows = tokens.numel() - 1 - routed_experts_start_len
+        if "routed_experts" not in meta or meta["routed_experts"] is None:
+            raise MalformedResponseError(
+                "meta_info has no 'routed_experts' (start the server with --enable-return-routed-experts)"
+            )
+        decoded = decode_routed_experts(meta["routed_experts"], num_rows=num_rows, layout=layout)
+        if routed_experts_start_len:
+            metadata["routed_experts_tail"] = decoded
+        else:
+            routes = decoded
+    return Sample(tokens=tokens, prompt_length=len(prompt), rollout_log_probs=log_probs,
+                  routed_experts=routes, status=status, metadata=metadata)
+
+
+def serialize_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """Base64 pickle of ``[(name, cpu tensor)]`` as SGLang's ``/update_weights_from_tensor`` reads it.
+
+    Plain pickle (storages by value), which SGLang's restricted unpickler accepts; tensors are
+    copied so a view never drags its whole base storage along.
+    """
+    buffer = io.BytesIO()
+    items = [(name, t.detach().to("cpu").contiguous().clone()) for name, t in named_tensors]
+    pickle.dump(items, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def chunk_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                        max_bytes: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """Group tensors into lists of at most ``max_bytes`` (a larger tensor travels alone)."""
+    chunk, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, tensor))
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+
+
+class SGLangClient:
+    """A :class:`~megatron_pr2.rollout.engine.RolloutEngine` backed by SGLang servers.
+
+    Args:
+        addresses: base URLs, e.g. ``["http://127.0.0.1:30000"]``.
+        layout: the served model's route layout (``RouteLayout.from_hf_config``).
+        vocab_size: token ids must be below it (None: unchecked).
+        config: transport settings.
+    """
+
+    name = "sglang"
+
+    def __init__(self, addresses: Sequence[str], layout: RouteLayout, *,
+                 vocab_size: int | None = None, config: SGLangClientConfig | None = None):
+        if not addresses:
+            raise ValueError("SGLangClient needs at least one server address")
+        self.addresses = [a.rstrip("/") for a in addresses]
+        self.layout = layout
+        self.vocab_size = vocab_size
+        self.config = config or SGLangClientConfig()
+        self._local = threading.local()
+
+    @classmethod
+    def for_hf_config(cls, addresses: Sequence[str], hf_config, **kwargs) -> "SGLangClient":
+        from megatron_pr2.models.hf_config import parse_hf_config
+
+        spec = parse_hf_config(hf_config_dict(hf_config))
+        return cls(addresses, RouteLayout.from_hf_config(spec), vocab_size=spec.vocab_size, **kwargs)
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    def _request_once(self, address: str, method: str, path: str, body: Any = None) -> Any:
+        url = address + path
+        timeout = (self.config.connect_timeout, self.config.request_timeout)
+        try:
+            response = self._session().request(method, url, json=body, timeout=timeout)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _RetryableError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+        if response.status_code >= 500:
+            raise _RetryableError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
+        if response.status_code >= 400:
+            raise RolloutError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            return response.json()
+        except ValueError:
+            raise MalformedResponseError(f"{method} {url}: answer is not JSON: {response.text[:200]!r}") from None
+
+    def _request(self, method: str, path: str, body: Any = None, *, first: int = 0,
+                 check=None) -> tuple[Any, str]:
+        """Send with retries over the addresses starting at ``first``; return (result, address)."""
+        errors = []
+        delay = self.config.backoff
+        for attempt in range(self.config.max_attempts):
+            address = self.addresses[(first + attempt) % len(self.addresses)]
+            try:
+                answer = self._request_once(address, method, path, body)
+                return (check(answer) if check else answer), address
+            except _RetryableError as exc:
+                errors.append(str(exc))
+                logger.warning("attempt %d/%d failed: %s", attempt + 1, self.config.max_attempts, exc)
+                if attempt + 1 < self.config.max_attempts:
+                    time.sleep(delay)
+                    delay *= 2
+        raise EngineUnavailableError(
+            f"{method} {path} failed after {self.config.max_attempts} attempts: " + " | ".join(errors)
+        )
+
+    # -- RolloutEngine -----------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 return_logprobs: bool = True, return_routed_experts: bool = True) -> list[Sample]:
+        """Generate one continuation per prompt (prompt order kept).
+
+        Raises:
+            PartialRolloutError: some prompts failed; ``samples`` keeps the collected ones.
+        """
+        prompts = [list(map(int, p)) for p in prompts]
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+        results: list[Sample | None] = [None] * len(prompts)
+        failures: dict[int, str] = {}
+        workers = min(self.config.max_concurrency, max(1, len(prompts)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {
+                pool.submit(self._generate_one, i, prompt, sampling, return_logprobs,
+                            return_routed_experts): i
+                for i, prompt in enumerate(prompts)
+            }
+            for future in concurrent.futures.as_completed(futures):
+                index = futures[future]
+                try:
+                    results[index] = future.result()
+                except RolloutError as exc:
+                    failures[index] = f"{type(exc).__name__}: {exc}"
+        if failures:
+            first = min(failures)
+            raise PartialRolloutError(
+                f"{len(failures)} of {len(prompts)} prompts failed (kept {len(prompts) - len(failures)} "
+                f"samples); prompt {first}: {failures[first]}",
+                results, sorted(failures),
+            )
+        return results
+
+    def _generate_one(self, index: int, prompt: list[int], sampling: SamplingParams,
+                      return_logprobs: bool, return_routed_experts: bool) -> Sample:
+        payload = build_generate_payload(prompt, sampling, return_logprobs=return_logprobs,
+                                         return_routed_experts=return_routed_experts)
+
+        def check(body):
+            return parse_generate_response(
+                body, prompt, self.layout, vocab_size=self.vocab_size,
+                return_logprobs=return_logprobs, return_routed_experts=return_routed_experts)
+
+        sample, address = self._request("POST", "/generate", payload, first=index, check=check)
+        sample.metadata["engine"] = address
+        return sample
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push HF-named tensors to every server through ``/update_weights_from_tensor``.
+
+        Tensors travel by value in chunks of ``config.weight_chunk_bytes``, inside a
+        ``/begin_weight_update`` .. ``/end_weight_update`` session (SGLang >= 0.5.2x requires one);
+        the servers' prefix caches are flushed after the last chunk, so no cached KV or route of
+        the old weights is reused.
+        """
+        chunks = list(chunk_named_tensors(named_tensors, self.config.weight_chunk_bytes))
+        blobs = [serialize_named_tensors(chunk) for chunk in chunks]
+        for address in self.addresses:
+            self._post_checked(address, "/begin_weight_update", {})
+            try:
+                for i, blob in enumerate(blobs):
+                    body = {
+                        "serialized_named_tensors": [blob] * self.config.tp_size,
+                        "flush_cache": i == len(blobs) - 1,
+                    }
+                    self._post_checked(address, "/update_weights_from_tensor", body)
+            finally:
+                self._post_checked(address, "/end_weight_update", {})
+        logger.info("pushed %d tensors in %d chunks to %d servers",
+                    sum(len(c) for c in chunks), len(chunks), len(self.addresses))
+
+    def _post_checked(self, address: str, path: str, body: Any) -> None:
+        """POST and require ``{"success": true}`` (a retryable failure becomes a RolloutError)."""
+        try:
+            answer = self._request_once(address, "POST", path, body)
+        except _RetryableError as exc:
+            raise RolloutError(str(exc)) from None
+        if not isinstance(answer, dict) or not answer.get("success", False):
+            raise RolloutError(f"{address}{path} failed: {answer!r}")
+
+    def update_weights_from_disk(self, model_path: str) -> None:
+        """Make every server reload its weights from an HF checkpoint directory it can read."""
+        for address in self.addresses:
+            self._post_checked(address, "/update_weights_from_disk", {"model_path": model_path})
+
+    def health(self, deep: bool = False) -> EngineHealth:
+        """Ask each server's ``/health`` (``deep``: ``/health_generate``, which runs a generation)."""
+        path = "/health_generate" if deep else "/health"
+        healthy, detail = {}, {}
+        for address in self.addresses:
+            try:
+                timeout = (self.config.connect_timeout, self.config.request_timeout if deep else 10.0)
+                response = self._session().get(address + path, timeout=timeout)
+                healthy[address] = response.status_code == 200
+                detail[address] = f"HTTP {response.status_code}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                healthy[address] = False
+                detail[address] = f"{type(exc).__name__}: {exc}"
+        return EngineHealth(healthy, detail)

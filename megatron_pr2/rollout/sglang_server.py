@@ -1,0 +1,157 @@
+"""Start and stop a local CPU SGLang server (its own venv, ``tools/launch_sglang.py``), bounded in time.
+
+The server runs in a new process session so that :meth:`SGLangServer.stop` ends its whole tree
+(the HTTP server, the scheduler and the detokenizer) and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_VENV = os.path.join(REPO_ROOT, ".venv-sglang")
+LAUNCHER = os.path.join(REPO_ROOT, "tools", "launch_sglang.py")
+READY_MARKER = "sglang-cpu-ready"
+
+
+class SGLangServerError(RuntimeError):
+    """The server could not be started."""
+
+
+def sglang_venv_ready(venv: str = DEFAULT_VENV) -> bool:
+    """Whether ``tools/sglang_env.sh`` completed for ``venv``."""
+    return os.path.exists(os.path.join(venv, READY_MARKER)) and os.path.exists(_python(venv))
+
+
+def _python(venv: str) -> str:
+    return os.path.join(venv, "bin", "python")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class SGLangServer:
+    """One SGLang server process on the loopback interface.
+
+    Args:
+        model_path: HF checkpoint directory (``config.json`` + safetensors).
+        venv: SGLang's venv (built by ``tools/sglang_env.sh``).
+        port: TCP port (default: a free one).
+        startup_timeout: seconds to wait for ``/health_generate`` to answer 200.
+        max_lifetime: the server kills itself after this many seconds regardless.
+        extra_args: further SGLang arguments.
+        log_path: where the server's output goes (default: a temp file).
+    """
+
+    def __init__(self, model_path: str, *, venv: str = DEFAULT_VENV, port: int | None = None,
+                 host: str = "127.0.0.1", startup_timeout: float = 240.0,
+                 max_lifetime: float = 1800.0, extra_args: tuple[str, ...] = (),
+                 log_path: str | None = None):
+        self.model_path = model_path
+        self.venv = venv
+        self.host = host
+        self.port = port or free_port(host)
+        self.startup_timeout = startup_timeout
+        self.max_lifetime = max_lifetime
+        self.extra_args = tuple(extra_args)
+        self.log_path = log_path or tempfile.mkstemp(prefix="sglang-", suffix=".log")[1]
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [_python(self.venv), LAUNCHER, "--model-path", self.model_path, "--host", self.host,
+               "--port", str(self.port), "--max-lifetime", str(self.max_lifetime)]
+        if self.extra_args:
+            cmd += ["--", *self.extra_args]
+        return cmd
+
+    def start(self) -> "SGLangServer":
+        """Launch and wait until the server generates; raise with the log tail otherwise."""
+        if not sglang_venv_ready(self.venv):
+            raise SGLangServerError(f"no SGLang venv at {self.venv}: run tools/sglang_env.sh")
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        logger.info("started SGLang (pid %d) on %s, log %s", self._process.pid, self.address, self.log_path)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self.stop()
+                raise SGLangServerError(f"SGLang exited with code {self._process.returncode}:\n{self.log_tail()}")
+            if self._generates():
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise SGLangServerError(f"SGLang did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def _generates(self) -> bool:
+        try:
+            return requests.get(self.address + "/health_generate", timeout=(2, 30)).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
+            return False
+
+    def stop(self, grace: float = 10.0) -> None:
+        """End the server's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+                if not _group_alive(process.pid):
+                    break
+            except subprocess.TimeoutExpired:
+                continue
+        _kill_group(process.pid)
+        logger.info("stopped SGLang (pid %d)", process.pid)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL whatever is left in the group (children that outlived the leader)."""
+    if _group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
