@@ -25,6 +25,7 @@ setup(
         "math-verify>=0.7",
         "pyyaml>=6.0",
         "requests>=2.31",
+        "psutil>=5.9",  # megatron-core distributed checkpointing needs it at save time
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

@@ -106,6 +106,11 @@ def _refuse_unsupported(cfg: dict[str, Any], arch: str) -> None:
         raise UnsupportedConfigError("attention_dropout != 0 is not supported")
     if int(cfg.get("num_experts", 0) or 0) <= 0:
         raise UnsupportedConfigError("num_experts must be > 0 for a Qwen-MoE model")
+    if int(cfg.get("num_experts_per_tok", 0)) == 1 and cfg.get("norm_topk_prob", False):
+        raise UnsupportedConfigError(
+            "num_experts_per_tok=1 with norm_topk_prob=true (a constant gate of 1.0) is not "
+            "supported: Megatron-Core's top-1 routing keeps the softmax probability"
+        )
 
 
 def _moe_layer_pattern(cfg: dict[str, Any], num_layers: int) -> tuple[int, ...]:

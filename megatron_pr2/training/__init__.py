@@ -1,0 +1,1 @@
+"""Training: Megatron wiring, checkpoints, the actor and the RL loop."""
