@@ -1,0 +1,335 @@
+"""SGLang adapter against fake SGLang servers (http.server threads on 127.0.0.1).
+
+A well-behaved fake answers with values from closed-form formulas the test computes independently;
+misbehaving fakes send each kind of malformed answer, fail transiently, or die mid-batch.
+"""
+
+import base64
+import contextlib
+import http.server
+import json
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_pr2.rollout.engine import EngineUnavailableError, PartialRolloutError, RolloutError
+from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.sample import SampleStatus, SamplingParams
+from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig, build_generate_payload
+
+VOCAB, LAYERS, TOP_K, EXPERTS = 64, 4, 2, 8
+# The served model has a dense layer 1: SGLang still sends 4 layers, layer 1 all zero.
+LAYOUT = RouteLayout(num_hidden_layers=LAYERS, moe_layer_indices=(0, 2, 3), top_k=TOP_K, num_experts=EXPERTS)
+FAST = SGLangClientConfig(connect_timeout=1.0, request_timeout=5.0, max_attempts=2, backoff=0.01,
+                          max_concurrency=1)
+
+
+def expected_output(prompt, n):
+    return [(sum(prompt) + 3 * i) % VOCAB for i in range(n)]
+
+
+def expected_logprob(i):
+    return -0.25 * (i + 1)
+
+
+def expected_route(t, layer):
+    return [(t + layer) % EXPERTS, (t + layer + 3) % EXPERTS]
+
+
+def wire_routes(num_rows, dtype="<i4", dense=(1,)):
+    routes = np.array([[expected_route(t, l) for l in range(LAYERS)] for t in range(num_rows)])
+    routes[:, list(dense)] = 0
+    return base64.b64encode(routes.astype(dtype).tobytes()).decode()
+
+
+def good_answer(body):
+    prompt, n = body["input_ids"], body["sampling_params"]["max_new_tokens"]
+    out = expected_output(prompt, n)
+    meta = {
+        "finish_reason": {"type": "length", "length": n},
+        "prompt_tokens": len(prompt),
+        "output_token_logprobs": [[expected_logprob(i), tok, None] for i, tok in enumerate(out)],
+    }
+    if body.get("return_routed_experts"):
+        meta["routed_experts"] = wire_routes(len(prompt) + n - 1 - body["routed_experts_start_len"])
+    return {"output_ids": out, "meta_info": meta}
+
+
+class FakeSGLang:
+    """A loopback HTTP server; ``behaviour(path, body, count) -> (status, payload)``."""
+
+    def __init__(self, behaviour=None):
+        self.behaviour = behaviour or (lambda path, body, count: (200, good_answer(body)))
+        self.requests = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, body):
+                fake.requests.append((self.path, body))
+                status, payload = fake.behaviour(self.path, body, len(fake.requests))
+                if status is None:  # drop the connection without answering
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                self._answer(json.loads(self.rfile.read(length) or b"{}"))
+
+            def do_GET(self):
+                self._answer(None)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def fake_servers(*behaviours):
+    servers = [FakeSGLang(b) for b in behaviours]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def closed_address():
+    server = FakeSGLang()
+    address = server.address
+    server.stop()
+    return address
+
+
+def client(addresses, **config):
+    cfg = SGLangClientConfig(**{**FAST.__dict__, **config})
+    return SGLangClient(addresses, LAYOUT, vocab_size=VOCAB, config=cfg)
+
+
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+GREEDY = SamplingParams(max_new_tokens=5, greedy=True)
+
+
+def check_sample(sample, prompt, n=5):
+    out = expected_output(prompt, n)
+    assert sample.tokens.tolist() == prompt + out
+    assert sample.rollout_log_probs.tolist() == pytest.approx([expected_logprob(i) for i in range(n)])
+    rows = len(prompt) + n - 1
+    expected = [[expected_route(t, l) for l in (0, 2, 3)] for t in range(rows)]
+    assert sample.routed_experts.dtype == torch.uint8
+    assert sample.routed_experts.tolist() == expected
+    assert sample.status is SampleStatus.TRUNCATED
+
+
+def test_good_answers_become_samples_and_requests_follow_the_wire_contract():
+    with fake_servers(None) as (server,):
+        samples = client([server.address]).generate(PROMPTS, GREEDY)
+    for sample, prompt in zip(samples, PROMPTS):
+        check_sample(sample, prompt)
+        assert sample.metadata["engine"] == server.address
+    path, body = server.requests[0]
+    assert path == "/generate"
+    assert body["return_routed_experts"] is True and body["routed_experts_start_len"] == 0
+    assert body["return_logprob"] is True and body["sampling_params"]["temperature"] == 0.0
+
+
+def test_payload_of_sampling_params():
+    payload = build_generate_payload([1, 2], SamplingParams(max_new_tokens=3, temperature=0.7, top_k=5,
+                                                            top_p=0.9, stop_token_ids=(2,), seed=4),
+                                     return_logprobs=False, return_routed_experts=False)
+    assert payload == {"input_ids": [1, 2], "return_logprob": False, "sampling_params": {
+        "max_new_tokens": 3, "temperature": 0.7, "top_p": 0.9, "ignore_eos": False, "top_k": 5,
+        "stop_token_ids": [2], "sampling_seed": 4}}
+
+
+def corrupt(mutate):
+    def behaviour(path, body, count):
+        answer = good_answer(body)
+        mutate(answer, body)
+        return 200, answer
+    return behaviour
+
+
+def set_routes(num_rows_delta=0, dtype="<i4", dense=(1,), edit=None):
+    def mutate(answer, body):
+        rows = len(body["input_ids"]) + len(answer["output_ids"]) - 1 + num_rows_delta
+        routes = np.array([[expected_route(t, l) for l in range(LAYERS)] for t in range(rows)])
+        routes[:, list(dense)] = 0
+        if edit:
+            edit(routes)
+        answer["meta_info"]["routed_experts"] = base64.b64encode(routes.astype(dtype).tobytes()).decode()
+    return mutate
+
+
+def _set(key, value):
+    def edit(routes):
+        routes[key] = value
+    return edit
+
+
+MALFORMED = {
+    "missing output_ids": (corrupt(lambda a, b: a.pop("output_ids")), "no 'output_ids' field"),
+    "missing meta_info": (corrupt(lambda a, b: a.pop("meta_info")), "no 'meta_info' field"),
+    "missing routes": (corrupt(lambda a, b: a["meta_info"].pop("routed_experts")), "enable-return-routed-experts"),
+    "truncated routes": (corrupt(set_routes(-1)), "truncated, re-prefilled"),
+    "int64 routes": (corrupt(set_routes(dtype="<i8")), "wrong dtype"),
+    "expert id >= E": (corrupt(set_routes(edit=_set((2, 3, 1), EXPERTS))), r"expert id 8 out of range"),
+    "all-zero MoE layer": (corrupt(set_routes(dense=(1, 2))), "all zeros"),
+    "too few logprobs": (corrupt(lambda a, b: a["meta_info"]["output_token_logprobs"].pop()),
+                         "has 4 entries for 5 output tokens"),
+    "logprob of another token": (corrupt(lambda a, b: a["meta_info"]["output_token_logprobs"][1].__setitem__(1, 63)),
+                                 r"output_token_logprobs\[1\] is for token 63"),
+    "token outside vocab": (corrupt(lambda a, b: a["output_ids"].__setitem__(0, VOCAB)), "outside \\[0, 64\\)"),
+    "float tokens": (corrupt(lambda a, b: a["output_ids"].__setitem__(0, 1.5)), "list of integers"),
+    "prompt re-counted": (corrupt(lambda a, b: a["meta_info"].__setitem__("prompt_tokens", 99)),
+                          "server counted 99 prompt tokens"),
+    "unknown finish": (corrupt(lambda a, b: a["meta_info"].__setitem__("finish_reason", {"type": "?"})),
+                       "finish_reason"),
+    "not json": (lambda path, body, count: (200, "<html>oops"), "answer is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_answers_give_clear_errors_without_retry(case):
+    behaviour, message = MALFORMED[case]
+    with fake_servers(behaviour) as (server,):
+        with pytest.raises(PartialRolloutError, match=message) as info:
+            client([server.address]).generate(PROMPTS[:1], GREEDY)
+    assert info.value.failed_indices == [0] and info.value.collected == []
+    assert len(server.requests) == 1  # a malformed answer is not retried
+
+
+def test_transient_server_errors_are_retried():
+    def flaky(path, body, count):
+        return (503, {"error": "busy"}) if count == 1 else (200, good_answer(body))
+    with fake_servers(flaky) as (server,):
+        sample = client([server.address]).generate(PROMPTS[:1], GREEDY)[0]
+    check_sample(sample, PROMPTS[0])
+    assert len(server.requests) == 2
+
+
+def test_client_errors_are_not_retried():
+    with fake_servers(lambda p, b, c: (400, {"error": "bad input_ids"})) as (server,):
+        with pytest.raises(PartialRolloutError, match="HTTP 400.*bad input_ids"):
+            client([server.address]).generate(PROMPTS[:1], GREEDY)
+    assert len(server.requests) == 1
+
+
+def test_server_dying_mid_batch_keeps_collected_samples_and_the_rest_can_resume():
+    dead = {}
+
+    def dies_after_two(path, body, count):
+        if count > 2:
+            dead["yes"] = True
+            return None, None
+        return 200, good_answer(body)
+
+    with fake_servers(dies_after_two) as (server,):
+        with pytest.raises(PartialRolloutError) as info:
+            client([server.address]).generate(PROMPTS, GREEDY)
+    err = info.value
+    assert err.failed_indices == [2, 3]
+    check_sample(err.samples[0], PROMPTS[0])
+    check_sample(err.samples[1], PROMPTS[1])
+    assert "EngineUnavailableError" in str(err) and "after 2 attempts" in str(err)
+    with fake_servers(None) as (replacement,):
+        resumed = client([replacement.address]).generate([PROMPTS[i] for i in err.failed_indices], GREEDY)
+    for sample, i in zip(resumed, err.failed_indices):
+        check_sample(sample, PROMPTS[i])
+
+
+def test_requests_spread_over_servers_and_avoid_a_dead_one():
+    with fake_servers(None, None) as (a, b):
+        samples = client([a.address, b.address], max_concurrency=4).generate(PROMPTS, GREEDY)
+        assert len(a.requests) == 2 and len(b.requests) == 2
+        for sample, prompt in zip(samples, PROMPTS):
+            check_sample(sample, prompt)
+        samples = client([closed_address(), a.address]).generate(PROMPTS, GREEDY)
+    assert all(s.metadata["engine"] == a.address for s in samples)
+
+
+def test_all_servers_down_raises_unavailable():
+    with pytest.raises(PartialRolloutError, match="EngineUnavailableError") as info:
+        client([closed_address()]).generate(PROMPTS[:2], GREEDY)
+    assert info.value.failed_indices == [0, 1]
+
+
+def weight_server():
+    state = {"updates": []}
+
+    def behaviour(path, body, count):
+        if path == "/update_weights_from_tensor":
+            blobs = body["serialized_named_tensors"]
+            state["updates"].append((pickle.loads(base64.b64decode(blobs[0])), body["flush_cache"], len(blobs)))
+        return 200, {"success": True, "message": "ok"}
+    return behaviour, state
+
+
+def test_update_weights_sends_chunks_inside_a_session():
+    behaviour, state = weight_server()
+    tensors = [(f"model.layers.{i}.mlp.gate.weight", torch.randn(8, 16)) for i in range(3)]
+    big = torch.randn(64, 64)
+    with fake_servers(behaviour, behaviour) as servers:
+        client([s.address for s in servers], weight_chunk_bytes=1024, tp_size=2).update_weights(
+            tensors + [("lm_head.weight", big[:8])])  # a view: only its own bytes travel
+        for server in servers:
+            assert [p for p, _ in server.requests] == ["/begin_weight_update"] + [
+                "/update_weights_from_tensor"] * 3 + ["/end_weight_update"]
+    # 512-byte gates: [g0, g1] fill a 1024-byte chunk, g2 alone, the 2048-byte view alone
+    assert [len(chunk) for chunk, _, _ in state["updates"][:3]] == [2, 1, 1]
+    sent = [item for chunk, _, _ in state["updates"][:3] for item in chunk]
+    assert [n for n, _ in sent] == [n for n, _ in tensors] + ["lm_head.weight"]
+    for (_, got), (_, want) in zip(sent, tensors + [("lm_head.weight", big[:8])]):
+        assert torch.equal(got, want)
+    assert sent[-1][1].untyped_storage().nbytes() == 8 * 64 * 4
+    assert [flush for _, flush, _ in state["updates"][:3]] == [False, False, True]
+    assert all(n == 2 for _, _, n in state["updates"])  # one payload per TP rank
+
+
+def test_failed_weight_update_is_an_error_and_closes_the_session():
+    def refuses(path, body, count):
+        ok = path != "/update_weights_from_tensor"
+        return (200 if ok else 400), {"success": ok, "message": "bad name"}
+    with fake_servers(refuses) as (server,):
+        with pytest.raises(RolloutError, match="HTTP 400.*bad name"):
+            client([server.address]).update_weights([("x", torch.zeros(2))])
+    assert [p for p, _ in server.requests][-1] == "/end_weight_update"
+
+
+def test_update_weights_from_disk_reports_failure():
+    with fake_servers(lambda p, b, c: (200, {"success": False, "message": "no such dir"})) as (server,):
+        with pytest.raises(RolloutError, match="no such dir"):
+            client([server.address]).update_weights_from_disk("/nowhere")
+    assert server.requests == [("/update_weights_from_disk", {"model_path": "/nowhere"})]
+
+
+def test_health_reports_each_address():
+    with fake_servers(lambda p, b, c: (200, {})) as (server,):
+        dead = closed_address()
+        health = client([server.address, dead]).health()
+    assert health.healthy == {server.address: True, dead: False} and not health.ok
+    assert server.requests[0][0] == "/health"
+
+
+def test_unavailable_error_type_is_exported():
+    assert issubclass(EngineUnavailableError, RolloutError)
