@@ -12,16 +12,23 @@ import torch
 from megatron_pr2.models.presets import preset
 from tests.multiproc import run_distributed
 
-HF_CONFIG = preset("tiny-qwen3-moe", initializer_range=0.1)
+# layer 2 (global, 1-based) is dense: MoE layers are 1, 3 and 4
+HF_CONFIG = preset("tiny-qwen3-moe", initializer_range=0.1, mlp_only_layers=[1])
 NUM_MICROBATCHES, GLOBAL_MICROBATCH, SEQ = 2, 2, 8
 LAYOUTS = {
     "tp2-sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "ep2": dict(expert_model_parallel_size=2),
     "pp2": dict(pipeline_model_parallel_size=2),
+    "pp2-vpp2": dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
 }
-# pipeline run with full activation recompute: backward recompute under the 1F1B schedule
-RECOMPUTE = {"pp2": dict(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=1)}
+# MoE layers (global numbers) each rank owns, by pipeline rank: stage 0 of pp2 builds layers
+# 1-2, stage 1 layers 3-4; with two virtual stages, stage 0 builds layers 1 and 3.
+LOCAL_MOE_LAYERS = {"pp2": {0: [1], 1: [3, 4]}, "pp2-vpp2": {0: [1, 3], 1: [4]}}
+# pipeline runs with full activation recompute: recompute in backward under the 1F1B and the
+# interleaved schedules, where other micro-batches run forward in between
+_FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
+                       recompute_num_layers=1)
+RECOMPUTE = {"pp2": _FULL_RECOMPUTE, "pp2-vpp2": _FULL_RECOMPUTE}
 
 
 def _microbatches(tokens, rollout, dp_rank, dp_size):
@@ -44,74 +51,66 @@ def _microbatches(tokens, rollout, dp_rank, dp_size):
     return out
 
 
-def _run_schedule(ddp, controller, microbatches, forward_only):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def _run_schedule(chunks, controller, microbatches, forward_only):
+    from megatron_pr2.training.schedule import run_schedule
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        controller.set_microbatch(mb["id"])
-        output = model(mb["tokens"], mb["positions"], mb["mask"], labels=mb["labels"])
+    def forward_step(batch, model):
+        controller.set_microbatch(batch["id"])
+        output = model(batch["tokens"], batch["positions"], batch["mask"], labels=batch["labels"])
 
         def loss_func(per_token):
             loss = per_token.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}
         return output, loss_func
 
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp],
-        num_microbatches=len(microbatches), seq_length=SEQ,
-        micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only)
+    run_schedule(chunks, microbatches, forward_step, seq_length=SEQ,
+                 micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only)
 
 
 def train(parallel, ckpt_dir, rollouts, config_overrides=None) -> dict:
     """Two rollout batches of PR2 on this rank; returns routes and predictor weights."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
 
     from megatron_pr2.convert import load_megatron_checkpoint
-    from megatron_pr2.models import ModelOptions, build_model
+    from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.routing.controller import RoutingController
     from megatron_pr2.routing.predictor import predictor_optimizer_overrides, set_group_lrs_to_max
     from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 
-    _, config, model = build_model(HF_CONFIG, parallel, ModelOptions(
+    _, config, chunks = build_model_chunks(HF_CONFIG, parallel, ModelOptions(
         router_class=PR2Router, config_overrides=config_overrides or {}))
-    load_megatron_checkpoint(model, ckpt_dir)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), model)
-    opt_config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=0.0)
-    optimizer = get_megatron_optimizer(
-        opt_config, [ddp], config_overrides=predictor_optimizer_overrides(opt_config, lr_mult=10.0))
+    load_megatron_checkpoint(chunks, ckpt_dir)
+    model = wrap_with_ddp(chunks, config)
+    overrides = predictor_optimizer_overrides(OptimizerConfig(optimizer="adam", lr=1e-3),
+                                              lr_mult=10.0)
+    optimizer = build_optimizer(model, lr=1e-3, optimizer="adam", config_overrides=overrides)
     set_group_lrs_to_max(optimizer)
-    config.finalize_model_grads_func = finalize_model_grads
-    controller = RoutingController([ddp])
+    controller = RoutingController(model)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     result = {"plans": [], "metrics": [], "layers": controller.layer_numbers()}
     for rollout, tokens in enumerate(rollouts):
         microbatches = _microbatches(tokens, rollout, dp_rank, dp_size)
         controller.begin_step("predict")
-        _run_schedule(ddp, controller, microbatches, forward_only=True)
+        _run_schedule(model, controller, microbatches, forward_only=True)
         plan = controller.end_step().routes
         result["plans"].append({key: r.expert_ids.clone() for key, r in plan.routes.items()})
         for ministep in (1, 2, 3):
             controller.begin_step("replay", plan=plan, train_predictor=ministep >= 2)
-            ddp.zero_grad_buffer()
+            for chunk in model:
+                chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            _run_schedule(ddp, controller, microbatches, forward_only=False)
+            _run_schedule(model, controller, microbatches, forward_only=False)
             result["metrics"].append(controller.end_step().metric_summary())
             optimizer.step()
     result["predictor"] = {r.layer_number: r.predictor.weight.detach().clone()
                            for r in controller.routers}
-    sharded = model.sharded_state_dict()
     result["predictor_sharded"] = {
         k: (tuple(v.global_shape), tuple(v.local_shape), tuple(v.replica_id))
-        for k, v in sharded.items() if k.endswith("router.predictor.weight")}
+        for chunk in chunks for k, v in chunk.sharded_state_dict().items()
+        if k.endswith("router.predictor.weight")}
     result["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
     result["pp_rank"] = parallel_state.get_pipeline_model_parallel_rank()
     result["dp_rank"] = dp_rank
@@ -183,8 +182,7 @@ def _expected_local_routes(ref_ids, layout, result):
 def test_routes_land_on_the_right_rank_stage_and_layer(reference, parallel_runs, layout):
     for rank, results in enumerate(parallel_runs):
         result = results[layout]
-        expected_layers = [1, 2] if layout == "pp2" and result["pp_rank"] == 0 else \
-            [3, 4] if layout == "pp2" else [1, 2, 3, 4]
+        expected_layers = LOCAL_MOE_LAYERS.get(layout, {}).get(result["pp_rank"], [1, 3, 4])
         assert result["layers"] == expected_layers, f"rank {rank}"
         for rollout, plan in enumerate(result["plans"]):
             assert sorted({layer for _, layer in plan}) == expected_layers
@@ -205,7 +203,7 @@ def test_predictor_weights_are_replicated_and_equal_the_single_process_run(
     for results in parallel_runs:
         for layer, weight in results[layout]["predictor"].items():
             by_layer.setdefault(layer, []).append(weight)
-    assert sorted(by_layer) == [1, 2, 3, 4]
+    assert sorted(by_layer) == [1, 3, 4]
     for layer, weights in by_layer.items():
         ref = reference["predictor"][layer]
         assert ref.abs().max() > 1e-3, "the predictor should have been trained"
@@ -216,7 +214,7 @@ def test_predictor_weights_are_replicated_and_equal_the_single_process_run(
 
 def test_predictor_is_checkpointed_replicated_over_tensor_parallel(parallel_runs):
     entries = [results["tp2-sp"]["predictor_sharded"] for results in parallel_runs]
-    assert entries[0].keys() == entries[1].keys() and len(entries[0]) == 4
+    assert entries[0].keys() == entries[1].keys() and len(entries[0]) == 3
     for key in entries[0]:
         (g0, l0, r0), (g1, l1, r1) = entries[0][key], entries[1][key]
         assert g0 == l0 == g1 == l1 == (HF_CONFIG["num_experts"], HF_CONFIG["hidden_size"])
@@ -228,5 +226,9 @@ def test_routing_metrics_are_reported_per_local_layer(parallel_runs, reference):
     assert "layer_1/zero_deviation_ratio" in ref_steps[0]
     assert "layer_4/predictor_topk_acc" in ref_steps[1] and "layer_4/predictor_loss" in ref_steps[1]
     assert not any("predictor" in key for key in ref_steps[0])  # mini-step 1: no predictor loss
-    pp_stage0 = next(r["pp2"] for r in parallel_runs if r["pp2"]["pp_rank"] == 0)
-    assert all(key.startswith(("layer_1/", "layer_2/")) for key in pp_stage0["metrics"][1])
+    assert not any(key.startswith("layer_2/") for key in ref_steps[0])  # dense layer
+    for layout, stages in LOCAL_MOE_LAYERS.items():
+        for results in parallel_runs:
+            result = results[layout]
+            layers = {int(key.split("/")[0][len("layer_"):]) for key in result["metrics"][1]}
+            assert sorted(layers) == stages[result["pp_rank"]]
