@@ -53,6 +53,11 @@ def _routers_in(chunk: torch.nn.Module) -> list[PR2Router]:
     return [m for m in chunk.modules() if isinstance(m, PR2Router)]
 
 
+def _bind(routers, microbatch_id) -> None:
+    for router in routers:
+        router.set_microbatch(microbatch_id)
+
+
 def _first_tensor(output):
     if isinstance(output, torch.Tensor):
         return output
@@ -103,24 +108,15 @@ class RoutingController:
     # ----------------------------------------------------------------------------- hooks
     def _pre_hook(self, routers):
         def hook(module, args):
-            for router in routers:
-                router.set_microbatch(self._pending_microbatch)
+            _bind(routers, self._pending_microbatch)
         return hook
 
     def _post_hook(self, routers):
         def hook(module, args, output):
             mb = self._pending_microbatch
             tensor = _first_tensor(output)
-            if mb is None or tensor is None or not tensor.requires_grad:
-                return None
-
-            def rebind_for_backward(grad):
-                for router in routers:
-                    router.set_microbatch(mb)
-                return None
-
-            tensor.register_hook(rebind_for_backward)
-            return None
+            if mb is not None and tensor is not None and tensor.requires_grad:
+                tensor.register_hook(lambda grad: _bind(routers, mb))
         return hook
 
     def close(self) -> None:

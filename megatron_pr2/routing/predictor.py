@@ -59,7 +59,7 @@ class EvolutionPredictor(torch.nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype))
-        setattr(self.weight, "sequence_parallel", bool(sequence_parallel))
+        self.weight.sequence_parallel = bool(sequence_parallel)
         setattr(self.weight, PREDICTOR_PARAM_ATTR, True)
 
     def forward(self, hidden_TH: torch.Tensor) -> torch.Tensor:

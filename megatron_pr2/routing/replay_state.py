@@ -31,7 +31,7 @@ class RoutingMode(str, enum.Enum):
     PREDICT = "predict"
 
     @classmethod
-    def parse(cls, value) -> "RoutingMode":
+    def parse(cls, value) -> RoutingMode:
         try:
             return cls(value)
         except ValueError:

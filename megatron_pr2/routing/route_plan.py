@@ -46,7 +46,7 @@ class LayerRoutes:
 
     @classmethod
     def from_expert_ids(cls, expert_ids: torch.Tensor, num_experts: int,
-                        valid: torch.Tensor | None = None) -> "LayerRoutes":
+                        valid: torch.Tensor | None = None) -> LayerRoutes:
         """Routes from ``[N, K]`` ids of any integer dtype, stored compactly (all valid by default)."""
         if valid is None:
             valid = torch.ones(expert_ids.shape[0], dtype=torch.bool, device=expert_ids.device)
@@ -89,7 +89,7 @@ class RoutePlan:
     def microbatch_ids(self) -> list[int]:
         return sorted({mb for mb, _ in self.routes})
 
-    def select(self, microbatch_ids) -> "RoutePlan":
+    def select(self, microbatch_ids) -> RoutePlan:
         """A plan with only the given micro-batch ids (e.g. one mini-step's share)."""
         wanted = set(microbatch_ids)
         missing = wanted - set(self.microbatch_ids())

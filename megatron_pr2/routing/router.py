@@ -76,10 +76,9 @@ class PR2Router(TopKRouter):
         if mode is RoutingMode.REPLAY and plan is None:
             raise ValueError(f"layer {self.layer_number}: replay mode needs a route plan")
         if (mode is RoutingMode.PREDICT or train_predictor) and self.predictor is None:
-            raise ValueError(
-                f"layer {self.layer_number}: {'predict mode' if mode is RoutingMode.PREDICT else 'predictor training'} "
-                "needs the evolution predictor (PR2Router(use_predictor=True))"
-            )
+            what = "predict mode" if mode is RoutingMode.PREDICT else "predictor training"
+            raise ValueError(f"layer {self.layer_number}: {what} needs the evolution predictor "
+                             "(PR2Router(use_predictor=True))")
         state = self.replay_state
         state.mode = mode
         state.plan = plan
@@ -111,8 +110,8 @@ class PR2Router(TopKRouter):
     def _refuse_unsupported_config(self, mode: RoutingMode) -> None:
         cfg = self.config
         refusals = [
-            (cfg.moe_router_fusion, "moe_router_fusion=True (the fused TE top-k kernel bypasses "
-                                    "route replay/recording in Megatron-Core)"),
+            (cfg.moe_router_fusion, ("moe_router_fusion=True (the fused TE top-k kernel bypasses "
+                                     "route replay/recording in Megatron-Core)")),
             (self.routing_type == "sinkhorn", "moe_router_load_balancing_type='sinkhorn'"),
             (cfg.moe_expert_capacity_factor is not None,
              "moe_expert_capacity_factor (token dropping would change the dispatched route)"),

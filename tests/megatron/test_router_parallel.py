@@ -16,18 +16,18 @@ from tests.multiproc import run_distributed
 HF_CONFIG = preset("tiny-qwen3-moe", initializer_range=0.1, mlp_only_layers=[1])
 NUM_MICROBATCHES, GLOBAL_MICROBATCH, SEQ = 2, 2, 8
 LAYOUTS = {
-    "tp2-sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
-    "ep2": dict(expert_model_parallel_size=2),
-    "pp2": dict(pipeline_model_parallel_size=2),
-    "pp2-vpp2": dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+    "tp2-sp": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+    "ep2": {"expert_model_parallel_size": 2},
+    "pp2": {"pipeline_model_parallel_size": 2},
+    "pp2-vpp2": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
 }
 # MoE layers (global numbers) each rank owns, by pipeline rank: stage 0 of pp2 builds layers
 # 1-2, stage 1 layers 3-4; with two virtual stages, stage 0 builds layers 1 and 3.
 LOCAL_MOE_LAYERS = {"pp2": {0: [1], 1: [3, 4]}, "pp2-vpp2": {0: [1, 3], 1: [4]}}
 # pipeline runs with full activation recompute: recompute in backward under the 1F1B and the
 # interleaved schedules, where other micro-batches run forward in between
-_FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
-                       recompute_num_layers=1)
+_FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform",
+                   "recompute_num_layers": 1}
 RECOMPUTE = {"pp2": _FULL_RECOMPUTE, "pp2-vpp2": _FULL_RECOMPUTE}
 
 
@@ -119,7 +119,11 @@ def train(parallel, ckpt_dir, rollouts, config_overrides=None) -> dict:
 
 
 def _rank_main(rank, ckpt_dir, rollouts):
-    from megatron_pr2.platform import ParallelConfig, destroy_model_parallel, initialize_model_parallel
+    from megatron_pr2.platform import (
+        ParallelConfig,
+        destroy_model_parallel,
+        initialize_model_parallel,
+    )
 
     results = {}
     for name, layout in LAYOUTS.items():

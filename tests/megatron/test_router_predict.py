@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.predictor import PredictorConfig
-from tests.megatron.test_router_replay import S, B, build, tokens_and_positions
+from tests.megatron.test_router_replay import build, tokens_and_positions
 
 
 def _logprobs(logits, tokens):
@@ -184,7 +183,7 @@ def test_predictor_inputs_are_subsampled_without_replacement(megatron_single_pro
 
 def test_predictor_beats_zero_predictor_after_steps_on_a_fixed_drift(megatron_single_process):
     """Each rollout batch: predict at W_r, replay at W_r + D (D fixed), one predictor step."""
-    config, model = build(seed=51)
+    _, model = build(seed=51)
     base = {l.layer_number: l.mlp.router.weight.detach().clone() for l in model.decoder.layers}
     gen = torch.Generator().manual_seed(52)
     drift = {n: torch.randn(w.shape, generator=gen) * w.std() * 1.5 for n, w in base.items()}

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from megatron_pr2.routing.controller import RoutingController
-from tests.megatron.test_router_replay import S, B, build, tokens_and_positions
+from tests.megatron.test_router_replay import build, tokens_and_positions
 
 RECOMPUTE = {
-    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    "selective-moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1},
+    "selective-moe": {"recompute_granularity": "selective", "recompute_modules": ["moe"]},
 }
 
 
@@ -70,7 +71,7 @@ def test_megatron_live_routing_alone_would_change_routes_in_recompute(megatron_s
 @pytest.mark.parametrize("recompute", sorted(RECOMPUTE))
 @pytest.mark.parametrize("mode", ["replay", "record", "live"])
 def test_recompute_in_backward_sees_the_forward_routes(megatron_single_process, recompute, mode):
-    config, model = build(seed=60, **RECOMPUTE[recompute])
+    _, model = build(seed=60, **RECOMPUTE[recompute])
     controller = RoutingController(model)
     plan = None
     if mode == "replay":  # the recorded routes, with rows 0..3 invalid (routed live)

@@ -250,9 +250,8 @@ def test_missing_unconsumed_and_foreign_routes_are_errors(megatron_single_proces
     partial = _plan_for(model, {1: routes, 2: routes, 3: routes})
     controller.begin_step("replay", plan=partial)
     controller.set_microbatch(0)
-    with pytest.raises(KeyError, match=r"no routes for micro-batch 0, layer 4"):
-        with torch.no_grad():
-            model(tokens, positions, None)
+    with pytest.raises(KeyError, match=r"no routes for micro-batch 0, layer 4"), torch.no_grad():
+        model(tokens, positions, None)
     controller.abort_step()
     with pytest.raises(ValueError, match=r"routes for layers \[9\] that are not MoE layers on this rank"):
         controller.begin_step("replay", plan=_plan_for(model, {9: routes}))
@@ -268,9 +267,8 @@ def test_replay_needs_a_microbatch_id_and_a_plan(megatron_single_process):
         router.set_routing_mode("r4")
     router.set_routing_mode("replay", plan=_plan_for(model, {1: _good_routes(config)}))
     tokens, positions = tokens_and_positions()
-    with pytest.raises(RuntimeError, match="needs a micro-batch id"):
-        with torch.no_grad():
-            model(tokens, positions, None)
+    with pytest.raises(RuntimeError, match="needs a micro-batch id"), torch.no_grad():
+        model(tokens, positions, None)
 
 
 def test_router_fusion_and_global_replay_are_refused(megatron_single_process):
