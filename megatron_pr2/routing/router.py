@@ -75,6 +75,10 @@ class PR2Router(TopKRouter):
             self._refuse_unsupported_config(mode)
         if mode is RoutingMode.REPLAY and plan is None:
             raise ValueError(f"layer {self.layer_number}: replay mode needs a route plan")
+        if mode is RoutingMode.PREDICT and train_predictor:
+            raise ValueError(
+                f"layer {self.layer_number}: the predictor loss cannot be trained in the predict "
+                "pass (its target p_cur comes from a later mini-step's replay)")
         if (mode is RoutingMode.PREDICT or train_predictor) and self.predictor is None:
             what = "predict mode" if mode is RoutingMode.PREDICT else "predictor training"
             raise ValueError(f"layer {self.layer_number}: {what} needs the evolution predictor "

@@ -179,6 +179,8 @@ def test_predictor_inputs_are_subsampled_without_replacement(megatron_single_pro
     assert len(rows_seen) > 1, "layers should draw their own samples"
     with pytest.raises(ValueError, match=r"sample_ratio must be in \(0, 1\]"):
         PredictorConfig(sample_ratio=0.0)
+    with pytest.raises(ValueError, match="cannot be trained in the predict pass"):
+        controller.begin_step("predict", train_predictor=True)
 
 
 def test_predictor_beats_zero_predictor_after_steps_on_a_fixed_drift(megatron_single_process):
@@ -214,3 +216,26 @@ def test_predictor_beats_zero_predictor_after_steps_on_a_fixed_drift(megatron_si
     zero = sum(z for _, z in last) / len(last)
     assert zero < 0.8, f"the drift should move routes (zero-predictor acc {zero:.2f})"
     assert acc > zero + 0.1, f"predictor acc {acc:.2f} vs zero predictor {zero:.2f}: {history}"
+
+
+def test_router_without_predictor_refuses_pr2_but_replays(megatron_single_process):
+    import functools
+
+    from megatron_pr2.models import ModelOptions, build_model
+    from megatron_pr2.models.presets import preset
+    from megatron_pr2.routing.router import PR2Router
+
+    _, _, model = build_model(preset("tiny-qwen3-moe"), options=ModelOptions(
+        router_class=functools.partial(PR2Router, use_predictor=False)))
+    assert not any("predictor" in key for key in model.state_dict())
+    controller = RoutingController(model)
+    with pytest.raises(ValueError, match="predict mode needs the evolution predictor"):
+        controller.begin_step("predict")
+    with pytest.raises(ValueError, match="predictor training needs the evolution predictor"):
+        controller.begin_step("replay", plan=_recorded(model, controller),
+                              train_predictor=True)
+
+
+def _recorded(model, controller):
+    _, step = _pass(model, controller, "record", tokens_and_positions(seed=90))
+    return step.routes
