@@ -18,7 +18,7 @@ def run_schedule(chunks, microbatches: Sequence[dict], forward_step: Callable, *
         microbatches: the micro-batches, in order; each is a dict of tensors. Every pipeline
             stage receives the same list (stages other than the first use only labels/masks).
         forward_step: ``forward_step(batch, model) -> (output, loss_func)`` as Megatron expects;
-            the batch dict carries ``"microbatch_id"``.
+            the batch dict carries ``"microbatch_id"`` (its own, or its index in the list).
         seq_length, micro_batch_size: shapes of the tensors passed between pipeline stages.
         forward_only: skip backward (log-prob passes).
 
@@ -43,7 +43,7 @@ def run_schedule(chunks, microbatches: Sequence[dict], forward_step: Callable, *
 
 def _with_ids(microbatches):
     for index, batch in enumerate(microbatches):
-        yield {**batch, "microbatch_id": index}
+        yield {"microbatch_id": index, **batch}
 
 
 def broadcast_from_last_stage(value: torch.Tensor) -> torch.Tensor:

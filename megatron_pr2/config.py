@@ -1,0 +1,282 @@
+"""Run configuration: small dataclasses per component, a YAML config file, Megatron-LM flag names.
+
+Every field is a command-line flag named after it (``tensor_model_parallel_size`` ->
+``--tensor-model-parallel-size``, as in Megatron-LM). A ``--config`` YAML file may set any field,
+either flat or under its section name (``parallel:``, ``rollout:`` ...); flags given on the
+command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+import yaml
+
+ROUTING_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine")
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """The model: an HF config (directory, config.json, or an embedded preset name)."""
+
+    hf_config: str = "tiny-qwen3-moe"
+    load: str | None = None  # Megatron checkpoint to start from (tools/convert.py hf-to-megatron)
+    transformer_impl: str = "local"  # local | transformer_engine
+    fp8_format: str | None = None  # e4m3 | hybrid (TransformerEngine only)
+    recompute_granularity: str | None = None  # full | selective
+    device: str | None = None  # cpu | cuda (default: cuda when available)
+
+    def validate(self) -> None:
+        _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))
+        _choice("fp8_format", self.fp8_format, (None, "e4m3", "hybrid"))
+        _choice("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
+        _choice("device", self.device, (None, "cpu", "cuda"))
+        if self.fp8_format and self.transformer_impl != "transformer_engine":
+            raise ValueError("--fp8-format needs --transformer-impl transformer_engine")
+
+
+@dataclasses.dataclass
+class ParallelArgs:
+    """Model-parallel layout (Megatron-LM names)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self) -> None:
+        if self.context_parallel_size != 1:
+            raise ValueError("--context-parallel-size > 1 is not supported by the RL trainer yet")
+        if self.virtual_pipeline_model_parallel_size not in (None, 1):
+            if self.pipeline_model_parallel_size < 2:
+                raise ValueError("--virtual-pipeline-model-parallel-size needs "
+                                 "--pipeline-model-parallel-size >= 2")
+
+
+@dataclasses.dataclass
+class RolloutArgs:
+    """Rollout engine and sampling."""
+
+    rollout_engine: str = "inprocess"  # inprocess | sglang
+    sglang_urls: str = ""  # comma-separated http://host:port of SGLang servers
+    rollout_dtype: str = "bf16"  # in-process engine precision: bf16 | fp32
+    rollout_batch_prompts: int = 8  # prompts per rollout batch
+    n_samples_per_prompt: int = 4  # GRPO group size
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    rollout_timeout: float = 120.0
+
+    def validate(self) -> None:
+        _choice("rollout_engine", self.rollout_engine, ("inprocess", "sglang"))
+        _choice("rollout_dtype", self.rollout_dtype, ("bf16", "fp32"))
+        if self.rollout_engine == "sglang" and not self.sglang_urls:
+            raise ValueError("--rollout-engine sglang needs --sglang-urls http://host:port[,...]")
+        _positive("rollout_batch_prompts", self.rollout_batch_prompts)
+        _positive("n_samples_per_prompt", self.n_samples_per_prompt)
+        _positive("max_new_tokens", self.max_new_tokens)
+
+
+@dataclasses.dataclass
+class AlgoArgs:
+    """RL algorithm: routing method, policy loss and its options, off-policy window."""
+
+    routing_method: str = "pr2"  # none | r2 | r3 | pr2 | pr2-engine
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    tis: bool = False
+    tis_cap: float = 2.0
+    icepop: bool = False
+    icepop_low: float = 0.5
+    icepop_high: float = 5.0
+    rspo: bool = False
+    rspo_gamma_min: float = 0.8
+    off_policy_window: int = 4  # optimizer mini-steps per rollout batch
+    normalize_advantage_std: bool = True
+
+    def validate(self) -> None:
+        _choice("routing_method", self.routing_method, ROUTING_METHODS)
+        _choice("policy_loss", self.policy_loss, ("ppo_clip", "gspo"))
+        _positive("off_policy_window", self.off_policy_window)
+
+
+@dataclasses.dataclass
+class PredictorArgs:
+    """The PR2 evolution predictor."""
+
+    predictor_loss: str = "kl-post"  # kl-post | kl | l2
+    predictor_lr_mult: float = 1.0
+    predictor_sample_ratio: float = 1.0
+
+    def validate(self) -> None:
+        _choice("predictor_loss", self.predictor_loss, ("kl-post", "kl", "l2"))
+        if not 0 < self.predictor_sample_ratio <= 1:
+            raise ValueError("--predictor-sample-ratio must be in (0, 1]")
+        if self.predictor_lr_mult <= 0:
+            raise ValueError("--predictor-lr-mult must be > 0")
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Optimisation, batching, logging and checkpoints (Megatron-LM names where they exist)."""
+
+    train_iters: int = 20  # RL iterations (rollout batches)
+    micro_batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    clip_grad: float | None = None  # default: 1.0 on GPU, 0 (off) on CPU
+    seed: int = 1234
+    save: str | None = None
+    save_interval: int = 0
+    eval_interval: int = 0
+    eval_prompts: int = 32
+    tensorboard_dir: str | None = None
+    log_jsonl: str | None = None
+    warmup_sft_steps: int = 0  # supervised warm-up steps before RL (embedded task only)
+    warmup_sft_lr: float = 3e-3
+
+    def validate(self) -> None:
+        _positive("train_iters", self.train_iters)
+        _positive("micro_batch_size", self.micro_batch_size)
+        if self.lr <= 0:
+            raise ValueError("--lr must be > 0")
+
+
+@dataclasses.dataclass
+class TaskArgs:
+    """What to train on: the embedded digit task or a JSONL/parquet prompt+answer dataset."""
+
+    task: str = "digits"  # digits | math
+    data_path: str | None = None
+    task_min_len: int = 3
+    task_max_len: int = 6
+    tokenizer: str | None = None  # HF tokenizer directory (math task)
+
+    def validate(self) -> None:
+        _choice("task", self.task, ("digits", "math"))
+        if self.task == "math" and not (self.data_path and self.tokenizer):
+            raise ValueError("--task math needs --data-path (JSONL/parquet) and --tokenizer")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a training run needs."""
+
+    model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
+    parallel: ParallelArgs = dataclasses.field(default_factory=ParallelArgs)
+    rollout: RolloutArgs = dataclasses.field(default_factory=RolloutArgs)
+    algo: AlgoArgs = dataclasses.field(default_factory=AlgoArgs)
+    predictor: PredictorArgs = dataclasses.field(default_factory=PredictorArgs)
+    train: TrainArgs = dataclasses.field(default_factory=TrainArgs)
+    task: TaskArgs = dataclasses.field(default_factory=TaskArgs)
+
+    def validate(self) -> "RunConfig":
+        """Check every section and the cross-section rules; return self."""
+        for section in _sections(self):
+            section.validate()
+        samples = self.rollout.rollout_batch_prompts * self.rollout.n_samples_per_prompt
+        if samples % self.algo.off_policy_window:
+            raise ValueError(
+                f"a rollout batch of {samples} samples (--rollout-batch-prompts x "
+                f"--n-samples-per-prompt) does not split into --off-policy-window "
+                f"{self.algo.off_policy_window} mini-batches"
+            )
+        if self.algo.routing_method == "pr2-engine" and self.rollout.rollout_engine == "inprocess" \
+                and self.rollout.rollout_dtype not in ("bf16", "fp32"):
+            raise ValueError("unsupported rollout dtype for pr2-engine")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sections(cfg: RunConfig) -> list:
+    return [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        shown = ", ".join(str(a) for a in allowed)
+        raise ValueError(f"--{name.replace('_', '-')} must be one of {shown}; got {value!r}")
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _field_type(section_cls, field: dataclasses.Field):
+    hints = typing.get_type_hints(section_cls)
+    hint = hints[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field, plus ``--config``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_pr2.train",
+        description="GRPO-family RL for Qwen-MoE on Megatron-Core with none/R2/R3/PR2 routing.",
+    )
+    parser.add_argument("--config", help="YAML file setting any of the fields below")
+    for section in dataclasses.fields(RunConfig):
+        group = parser.add_argument_group(section.name)
+        section_cls = section.default_factory
+        for field in dataclasses.fields(section_cls):
+            flag = "--" + field.name.replace("_", "-")
+            kind = _field_type(section_cls, field)
+            if kind is bool:
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                   default=None)
+            else:
+                group.add_argument(flag, dest=field.name, type=kind, default=None,
+                                   help=f"default: {field.default}")
+    return parser
+
+
+def _section_of_field() -> dict[str, str]:
+    return {field.name: section.name
+            for section in dataclasses.fields(RunConfig)
+            for field in dataclasses.fields(section.default_factory)}
+
+
+def _apply(cfg: RunConfig, values: dict[str, Any], source: str) -> None:
+    owner = _section_of_field()
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in owner:
+            raise ValueError(f"unknown setting {key!r} in {source}")
+        setattr(getattr(cfg, owner[key]), key, value)
+
+
+def _flatten_yaml(data: dict, path: str) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings")
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    flat = {}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Defaults, then the ``--config`` file, then command-line flags; validated."""
+    args = build_parser().parse_args(argv)
+    cfg = RunConfig()
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            _apply(cfg, _flatten_yaml(yaml.safe_load(handle) or {}, args.config), args.config)
+    given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    _apply(cfg, given, "the command line")
+    return cfg.validate()

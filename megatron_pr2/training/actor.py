@@ -1,0 +1,182 @@
+"""The policy actor: log-prob passes and optimizer mini-steps of a Megatron model with PR2 routers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_pr2.rl.losses import PolicyLossConfig, PolicyLossInputs, policy_loss
+from megatron_pr2.routing.controller import RoutingController, StepRouting
+from megatron_pr2.routing.route_plan import RoutePlan
+from megatron_pr2.training.logprobs import token_entropy, token_logprobs
+from megatron_pr2.training.rollout_batch import TrainMicroBatch
+from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What one pass over micro-batches produced: routing record and scalar metrics."""
+
+    routing: StepRouting
+    metrics: dict[str, float]
+
+
+def subplan(plan: RoutePlan | None, microbatch_ids: Sequence[int]) -> RoutePlan | None:
+    """The part of ``plan`` that names the given micro-batches."""
+    if plan is None:
+        return None
+    wanted = set(microbatch_ids)
+    return RoutePlan({key: routes for key, routes in plan.routes.items() if key[0] in wanted})
+
+
+def _shape(microbatches: Sequence[TrainMicroBatch]) -> tuple[int, int]:
+    shapes = {tuple(mb.layout.tokens.shape) for mb in microbatches}
+    if len(shapes) != 1:
+        raise ValueError(f"micro-batches must share one shape for the schedule, got {shapes}")
+    return shapes.pop()
+
+
+def _mean_metrics(items: list[dict]) -> dict[str, float]:
+    keys = sorted({k for item in items for k in item})
+    means = {}
+    for key in keys:
+        values = [float(item[key]) for item in items if key in item]
+        means[key] = sum(values) / len(values)
+    return means
+
+
+def _reduce_metrics(metrics: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
+    """Last-stage metrics made identical on every rank (mean over data-parallel ranks)."""
+    values = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
+    values = broadcast_from_last_stage(values)
+    group = parallel_state.get_data_parallel_group()
+    torch.distributed.all_reduce(values, group=group)
+    values /= group.size()
+    return dict(zip(keys, values.tolist()))
+
+
+class PolicyActor:
+    """Runs Megatron's schedule for the RL passes and owns the routing controller.
+
+    Args:
+        model: DDP-wrapped model chunks.
+        optimizer: the Megatron optimizer over them.
+        loss_config: the policy loss and its options.
+        controller: the routing controller of the chunks.
+    """
+
+    def __init__(self, model, optimizer, loss_config: PolicyLossConfig,
+                 controller: RoutingController):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_config = loss_config
+        self.controller = controller
+
+    # ----------------------------------------------------------------------------- passes
+    def logprob_pass(self, microbatches: Sequence[TrainMicroBatch], mode: str,
+                     plan: RoutePlan | None = None) -> PassResult:
+        """Forward only: fill each micro-batch's ``old_logp``; route with ``mode``."""
+        for chunk in self.model:
+            chunk.eval()
+        self.controller.begin_step(mode, plan=plan)
+        try:
+            with torch.no_grad():
+                outputs = self._run(microbatches, self._logprob_step, forward_only=True)
+        except BaseException:
+            self.controller.abort_step()
+            raise
+        routing = self.controller.end_step()
+        local = _mean_metrics(outputs)
+        return PassResult(routing, _reduce_metrics(local, ["entropy"]))
+
+    def train_ministep(self, microbatches: Sequence[TrainMicroBatch], plan: RoutePlan | None,
+                       mode: str, train_predictor: bool) -> PassResult:
+        """One optimizer step on ``microbatches`` (a mini-batch of the rollout batch)."""
+        for chunk in self.model:
+            chunk.train()
+        self.optimizer.zero_grad()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self._normalizer = self._loss_normalizer(microbatches)
+        self.controller.begin_step(mode, plan=plan, train_predictor=train_predictor)
+        try:
+            outputs = self._run(microbatches, self._policy_step, forward_only=False)
+        except BaseException:
+            self.controller.abort_step()
+            raise
+        routing = self.controller.end_step()
+        success, grad_norm, _ = self.optimizer.step()
+        local = _mean_metrics(outputs)
+        keys = sorted(local) if local else []
+        keys = self._agree_on_keys(keys)
+        metrics = _reduce_metrics(local, keys)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = float(not success)
+        return PassResult(routing, metrics)
+
+    # ----------------------------------------------------------------------------- internals
+    def _run(self, microbatches, step, forward_only: bool) -> list[dict]:
+        batch, seq = _shape(microbatches)
+        return run_schedule(self.model, [mb.model_inputs() for mb in microbatches], step,
+                            seq_length=seq, micro_batch_size=batch, forward_only=forward_only)
+
+    def _agree_on_keys(self, keys: list[str]) -> list[str]:
+        """Metric names known only on the last stage, shared with every stage."""
+        holder = [keys]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            group = parallel_state.get_pipeline_model_parallel_group()
+            last = torch.distributed.get_global_rank(group, group.size() - 1)
+            torch.distributed.broadcast_object_list(holder, src=last, group=group)
+        return holder[0]
+
+    def _loss_normalizer(self, microbatches: Sequence[TrainMicroBatch]) -> float:
+        """Per-micro-batch divisor that makes the summed loss a global mean (see module doc)."""
+        if self.loss_config.aggregation == "seq_mean":
+            local = sum(len(mb.layout.sample_indices) for mb in microbatches)
+        else:
+            local = sum(int(mb.loss_mask.sum()) for mb in microbatches)
+        count = torch.tensor([float(local)], dtype=torch.float64)
+        group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(count, group=group)
+        return max(float(count), 1.0) / (len(microbatches) * group.size())
+
+    def _forward(self, inputs: dict, model):
+        self.controller.set_microbatch(inputs["microbatch_id"])
+        return model(inputs["tokens"], inputs["positions"], None)
+
+    def _logprob_step(self, inputs: dict, model):
+        logits = self._forward(inputs, model)
+        mb: TrainMicroBatch = inputs["batch"]
+
+        def collect(logits_BSV):
+            mb.old_logp = token_logprobs(logits_BSV, mb.labels).detach()
+            entropy = token_entropy(logits_BSV)
+            mask = mb.loss_mask
+            value = float(entropy[mask].mean()) if mask.any() else 0.0
+            return torch.zeros(()), {"entropy": value}
+
+        return logits, collect
+
+    def _policy_step(self, inputs: dict, model):
+        logits = self._forward(inputs, model)
+        mb: TrainMicroBatch = inputs["batch"]
+
+        def loss_func(logits_BSV):
+            if mb.old_logp is None:
+                raise RuntimeError(f"micro-batch {mb.microbatch_id} has no old log-probs; run "
+                                   "the old-log-prob pass first")
+            loss_inputs = PolicyLossInputs(
+                logp=token_logprobs(logits_BSV, mb.labels),
+                old_logp=mb.old_logp,
+                advantages=mb.advantages,
+                mask=mb.loss_mask,
+                rollout_logp=mb.rollout_logp if (self.loss_config.tis
+                                                 or self.loss_config.icepop) else None,
+            )
+            loss, metrics = policy_loss(loss_inputs, self.loss_config, self._normalizer)
+            return loss, {k: float(v) for k, v in metrics.items()}
+
+        return logits, loss_func

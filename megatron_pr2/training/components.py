@@ -1,0 +1,118 @@
+"""Build what a run needs from its config: model, optimizer, actor, engine, task, logger."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_pr2.config import RunConfig
+from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_config
+from megatron_pr2.models.hf_config import load_hf_config
+from megatron_pr2.models.presets import PRESETS
+from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
+from megatron_pr2.rl.losses import PolicyLossConfig
+from megatron_pr2.rollout.alignment import TokenParallel
+from megatron_pr2.routing.controller import RoutingController
+from megatron_pr2.routing.predictor import (
+    PredictorConfig,
+    predictor_optimizer_overrides,
+    set_group_lrs_to_max,
+)
+from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.training.actor import PolicyActor
+from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Components:
+    """The parts of a run (one per process)."""
+
+    cfg: RunConfig
+    hf_config: dict
+    spec: object
+    model: list
+    optimizer: object
+    actor: PolicyActor
+    token_parallel: TokenParallel
+
+
+def resolve_hf_config(name_or_path: str) -> dict:
+    """An embedded preset name, or an HF checkpoint directory / config.json path."""
+    if name_or_path in PRESETS:
+        return dict(PRESETS[name_or_path])
+    return load_hf_config(name_or_path)
+
+
+def parallel_config(cfg: RunConfig) -> ParallelConfig:
+    return ParallelConfig(**dataclasses.asdict(cfg.parallel))
+
+
+def loss_config(cfg: RunConfig) -> PolicyLossConfig:
+    algo = cfg.algo
+    return PolicyLossConfig(
+        loss_type=algo.policy_loss, eps_low=algo.clip_eps_low, eps_high=algo.clip_eps_high,
+        tis=algo.tis, tis_cap=algo.tis_cap, icepop=algo.icepop, icepop_low=algo.icepop_low,
+        icepop_high=algo.icepop_high, rspo=algo.rspo, rspo_gamma_min=algo.rspo_gamma_min,
+    )
+
+
+def _model_options(cfg: RunConfig) -> ModelOptions:
+    overrides = {}
+    if cfg.model.recompute_granularity:
+        overrides["recompute_granularity"] = cfg.model.recompute_granularity
+        if cfg.model.recompute_granularity == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        else:
+            overrides["recompute_modules"] = ["moe"]
+    if cfg.model.fp8_format:
+        overrides.update(fp8=cfg.model.fp8_format)
+    return ModelOptions(router_class=PR2Router,
+                        use_transformer_engine=cfg.model.transformer_impl == "transformer_engine",
+                        config_overrides=overrides)
+
+
+def _optimizer(cfg: RunConfig, model):
+    from megatron.core.optimizer import OptimizerConfig
+
+    base = OptimizerConfig(optimizer="adam", lr=cfg.train.lr)
+    overrides = predictor_optimizer_overrides(base, cfg.predictor.predictor_lr_mult)
+    optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                clip_grad=cfg.train.clip_grad, adam_beta2=cfg.train.adam_beta2,
+                                config_overrides=overrides)
+    set_group_lrs_to_max(optimizer)
+    return optimizer
+
+
+def build_components(cfg: RunConfig) -> Components:
+    """Initialise the process groups and build model, optimizer and actor for ``cfg``."""
+    parallel = parallel_config(cfg)
+    initialize_model_parallel(parallel, seed=cfg.train.seed, device=cfg.model.device)
+    hf_config = resolve_hf_config(cfg.model.hf_config)
+    spec = parse_hf_config(hf_config)
+    _, config, chunks = build_model_chunks(spec, parallel, _model_options(cfg))
+    if cfg.model.load:
+        from megatron_pr2.convert import load_megatron_checkpoint
+
+        load_megatron_checkpoint(chunks, cfg.model.load)
+    model = wrap_with_ddp(chunks, config)
+    optimizer = _optimizer(cfg, model)
+    predictor = PredictorConfig(loss=cfg.predictor.predictor_loss,
+                                sample_ratio=cfg.predictor.predictor_sample_ratio,
+                                lr_mult=cfg.predictor.predictor_lr_mult, seed=cfg.train.seed)
+    controller = RoutingController(model, predictor)
+    actor = PolicyActor(model, optimizer, loss_config(cfg), controller)
+    token_parallel = TokenParallel(
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        sequence_parallel=parallel.sequence_parallel,
+    )
+    logger.info("model: %s, %d layers (%d MoE), %d experts top-%d; %.2fM parameters on rank %d",
+                spec.architecture, spec.num_layers, len(spec.moe_layer_indices), spec.num_experts,
+                spec.top_k, sum(p.numel() for c in chunks for p in c.parameters()) / 1e6,
+                torch.distributed.get_rank())
+    return Components(cfg, hf_config, spec, model, optimizer, actor, token_parallel)

@@ -1,0 +1,49 @@
+"""Trainer -> rollout engine weight sync, through the conversion adapters (HF names).
+
+One process: the model's tensors go through the adapter in memory. Several processes: the
+ranks write a distributed checkpoint together, rank 0 converts it to an HF directory and the
+engine reloads it from disk. In PR2-in-engine mode the gate written is ``W_r + W_p``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import torch
+
+from megatron_pr2.convert import adapter_for, megatron_to_hf, model_state_for_export
+from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def sync_weights(model, engine, hf_config: dict, predictive_gate: bool, scratch_dir: str | None = None):
+    """Push the trainer's current weights to ``engine`` (collective when world size > 1)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world == 1:
+        if len(model) != 1:
+            raise ValueError("in-memory weight sync expects one model chunk")
+        state = model_state_for_export(_unwrap(model[0]))
+        tensors = adapter_for(hf_config).to_hf(state.items(), predictive_gate=predictive_gate)
+        engine.update_weights(tensors)
+        return
+    _sync_through_disk(model, engine, hf_config, predictive_gate, scratch_dir)
+
+
+def _sync_through_disk(model, engine, hf_config, predictive_gate, scratch_dir):
+    root = scratch_dir or tempfile.gettempdir()
+    megatron_dir = os.path.join(root, "weight_sync_megatron")
+    hf_dir = os.path.join(root, "weight_sync_hf")
+    save_model_checkpoint(model, megatron_dir)
+    if torch.distributed.get_rank() == 0:
+        megatron_to_hf(megatron_dir, hf_dir, predictive_gate=predictive_gate, hf_config=hf_config)
+        engine.update_weights_from_disk(hf_dir)
+    torch.distributed.barrier()

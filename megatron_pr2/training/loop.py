@@ -1,0 +1,229 @@
+"""The RL loop: rollout -> reward -> advantages -> old-log-prob pass -> mini-steps -> weight sync.
+
+Routing per method (DESIGN section 2):
+
+============  ======================  ====================================  ===================
+method        old-log-prob pass       mini-steps replay                     engine gate
+============  ======================  ====================================  ===================
+none          live                    live                                  ``W_r``
+r2            record (live route)     the recorded route                    ``W_r``
+r3            replay engine routes    the engine's routes                   ``W_r``
+pr2           predict TopK(p+hW_p)    the predicted route (+ predictor loss) ``W_r``
+pr2-engine    replay engine routes    the engine's (predictive) routes      ``W_r + W_p``
+============  ======================  ====================================  ===================
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_pr2.rl.advantages import grpo_advantages
+from megatron_pr2.rl.mismatch import mismatch_metrics
+from megatron_pr2.rollout.alignment import build_route_plan, model_layer_numbers, shard_for_dp
+from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.training import checkpointing
+from megatron_pr2.training.components import Components
+from megatron_pr2.training.engine_sync import sync_weights
+from megatron_pr2.training.metrics_log import MetricsLogger
+from megatron_pr2.training.rollout_batch import build_train_microbatches
+from megatron_pr2.training.rollout_source import RolloutSource
+
+logger = logging.getLogger(__name__)
+
+OLD_PASS_MODE = {"none": "live", "r2": "record", "r3": "replay", "pr2": "predict",
+                 "pr2-engine": "replay"}
+USES_ENGINE_ROUTES = ("r3", "pr2-engine")
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _layer_mean(step_routing, metric: str) -> float | None:
+    values = [m.summary()[metric] for m in step_routing.metrics.values() if metric in m.summary()]
+    return sum(values) / len(values) if values else None
+
+
+def _allreduce_mean(value: float | None) -> float | None:
+    """Mean over the ranks that measured ``value`` (None where no rank did)."""
+    pair = torch.tensor([value or 0.0, 1.0 if value is not None else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(pair)
+    return float(pair[0] / pair[1]) if pair[1] > 0 else None
+
+
+def _routing_metrics(prefix: str, step_routing) -> dict[str, float]:
+    out = {}
+    for name in ("zero_deviation_ratio", "topk_overlap", "predictor_topk_acc",
+                 "zero_predictor_topk_acc", "predictor_delta_ratio", "predictor_loss"):
+        value = _allreduce_mean(_layer_mean(step_routing, name))
+        if value is not None:
+            out[f"{prefix}/{name}"] = value
+    return out
+
+
+def _per_layer_metrics(step_routing) -> dict[str, float]:
+    """Per-layer routing metrics of this rank (the layers its pipeline stage holds)."""
+    return {f"routing_layer/{k}": v for k, v in step_routing.metric_summary().items()}
+
+
+class RLLoop:
+    """One training run. ``run()`` executes the iterations; each phase is a short method."""
+
+    def __init__(self, parts: Components, source: RolloutSource):
+        self.parts = parts
+        self.cfg = parts.cfg
+        self.source = source
+        self.method = self.cfg.algo.routing_method
+        self.start_iteration = 0
+        self.route_layout = RouteLayout.from_hf_config(parts.spec)
+
+    # ----------------------------------------------------------------------------- run
+    def run(self) -> None:
+        self._maybe_resume()
+        metrics_log = MetricsLogger(self.cfg.train.tensorboard_dir, self.cfg.train.log_jsonl,
+                                    enabled=_is_rank0(),
+                                    resume_step=self.start_iteration if self.start_iteration else None)
+        self._sync_weights()
+        try:
+            for iteration in range(self.start_iteration + 1, self.cfg.train.train_iters + 1):
+                started = time.perf_counter()
+                metrics = self.iteration(iteration)
+                if self._due(self.cfg.train.eval_interval, iteration):
+                    metrics.update(self.source.evaluate(self.cfg.train.eval_prompts))
+                metrics["time/iteration_s"] = time.perf_counter() - started
+                metrics_log.log(iteration, metrics)
+                self._progress(iteration, metrics)
+                if self._due(self.cfg.train.save_interval, iteration):
+                    self._save(iteration)
+        finally:
+            metrics_log.close()
+
+    def iteration(self, iteration: int) -> dict[str, float]:
+        """One rollout batch: generate, score, old-log-prob pass, mini-steps, weight sync."""
+        samples, rollout_metrics = self.source.collect(iteration)
+        advantages = grpo_advantages(torch.tensor([s.reward for s in samples]),
+                                     self.cfg.rollout.n_samples_per_prompt,
+                                     normalize_std=self.cfg.algo.normalize_advantage_std)
+        microbatches = self._microbatches(samples, advantages)
+        engine_plan = self._engine_plan(microbatches, samples)
+        old = self.parts.actor.logprob_pass(microbatches, OLD_PASS_MODE[self.method], engine_plan)
+        metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
+                   old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
+        replay_plan = None if self.method == "none" else (
+            engine_plan if self.method in USES_ENGINE_ROUTES else old.routing.routes)
+        metrics.update(self._ministeps(microbatches, replay_plan))
+        self._sync_weights()
+        return metrics
+
+    # ----------------------------------------------------------------------------- phases
+    def _microbatches(self, samples, advantages):
+        dp_size = parallel_state.get_data_parallel_world_size()
+        indices = shard_for_dp(len(samples), dp_size, parallel_state.get_data_parallel_rank())
+        window = self.cfg.algo.off_policy_window
+        per_minibatch = len(indices) // window
+        mbs = self.cfg.train.micro_batch_size
+        if len(indices) % window or per_minibatch % mbs:
+            raise ValueError(
+                f"each data-parallel rank holds {len(indices)} samples: they must split into "
+                f"--off-policy-window {window} mini-batches of whole micro-batches of "
+                f"--micro-batch-size {mbs}"
+            )
+        return build_train_microbatches(samples, indices, advantages, mbs,
+                                        self.parts.token_parallel,
+                                        int(self.parts.hf_config.get("pad_token_id") or 0))
+
+    def _engine_plan(self, microbatches, samples):
+        if self.method not in USES_ENGINE_ROUTES:
+            return None
+        return build_route_plan([mb.layout for mb in microbatches], samples, self.route_layout,
+                                layer_numbers=model_layer_numbers(self.parts.model),
+                                parallel=self.parts.token_parallel)
+
+    def _mismatch(self, microbatches) -> dict[str, float]:
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            local = None
+        else:
+            train = torch.cat([mb.old_logp[mb.loss_mask] for mb in microbatches])
+            rollout = torch.cat([mb.rollout_logp[mb.loss_mask] for mb in microbatches])
+            local = mismatch_metrics(train, rollout, torch.ones_like(train, dtype=torch.bool))
+        keys = ["k3_kl", "abs_logprob_diff", "extreme_token_fraction"]
+        out = {}
+        for key in keys:
+            value = None if local is None else float(local[key])
+            out[f"mismatch/{key}"] = _allreduce_mean(value)
+        return out
+
+    def _ministeps(self, microbatches, replay_plan) -> dict[str, float]:
+        from megatron_pr2.training.actor import subplan
+
+        window = self.cfg.algo.off_policy_window
+        per_step = len(microbatches) // window
+        mode = "live" if replay_plan is None else "replay"
+        train_predictor = self.method == "pr2"
+        metrics, sums = {}, {}
+        for m in range(window):
+            chunk = microbatches[m * per_step:(m + 1) * per_step]
+            plan = subplan(replay_plan, [mb.microbatch_id for mb in chunk])
+            result = self.parts.actor.train_ministep(chunk, plan, mode,
+                                                     train_predictor=train_predictor and m > 0)
+            step_metrics = {**result.metrics, **_routing_metrics("routing", result.routing)}
+            for key, value in step_metrics.items():
+                sums.setdefault(key, []).append(value)
+                if key.startswith("routing/"):
+                    metrics[f"{key}/ministep{m + 1}"] = value
+            if m == window - 1 and _is_rank0():
+                metrics.update(_per_layer_metrics(result.routing))
+        for key, values in sums.items():
+            metrics[f"train/{key}" if not key.startswith("routing/") else key] = \
+                sum(values) / len(values)
+            if key.startswith("routing/") and len(values) > 1:
+                metrics[f"{key}/ministeps_ge2"] = sum(values[1:]) / len(values[1:])
+        return metrics
+
+    def _sync_weights(self) -> None:
+        sync_weights(self.parts.model, self.source.engine, self.parts.hf_config,
+                     predictive_gate=self.method == "pr2-engine",
+                     scratch_dir=self.cfg.train.save)
+
+    # ----------------------------------------------------------------------------- state
+    @staticmethod
+    def _due(interval: int, iteration: int) -> bool:
+        return bool(interval) and iteration % interval == 0
+
+    def _trainer_state(self, iteration: int) -> dict:
+        return {"iteration": iteration, "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "config": self.cfg.to_dict()}
+
+    def _save(self, iteration: int) -> None:
+        if not self.cfg.train.save:
+            raise ValueError("--save-interval needs --save DIR")
+        checkpointing.save_checkpoint(self.cfg.train.save, iteration, self.parts.model,
+                                      self.parts.optimizer, self._trainer_state(iteration))
+
+    def _maybe_resume(self) -> None:
+        latest = checkpointing.latest_iteration(self.cfg.train.save)
+        if latest is None:
+            return
+        state = checkpointing.load_checkpoint(self.cfg.train.save, latest, self.parts.model,
+                                              self.parts.optimizer)
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.start_iteration = int(state["iteration"])
+        logger.info("resuming after iteration %d", self.start_iteration)
+
+    def _progress(self, iteration: int, metrics: dict) -> None:
+        if not _is_rank0():
+            return
+        shown = {"reward": metrics.get("rollout/reward_mean"),
+                 "kl": metrics.get("mismatch/k3_kl"),
+                 "zero_dev": metrics.get("routing/zero_deviation_ratio/ministeps_ge2"),
+                 "loss": metrics.get("train/policy_loss"),
+                 "s": metrics.get("time/iteration_s")}
+        text = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
+        logger.info("[%s] iteration %d/%d %s", self.method, iteration,
+                    self.cfg.train.train_iters, text)

@@ -1,0 +1,100 @@
+"""Turn scored samples into the trainer's micro-batches (next-token tensors, masks, advantages)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from megatron_pr2.rollout.alignment import MicroBatch, TokenParallel, build_micro_batches
+from megatron_pr2.rollout.sample import Sample
+
+
+@dataclasses.dataclass
+class TrainMicroBatch:
+    """One micro-batch in Megatron's GPT convention (position ``s`` predicts token ``s + 1``).
+
+    Attributes:
+        microbatch_id: stable id within the rollout batch (route plans are keyed by it).
+        layout: the padded token grid with its sample bookkeeping.
+        labels: ``[B, S]`` next tokens (pad id at the end of each row).
+        loss_mask: ``[B, S]`` bool, True where the label is a response token.
+        advantages: ``[B, S]`` the label's sample advantage (0 off the mask).
+        rollout_logp: ``[B, S]`` the engine's log-prob of the label (0 off the mask).
+        old_logp: ``[B, S]`` filled by the old-log-prob pass.
+    """
+
+    microbatch_id: int
+    layout: MicroBatch
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_logp: torch.Tensor
+    old_logp: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict:
+        return {"microbatch_id": self.microbatch_id, "tokens": self.layout.tokens,
+                "positions": self.layout.position_ids, "labels": self.labels, "batch": self}
+
+
+def _shift_left(grid: torch.Tensor, fill) -> torch.Tensor:
+    shifted = torch.full_like(grid, fill)
+    shifted[:, :-1] = grid[:, 1:]
+    return shifted
+
+
+def _label_rollout_logp(layout: MicroBatch, samples: Sequence[Sample], mask: torch.Tensor):
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    next_sample = _shift_left(layout.sample_of, -1)
+    next_token = _shift_left(layout.token_of, -1)
+    for b, s in mask.nonzero().tolist():
+        sample = samples[layout.sample_indices[int(next_sample[b, s])]]
+        if sample.rollout_log_probs is not None:
+            out[b, s] = sample.rollout_log_probs[int(next_token[b, s]) - sample.prompt_length]
+    return out
+
+
+def to_train_microbatch(layout: MicroBatch, samples: Sequence[Sample], advantages: torch.Tensor,
+                        microbatch_id: int, pad_token_id: int) -> TrainMicroBatch:
+    """Next-token tensors of one padded micro-batch; ``advantages`` is per sample."""
+    if layout.layout != "bshd":
+        raise ValueError("the RL trainer uses padded (bshd) micro-batches")
+    labels = _shift_left(layout.tokens, pad_token_id)
+    loss_mask = _shift_left(layout.response_mask, False)
+    owner = _shift_left(layout.sample_of, -1).clamp(min=0)
+    index = torch.tensor(layout.sample_indices)[owner]
+    token_adv = torch.where(loss_mask, advantages[index], torch.zeros(()))
+    return TrainMicroBatch(microbatch_id, layout, labels, loss_mask, token_adv.float(),
+                           _label_rollout_logp(layout, samples, loss_mask))
+
+
+def _pad_layout(layout: MicroBatch, width: int, pad_token_id: int) -> None:
+    extra = width - layout.tokens.shape[1]
+    if extra <= 0:
+        return
+
+    def pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (0, extra), value=value)
+
+    layout.tokens = pad(layout.tokens, pad_token_id)
+    layout.position_ids = pad(layout.position_ids, 0)
+    layout.sample_of = pad(layout.sample_of, -1)
+    layout.token_of = pad(layout.token_of, -1)
+    layout.response_mask = pad(layout.response_mask, False)
+
+
+def build_train_microbatches(samples: Sequence[Sample], indices: Sequence[int],
+                             advantages: torch.Tensor, micro_batch_size: int,
+                             parallel: TokenParallel, pad_token_id: int) -> list[TrainMicroBatch]:
+    """This rank's micro-batches over ``samples[indices]``, ids ``0 .. n-1`` in order.
+
+    All are padded to one width: Megatron's schedule passes one tensor shape between stages.
+    """
+    layouts = build_micro_batches(samples, list(indices), micro_batch_size, "bshd", parallel,
+                                  pad_token_id)
+    width = max(layout.tokens.shape[1] for layout in layouts)
+    for layout in layouts:
+        _pad_layout(layout, width, pad_token_id)
+    return [to_train_microbatch(layout, samples, advantages, i, pad_token_id)
+            for i, layout in enumerate(layouts)]

@@ -1,0 +1,57 @@
+"""Supervised warm-up on the embedded digit task, so RL starts from a model with some reward."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_pr2.tasks import CharTokenizer, DigitTask, sft_batch
+from megatron_pr2.training.model_setup import build_optimizer
+from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
+
+logger = logging.getLogger(__name__)
+
+
+def _sft_step(inputs, model):
+    output = model(inputs["tokens"], inputs["positions"], None, labels=inputs["labels"])
+    mask = inputs["loss_mask"]
+
+    def loss_func(per_token_loss):
+        loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_size: int = 32,
+               micro_batch_size: int = 8, log_every: int = 25) -> float:
+    """Train ``model`` on answer tokens for ``steps`` steps (live routing); return the last loss.
+
+    Uses its own Megatron optimizer (Adam at ``lr``), discarded afterwards.
+    """
+    tokenizer = CharTokenizer()
+    optimizer = build_optimizer(model, lr=lr)
+    controller.begin_step("live")
+    controller.end_step()
+    loss_value = float("nan")
+    for step in range(steps):
+        batch = sft_batch(tokenizer, task.problems(step * batch_size, batch_size, "warmup"))
+        positions = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
+        micro = [{"tokens": batch.input_ids[i:i + micro_batch_size],
+                  "positions": positions[i:i + micro_batch_size],
+                  "labels": batch.labels[i:i + micro_batch_size],
+                  "loss_mask": batch.loss_mask[i:i + micro_batch_size]}
+                 for i in range(0, batch_size, micro_batch_size)]
+        for chunk in model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = run_schedule(model, micro, _sft_step, seq_length=batch.input_ids.shape[1],
+                              micro_batch_size=micro_batch_size)
+        optimizer.step()
+        local = torch.stack([item["loss"] for item in losses]).mean() if losses else torch.zeros(())
+        loss_value = float(broadcast_from_last_stage(local))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            logger.info("warm-up step %d/%d: answer loss %.4f", step + 1, steps, loss_value)
+    return loss_value
