@@ -126,13 +126,16 @@ class RoutingController:
         self._handles = []
 
     # ----------------------------------------------------------------------------- steps
-    def begin_step(self, mode, plan: RoutePlan | None = None, train_predictor: bool = False) -> None:
+    def begin_step(self, mode, plan: RoutePlan | None = None, train_predictor: bool = False,
+                   record_predictor_inputs: bool | None = None) -> None:
         """Set every router's mode for the coming step.
 
         Args:
             mode: ``live``, ``record``, ``replay`` or ``predict``.
             plan: routes to replay (replay mode), keyed by micro-batch id and global layer.
             train_predictor: attach the predictor loss (mini-steps >= 2 of a rollout batch).
+            record_predictor_inputs: keep ``h, p`` for the predictor loss (default: in predict
+                mode); recording starts a new rollout batch, so earlier inputs are dropped.
         """
         mode = RoutingMode.parse(mode)
         if plan is not None:
@@ -140,8 +143,9 @@ class RoutingController:
         for router in self.routers:
             router.replay_state.reset_step()
             router.set_routing_mode(mode, plan=plan, train_predictor=train_predictor,
-                                    predictor_config=self.predictor_config)
-            if mode is RoutingMode.PREDICT:
+                                    predictor_config=self.predictor_config,
+                                    record_predictor_inputs=record_predictor_inputs)
+            if router.replay_state.record_predictor_inputs:
                 router.clear_predictor_samples()
         self._plan = plan
         self._pending_microbatch = None

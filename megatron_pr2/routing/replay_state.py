@@ -65,6 +65,7 @@ class RouterReplayState:
     plan: RoutePlan | None = None
     microbatch_id: int | None = None
     train_predictor: bool = False
+    record_predictor_inputs: bool = False
     predictor_config: PredictorConfig = dataclasses.field(default_factory=PredictorConfig)
     consumed: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     predictor_loss_attached: set[int] = dataclasses.field(default_factory=set)

@@ -68,25 +68,42 @@ class PR2Router(TopKRouter):
 
     # ----------------------------------------------------------------------------- control
     def set_routing_mode(self, mode, plan: RoutePlan | None = None, train_predictor: bool = False,
-                         predictor_config: PredictorConfig | None = None) -> None:
-        """Choose the routing mode (and the plan for replay) for the coming forwards."""
+                         predictor_config: PredictorConfig | None = None,
+                         record_predictor_inputs: bool | None = None) -> None:
+        """Choose the routing mode (and the plan for replay) for the coming forwards.
+
+        Args:
+            mode: ``live``, ``record``, ``replay`` or ``predict``.
+            plan: the routes to replay (replay mode).
+            train_predictor: attach the predictor loss (needs recorded predictor inputs for
+                every micro-batch).
+            predictor_config: loss variant, subsampling.
+            record_predictor_inputs: keep (subsampled) ``h, p`` per micro-batch for the
+                predictor loss; default: in predict mode only. Set it for a replayed old-log-prob
+                pass whose routes came from the engine's predictive gate (R3 transport).
+        """
         mode = RoutingMode.parse(mode)
+        if record_predictor_inputs is None:
+            record_predictor_inputs = mode is RoutingMode.PREDICT
         if mode is not RoutingMode.LIVE:
             self._refuse_unsupported_config(mode)
         if mode is RoutingMode.REPLAY and plan is None:
             raise ValueError(f"layer {self.layer_number}: replay mode needs a route plan")
-        if mode is RoutingMode.PREDICT and train_predictor:
+        if record_predictor_inputs and train_predictor:
             raise ValueError(
-                f"layer {self.layer_number}: the predictor loss cannot be trained in the predict "
-                "pass (its target p_cur comes from a later mini-step's replay)")
-        if (mode is RoutingMode.PREDICT or train_predictor) and self.predictor is None:
-            what = "predict mode" if mode is RoutingMode.PREDICT else "predictor training"
-            raise ValueError(f"layer {self.layer_number}: {what} needs the evolution predictor "
+                f"layer {self.layer_number}: the predictor loss cannot be trained in the pass "
+                "that records its inputs (its target p_cur comes from a later mini-step)")
+        needs = ("predict mode" if mode is RoutingMode.PREDICT else
+                 "predictor training" if train_predictor else
+                 "recording predictor inputs" if record_predictor_inputs else None)
+        if needs and self.predictor is None:
+            raise ValueError(f"layer {self.layer_number}: {needs} needs the evolution predictor "
                              "(PR2Router(use_predictor=True))")
         state = self.replay_state
         state.mode = mode
         state.plan = plan
         state.train_predictor = bool(train_predictor)
+        state.record_predictor_inputs = bool(record_predictor_inputs)
         if predictor_config is not None:
             state.predictor_config = predictor_config
 
@@ -225,7 +242,7 @@ class PR2Router(TopKRouter):
         if state.mode is RoutingMode.REPLAY:
             valid = request.valid_T
             state.metrics.add_replay(request.chosen_ids_TK[valid], request.live_ids_TK[valid])
-        elif state.mode is RoutingMode.PREDICT:
+        if state.record_predictor_inputs:
             state.predictor_samples[mb] = self._sample_predictor_inputs(hidden_TH, logits_TE, pad_T, mb)
 
     def _sample_predictor_inputs(self, hidden_TH, logits_TE, pad_T, mb: int) -> PredictorSample:
@@ -248,9 +265,15 @@ class PR2Router(TopKRouter):
     # ----------------------------------------------------------------------------- predictor
     def _apply_predictor_loss(self, probs, logits_TE, pad_T, mb: int, revisit: bool):
         state = self.replay_state
-        sample = state.predictor_samples.get(mb) if state.train_predictor else None
-        if sample is None:
+        if not state.train_predictor:
             return probs
+        sample = state.predictor_samples.get(mb)
+        if sample is None:
+            raise RouteError(
+                f"layer {self.layer_number}: no predictor inputs were recorded for micro-batch "
+                f"{mb} (recorded: {sorted(state.predictor_samples)}); the predict pass (or a pass "
+                "with record_predictor_inputs) must run over the same micro-batch ids first"
+            )
         attach = torch.is_grad_enabled() and mb not in state.predictor_loss_attached
         if revisit and not attach:
             return probs

@@ -6,6 +6,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.predictor import PredictorConfig
+from megatron_pr2.routing.router import RouteError
 from tests.megatron.test_router_replay import build, tokens_and_positions
 
 
@@ -179,7 +180,7 @@ def test_predictor_inputs_are_subsampled_without_replacement(megatron_single_pro
     assert len(rows_seen) > 1, "layers should draw their own samples"
     with pytest.raises(ValueError, match=r"sample_ratio must be in \(0, 1\]"):
         PredictorConfig(sample_ratio=0.0)
-    with pytest.raises(ValueError, match="cannot be trained in the predict pass"):
+    with pytest.raises(ValueError, match="cannot be trained in the pass that records its inputs"):
         controller.begin_step("predict", train_predictor=True)
 
 
@@ -239,3 +240,34 @@ def test_router_without_predictor_refuses_pr2_but_replays(megatron_single_proces
 def _recorded(model, controller):
     _, step = _pass(model, controller, "record", tokens_and_positions(seed=90))
     return step.routes
+
+
+def test_replayed_old_pass_can_record_predictor_inputs_for_r3_transport(megatron_single_process):
+    """PR2 in the engine: the old-log-prob pass replays engine routes and records h, p."""
+    config, model = build(seed=91)
+    controller = RoutingController(model)
+    batch = tokens_and_positions(seed=92)
+    engine_routes = _recorded(model, controller)  # stands in for the engine's routes
+    captured, handles = _capture_router_inputs(model)
+    controller.begin_step("replay", plan=engine_routes, record_predictor_inputs=True)
+    controller.set_microbatch(0)
+    with torch.no_grad():
+        model(*batch, None)
+    controller.end_step()
+    for handle in handles:
+        handle.remove()
+    for layer in model.decoder.layers:
+        sample = layer.mlp.router.replay_state.predictor_samples[0]
+        h = captured[layer.layer_number][0].reshape(-1, config.hidden_size)
+        assert torch.equal(sample.hidden_TH, h)
+    _drift_routers([model], seed=93, scale=0.03)
+    _, step = _pass(model, controller, "replay", batch, plan=engine_routes, grad=True,
+                    train_predictor=True)
+    assert all(m.summary()["predictor_loss"] > 0 for m in step.metrics.values())
+    # a micro-batch without recorded inputs is an error, not a silent skip
+    plan = engine_routes.select([0])
+    for key in list(plan.routes):
+        plan.routes[(5, key[1])] = plan.routes.pop(key)
+    with pytest.raises(RouteError, match="no predictor inputs were recorded for micro-batch 5"):
+        _pass(model, controller, "replay", batch, plan=plan, grad=True, train_predictor=True, mb=5)
+    controller.abort_step()
