@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+OPEN_SHARDS = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt",
                     ".pth", ".h5", ".msgpack", ".gguf")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -111,9 +112,14 @@ class HfCheckpoint:
                 self.dtypes[name] = _DTYPES.get(tensor_slice.get_dtype(), torch.float32)
 
     def _handle(self, file: str):
-        if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.hf_dir, file), framework="pt")
-        return self._handles[file]
+        """An open shard; at most ``OPEN_SHARDS`` stay mapped, so memory stays near one shard."""
+        handle = self._handles.pop(file, None)
+        if handle is None:
+            handle = safe_open(os.path.join(self.hf_dir, file), framework="pt")
+        self._handles[file] = handle   # most recently used last
+        while len(self._handles) > OPEN_SHARDS:
+            del self._handles[next(iter(self._handles))]
+        return handle
 
     @property
     def names(self) -> list[str]:

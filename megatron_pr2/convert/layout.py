@@ -110,3 +110,37 @@ def tp_chunks(shape: tuple[int, ...], tp_axis: int | None, glu: bool,
         offset[tp_axis], size[tp_axis] = i * step, step
         chunks.append((tuple(offset), tuple(size)))
     return chunks
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def global_megatron_name(local_name: str, layer_offset: int = 0, expert_offset: int = 0) -> str:
+    """A rank's parameter name -> the single-process name the adapter expects.
+
+    Args:
+        local_name: name in this rank's model chunk (``decoder.layers.{local}...``,
+            ``local_experts.{local}``).
+        layer_offset: global index of the chunk's first layer (pipeline / virtual stage offset,
+            e.g. ``chunk.decoder.layers[0].layer_number - 1``).
+        expert_offset: global id of this rank's first expert (EP rank * local experts).
+    """
+    name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+    return _LOCAL_EXPERT.sub(
+        lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + expert_offset}.", name)
+
+
+def merge_tp_shards(shards, tp_axis: int | None, glu: bool):
+    """Inverse of tensor-parallel sharding: the full tensor from the ranks' pieces, in rank order.
+
+    A GLU ``linear_fc1`` shard is ``[gate_r; up_r]``; the full tensor is ``[gate; up]``.
+    """
+    import torch
+
+    if tp_axis is None or len(shards) == 1:
+        return shards[0]
+    if glu:
+        gates, ups = zip(*(torch.chunk(shard, 2, dim=0) for shard in shards))
+        return torch.cat([*gates, *ups], dim=0)
+    return torch.cat(list(shards), dim=tp_axis)

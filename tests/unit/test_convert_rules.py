@@ -103,3 +103,26 @@ def test_predictive_gate_adds_predictor_to_router_and_checks_shape():
     assert torch.equal(gate, (router.float() + predictor.float()).bfloat16())
     with pytest.raises(ConversionError, match=r"p has shape \(3, 4\)"):
         rule.to_hf(router, torch.zeros(3, 4))
+
+
+def test_merging_tp_shards_inverts_what_each_rank_holds():
+    from megatron_pr2.convert.layout import merge_tp_shards
+
+    gen = torch.Generator().manual_seed(2)
+    gate, up = torch.randn(8, 3, generator=gen), torch.randn(8, 3, generator=gen)
+    held = [torch.cat([gate[4 * r:4 * r + 4], up[4 * r:4 * r + 4]]) for r in range(2)]
+    assert torch.equal(merge_tp_shards(held, 0, glu=True), fuse_glu(gate, up))
+    proj = torch.randn(3, 8, generator=gen)
+    assert torch.equal(merge_tp_shards([proj[:, :4], proj[:, 4:]], 1, glu=False), proj)
+
+
+def test_rank_local_names_map_to_single_process_names():
+    from megatron_pr2.convert.layout import global_megatron_name
+
+    assert global_megatron_name(
+        "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight", 2, 4
+    ) == "decoder.layers.3.mlp.experts.local_experts.6.linear_fc1.weight"
+    assert global_megatron_name("decoder.layers.0.mlp.router.weight", 5, 4) == \
+        "decoder.layers.5.mlp.router.weight"
+    assert global_megatron_name("embedding.word_embeddings.weight", 5, 4) == \
+        "embedding.word_embeddings.weight"
