@@ -9,10 +9,11 @@ micro-batch.
 - pr2: ``PR2Router``, a predict pass (``TopK(p + h W_p)``, recording routes and ``h, p``) and a
   replayed training pass with the predictor loss on (the mini-step >= 2 case, the costliest).
 
-Each variant runs in its own process (same seed, same weights, same tokens). Memory is the
-process's peak resident set above its level right after building the model and the batch
-(CPU), or ``torch.cuda.max_memory_allocated`` above the post-build allocation (GPU). Also
-reported: the bytes PR2 keeps between passes (routes and predictor inputs). Not part of CI.
+Same seed, weights and tokens for both. Step time: both models in one process, steps
+alternated (machine-load drift hits both alike), median per variant. Memory: each variant
+alone in its own process, peak resident set above its level right after building the model
+and batch (CPU), or ``torch.cuda.max_memory_allocated`` above the post-build allocation (GPU).
+Also reported: the bytes PR2 keeps between passes (predictor inputs). Not part of CI.
 
     .venv/bin/python tools/bench_router.py
     .venv/bin/python tools/bench_router.py --hidden-size 512 --seq-length 1024 --steps 5
@@ -44,7 +45,7 @@ def _parse_args(argv=None):
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--num-microbatches", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--sample-ratio", type=float, default=1.0,
                         help="predictor token-subsampling ratio")
@@ -83,94 +84,130 @@ def _stored_bytes(routers) -> int:
     return total
 
 
-def _measure(variant: str, args) -> dict:
-    """Build the model and time ``args.steps`` steps of ``variant`` in this process."""
+class _Variant:
+    """A model (live ``TopKRouter`` or ``PR2Router``) and one RL step on a fixed batch."""
+
+    def __init__(self, name: str, args, device: str):
+        import torch
+
+        from megatron_pr2.models import ModelOptions, build_model
+        from megatron_pr2.platform import seed_model_parallel
+        from megatron_pr2.routing.controller import RoutingController
+        from megatron_pr2.routing.predictor import PredictorConfig
+        from megatron_pr2.routing.router import PR2Router
+
+        self.name = name
+        seed_model_parallel(1234)  # same weights for both variants
+        options = ModelOptions(router_class=PR2Router) if name == "pr2" else ModelOptions()
+        _, _, self.model = build_model(_hf_config(args), options=options)
+        self.model = self.model.to(device)
+        gen = torch.Generator().manual_seed(0)
+        s, b = args.seq_length, args.micro_batch_size
+        self.batches = [torch.randint(0, 1024, (b, s + 1), generator=gen).to(device)
+                        for _ in range(args.num_microbatches)]
+        self.positions = torch.arange(s, device=device).expand(b, -1)
+        self.controller = (
+            RoutingController(self.model, PredictorConfig(sample_ratio=args.sample_ratio))
+            if name == "pr2" else None)
+
+    def _forward(self, mb, tokens):
+        if self.controller is not None:
+            self.controller.set_microbatch(mb)
+        return self.model(tokens[:, :-1], self.positions, None, labels=tokens[:, 1:])
+
+    def step(self) -> None:
+        """Old-log-prob pass (live / predict) + training pass (live / replay + predictor loss)."""
+        import torch
+
+        controller = self.controller
+        if controller is not None:
+            controller.begin_step("predict")
+        with torch.no_grad():
+            for mb, tokens in enumerate(self.batches):
+                self._forward(mb, tokens)
+        if controller is not None:
+            plan = controller.end_step().routes
+            controller.begin_step("replay", plan=plan, train_predictor=True)
+        for mb, tokens in enumerate(self.batches):
+            torch.autograd.backward(self._forward(mb, tokens).float().mean())
+        if controller is not None:
+            controller.end_step()
+        self.model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available() and self.batches[0].is_cuda:
+            torch.cuda.synchronize()
+
+    def stored_bytes(self) -> int:
+        return _stored_bytes(self.controller.routers) if self.controller is not None else 0
+
+
+def _setup(args) -> str:
     import torch
 
-    from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
-    from megatron_pr2.routing.controller import RoutingController
-    from megatron_pr2.routing.predictor import PredictorConfig
-    from megatron_pr2.routing.router import PR2Router
 
     if args.threads:
         torch.set_num_threads(args.threads)
     initialize_model_parallel(ParallelConfig(), seed=1234, device=args.device)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = "cuda" if cuda else "cpu"
-    options = ModelOptions(router_class=PR2Router) if variant == "pr2" else ModelOptions()
-    _, _, model = build_model(_hf_config(args), options=options)
-    model = model.to(device)
-    gen = torch.Generator().manual_seed(0)
-    s, b = args.seq_length, args.micro_batch_size
-    batches = [torch.randint(0, 1024, (b, s + 1), generator=gen).to(device)
-               for _ in range(args.num_microbatches)]
-    positions = torch.arange(s, device=device).expand(b, -1)
-    controller = None
-    if variant == "pr2":
-        controller = RoutingController(model, PredictorConfig(sample_ratio=args.sample_ratio))
+    return "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
 
-    def forward(mb, tokens):
-        if controller is not None:
-            controller.set_microbatch(mb)
-        return model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
 
-    def step():
-        if controller is not None:
-            controller.begin_step("predict")
-        with torch.no_grad():
-            for mb, tokens in enumerate(batches):
-                forward(mb, tokens)
-        plan = controller.end_step().routes if controller is not None else None
-        if controller is not None:
-            controller.begin_step("replay", plan=plan, train_predictor=True)
-        for mb, tokens in enumerate(batches):
-            torch.autograd.backward(forward(mb, tokens).float().mean())
-        if controller is not None:
-            controller.end_step()
-        model.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+def _measure_time(args) -> dict:
+    """Both variants in one process, steps alternated (load drift hits both alike)."""
+    device = _setup(args)
+    variants = [_Variant("live", args, device), _Variant("pr2", args, device)]
+    times = {v.name: [] for v in variants}
+    for index in range(args.warmup + args.steps):
+        for variant in variants if index % 2 == 0 else variants[::-1]:
+            start = time.perf_counter()
+            variant.step()
+            if index >= args.warmup:
+                times[variant.name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
+
+def _measure_memory(name: str, args) -> dict:
+    """Peak memory of one variant, alone in its process, above the post-build level."""
+    import torch
+
+    device = _setup(args)
+    cuda = device == "cuda"
+    variant = _Variant(name, args, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = _memory_now(cuda)
-    times = []
-    for index in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        step()
-        if index >= args.warmup:
-            times.append(time.perf_counter() - start)
-    stored = _stored_bytes(controller.routers) if controller is not None else 0
-    return {"variant": variant, "step_s": statistics.median(times),
-            "peak_mb": _memory_now(cuda) - base, "stored_mb": stored / 2**20,
+    for _ in range(max(1, args.warmup)):
+        variant.step()
+    return {"peak_mb": _memory_now(cuda) - base, "stored_mb": variant.stored_bytes() / 2**20,
             "memory": "cuda allocated" if cuda else "peak RSS"}
 
 
-def _run_isolated(variant: str, args) -> dict:
+def _run_isolated(fn, *args):
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_measure, (variant, args))
+        return pool.apply(fn, args)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parse_args(argv)
-    results = {}
-    for variant in ("live", "pr2"):
-        logger.info("measuring %s ...", variant)
-        results[variant] = _run_isolated(variant, args)
-    live, pr2 = results["live"], results["pr2"]
+    logger.info("timing live and pr2 (alternating steps) ...")
+    times = _run_isolated(_measure_time, args)
+    memory = {}
+    for name in ("live", "pr2"):
+        logger.info("peak memory of %s ...", name)
+        memory[name] = _run_isolated(_measure_memory, name, args)
     print(f"model: hidden {args.hidden_size}, {args.num_layers} MoE layers, {args.num_experts} "
           f"experts, top-{args.top_k}; batch {args.num_microbatches} x {args.micro_batch_size} x "
           f"{args.seq_length} tokens; predictor sample ratio {args.sample_ratio}")
     print(f"{'variant':8s} {'step time (s)':>14s} {'peak mem above build (MiB)':>28s} "
           f"{'PR2 stored (MiB)':>17s}")
-    for r in (live, pr2):
-        print(f"{r['variant']:8s} {r['step_s']:14.3f} {r['peak_mb']:28.1f} {r['stored_mb']:17.2f}")
-    mem_ratio = pr2["peak_mb"] / live["peak_mb"] if live["peak_mb"] > 0 else float("nan")
-    print(f"ratio pr2/live: step time {pr2['step_s'] / live['step_s']:.3f}, "
-          f"peak memory ({live['memory']}) {mem_ratio:.3f}")
+    for name in ("live", "pr2"):
+        print(f"{name:8s} {times[name]:14.3f} {memory[name]['peak_mb']:28.1f} "
+              f"{memory[name]['stored_mb']:17.2f}")
+    live_mem = memory["live"]["peak_mb"]
+    mem_ratio = memory["pr2"]["peak_mb"] / live_mem if live_mem > 0 else float("nan")
+    print(f"ratio pr2/live: step time {times['pr2'] / times['live']:.3f}, "
+          f"peak memory ({memory['live']['memory']}) {mem_ratio:.3f}")
     return 0
 
 
