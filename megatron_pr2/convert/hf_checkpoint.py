@@ -9,21 +9,15 @@ import shutil
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from megatron_pr2.convert.errors import ConversionError
+from megatron_pr2.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-OPEN_SHARDS = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt",
                     ".pth", ".h5", ".msgpack", ".gguf")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -62,11 +56,16 @@ class HfCheckpoint:
             raise ConversionError(f"HF checkpoint directory {hf_dir} does not exist")
         self.hf_dir = hf_dir
         self.config = read_hf_config(hf_dir)
+        self._readers: dict[str, SafetensorsReader] = {}
         self.files = self._weight_map()
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self._handles: dict[str, object] = {}
         self._read_headers()
+
+    def _reader(self, file: str) -> SafetensorsReader:
+        if file not in self._readers:
+            self._readers[file] = SafetensorsReader(os.path.join(self.hf_dir, file))
+        return self._readers[file]
 
     def _weight_map(self) -> dict[str, str]:
         index_path = os.path.join(self.hf_dir, INDEX_NAME)
@@ -76,15 +75,12 @@ class HfCheckpoint:
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{index_path} has no weight_map")
         elif os.path.isfile(os.path.join(self.hf_dir, SINGLE_NAME)):
-            weight_map = None
+            return {name: SINGLE_NAME for name in self._reader(SINGLE_NAME).entries}
         else:
             raise ConversionError(
                 f"no safetensors weights in {self.hf_dir}: expected {INDEX_NAME} (sharded) or "
                 f"{SINGLE_NAME}"
             )
-        if weight_map is None:
-            with safe_open(os.path.join(self.hf_dir, SINGLE_NAME), framework="pt") as handle:
-                return {name: SINGLE_NAME for name in handle.keys()}
         missing = sorted({f for f in weight_map.values()
                           if not os.path.isfile(os.path.join(self.hf_dir, f))})
         if missing:
@@ -94,42 +90,22 @@ class HfCheckpoint:
         return dict(weight_map)
 
     def _read_headers(self) -> None:
-        by_file: dict[str, list[str]] = {}
         for name, file in self.files.items():
-            by_file.setdefault(file, []).append(name)
-        for file, names in by_file.items():
-            handle = self._handle(file)
-            present = set(handle.keys())
-            absent = [n for n in names if n not in present]
-            if absent:
-                raise ConversionError(
-                    f"{file} does not contain {', '.join(absent[:5])}"
-                    f"{' ...' if len(absent) > 5 else ''} although the index says it does"
-                )
-            for name in names:
-                tensor_slice = handle.get_slice(name)
-                self.shapes[name] = tuple(tensor_slice.get_shape())
-                self.dtypes[name] = _DTYPES.get(tensor_slice.get_dtype(), torch.float32)
-
-    def _handle(self, file: str):
-        """An open shard; at most ``OPEN_SHARDS`` stay mapped, so memory stays near one shard."""
-        handle = self._handles.pop(file, None)
-        if handle is None:
-            handle = safe_open(os.path.join(self.hf_dir, file), framework="pt")
-        self._handles[file] = handle   # most recently used last
-        while len(self._handles) > OPEN_SHARDS:
-            del self._handles[next(iter(self._handles))]
-        return handle
+            reader = self._reader(file)
+            if name not in reader.entries:
+                raise ConversionError(f"{file} does not contain {name} although the index says it does")
+            self.shapes[name] = reader.shape(name)
+            self.dtypes[name] = reader.dtype(name)
 
     @property
     def names(self) -> list[str]:
         return list(self.files)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard."""
+        """Read one tensor from its shard (only that tensor's bytes are read)."""
         if name not in self.files:
             raise ConversionError(f"{name} is not in the HF checkpoint {self.hf_dir}")
-        return self._handle(self.files[name]).get_tensor(name)
+        return self._reader(self.files[name]).read(name)
 
     def nbytes(self, name: str) -> int:
         return _numel(self.shapes[name]) * self.dtypes[name].itemsize
@@ -155,53 +131,68 @@ def copy_hf_assets(src_dir: str, dst_dir: str) -> list[str]:
     return copied
 
 
-def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
-    """Group tensor names (in order) into shards of at most ``max_shard_bytes`` (>= 1 tensor)."""
-    shards: list[list[str]] = [[]]
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def plan_shards(entries: list[Entry], max_shard_bytes: int) -> list[list[Entry]]:
+    """Group ``(name, shape, dtype)`` entries (in order) into shards of at most
+    ``max_shard_bytes`` (a larger tensor gets a shard of its own)."""
+    shards: list[list[Entry]] = [[]]
     used = 0
-    for name, size in sizes:
+    for entry in entries:
+        size = _numel(entry[1]) * entry[2].itemsize
         if shards[-1] and used + size > max_shard_bytes:
             shards.append([])
             used = 0
-        shards[-1].append(name)
+        shards[-1].append(entry)
         used += size
     return shards
 
 
 class HfShardWriter:
-    """Writes tensors into pre-planned safetensors shards; holds at most one shard in memory."""
+    """Streams tensors into pre-planned safetensors shards (header first, then data in order).
 
-    def __init__(self, out_dir: str, shards: list[list[str]]):
+    Tensors arriving ahead of their turn wait in memory; in plan order nothing is buffered.
+    """
+
+    def __init__(self, out_dir: str, shards: list[list[Entry]]):
         self.out_dir = out_dir
         self.shards = shards
         total = len(shards)
         self.file_names = ([SINGLE_NAME] if total == 1 else
                            [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)])
-        self._shard_of = {name: i for i, names in enumerate(shards) for name in names}
-        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._total_bytes = 0
+        self._shard_of = {entry[0]: i for i, entries in enumerate(shards) for entry in entries}
+        self._writers: dict[int, SafetensorsStreamWriter] = {}
+        self._waiting: dict[str, torch.Tensor] = {}
+        self._done: set[int] = set()
+        self.total_bytes = sum(_numel(e[1]) * e[2].itemsize for es in shards for e in es)
         os.makedirs(out_dir, exist_ok=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._shard_of:
             raise ConversionError(f"{name} was not planned for any output shard")
         shard = self._shard_of[name]
-        buffer = self._buffers.setdefault(shard, {})
-        buffer[name] = tensor.contiguous()
-        if len(buffer) == len(self.shards[shard]):
+        if shard not in self._writers:
             path = os.path.join(self.out_dir, self.file_names[shard])
-            save_file(buffer, path, metadata={"format": "pt"})
-            self._total_bytes += sum(t.numel() * t.element_size() for t in buffer.values())
-            del self._buffers[shard]
+            self._writers[shard] = SafetensorsStreamWriter(path, self.shards[shard], {"format": "pt"})
+        writer = self._writers[shard]
+        self._waiting[name] = tensor
+        while writer.expected in self._waiting:
+            next_name = writer.expected
+            writer.write(next_name, self._waiting.pop(next_name))
+        if writer.expected is None:
+            writer.close()
+            del self._writers[shard]
+            self._done.add(shard)
 
     def close(self) -> None:
-        """Check every shard was written and write the index (when sharded)."""
-        if self._buffers:
-            missing = [n for shard in self._buffers for n in self.shards[shard]
-                       if n not in self._buffers[shard]]
+        """Check every shard was completed and write the index (when sharded)."""
+        missing = [e[0] for i, es in enumerate(self.shards) if i not in self._done for e in es
+                   if e[0] not in self._waiting]
+        if missing or self._waiting:
             raise ConversionError(f"output shards incomplete; never received {missing[:5]}")
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self._total_bytes},
+            index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {name: self.file_names[i] for name, i in self._shard_of.items()}}
             with open(os.path.join(self.out_dir, INDEX_NAME), "w", encoding="utf-8") as handle:
                 json.dump(index, handle, indent=2, sort_keys=True)

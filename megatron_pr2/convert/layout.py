@@ -114,6 +114,8 @@ def tp_chunks(shape: tuple[int, ...], tp_axis: int | None, glu: bool,
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+# TransformerEngine's grouped experts name the i-th local expert's weight ``linear_fc1.weight{i}``.
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
 
 
 def global_megatron_name(local_name: str, layer_offset: int = 0, expert_offset: int = 0) -> str:
@@ -121,12 +123,14 @@ def global_megatron_name(local_name: str, layer_offset: int = 0, expert_offset: 
 
     Args:
         local_name: name in this rank's model chunk (``decoder.layers.{local}...``,
-            ``local_experts.{local}``).
+            ``local_experts.{local}``, or TransformerEngine's ``experts.linear_fc1.weight{local}``).
         layer_offset: global index of the chunk's first layer (pipeline / virtual stage offset,
             e.g. ``chunk.decoder.layers[0].layer_number - 1``).
         expert_offset: global id of this rank's first expert (EP rank * local experts).
     """
     name = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+    name = _GROUPED_EXPERT.sub(
+        lambda m: f".mlp.experts.local_experts.{m.group(3)}.{m.group(1)}.{m.group(2)}", name)
     return _LOCAL_EXPERT.sub(
         lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + expert_offset}.", name)
 

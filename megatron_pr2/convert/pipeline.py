@@ -257,15 +257,14 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
     metadata = read_tensor_metadata(megatron_dir)
     _check_megatron_tensors(adapter, metadata, predictive_gate, megatron_dir)
     rules = adapter.rules
-    out_dtype = {}
-    sizes = []
+    entries = []
     for rule in rules:
         stored = metadata[dist_key(rule.megatron_name, adapter.spec.num_experts).key][1]
-        for name, shape in zip(rule.hf_names, rule.hf_shapes):
-            out_dtype[name] = dtype or stored
-            sizes.append((name, _numel(shape) * out_dtype[name].itemsize))
-    writer = HfShardWriter(out_dir, plan_shards(sizes, max_shard_bytes))
-    progress = _Progress("megatron-to-hf", len(sizes), sum(size for _, size in sizes))
+        entries += [(name, shape, dtype or stored)
+                    for name, shape in zip(rule.hf_names, rule.hf_shapes)]
+    out_dtype = {name: entry_dtype for name, _, entry_dtype in entries}
+    writer = HfShardWriter(out_dir, plan_shards(entries, max_shard_bytes))
+    progress = _Progress("megatron-to-hf", len(entries), writer.total_bytes)
     for _, group in itertools.groupby(rules, key=lambda r: r.layer):
         group = list(group)
         tensors = read_tensors(megatron_dir, _requests(adapter, group, metadata, predictive_gate))

@@ -50,20 +50,13 @@ def write_random_hf_checkpoint(hf_config: dict, out_dir: str, max_shard_bytes: i
     """
     adapter = adapter_for(hf_config)
     generator = torch.Generator().manual_seed(seed)
-    shapes = [(n, s) for rule in adapter.rules for n, s in zip(rule.hf_names, rule.hf_shapes)]
-    sizes = [(name, _numel(shape) * dtype.itemsize) for name, shape in shapes]
-    writer = HfShardWriter(out_dir, plan_shards(sizes, max_shard_bytes))
-    for name, shape in shapes:
+    entries = [(name, shape, dtype) for rule in adapter.rules
+               for name, shape in zip(rule.hf_names, rule.hf_shapes)]
+    writer = HfShardWriter(out_dir, plan_shards(entries, max_shard_bytes))
+    for name, shape, _ in entries:
         tensor = torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02
         writer.add(name, tensor.to(dtype))
     writer.close()
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(hf_config, handle, indent=2)
-    return sum(size for _, size in sizes)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    return writer.total_bytes

@@ -122,6 +122,8 @@ def test_rank_local_names_map_to_single_process_names():
     assert global_megatron_name(
         "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight", 2, 4
     ) == "decoder.layers.3.mlp.experts.local_experts.6.linear_fc1.weight"
+    assert global_megatron_name("decoder.layers.1.mlp.experts.linear_fc2.weight3", 2, 4) == \
+        "decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight"   # TE grouped experts
     assert global_megatron_name("decoder.layers.0.mlp.router.weight", 5, 4) == \
         "decoder.layers.5.mlp.router.weight"
     assert global_megatron_name("embedding.word_embeddings.weight", 5, 4) == \
