@@ -187,7 +187,7 @@ def _replay_one(model, plan, mb=0, tokens=None):
         controller.close()
 
 
-def _plan_for(model, layer_routes: dict, mb=0):
+def _plan_for(layer_routes: dict, mb=0):
     plan = RoutePlan()
     for layer, routes in layer_routes.items():
         plan.add(mb, layer, routes)
@@ -214,7 +214,7 @@ def test_bad_routes_are_refused_with_the_reason(megatron_single_process, problem
     else:
         ids = ids[:-1]
     bad = LayerRoutes(ids.to(torch.int16), torch.ones(ids.shape[0], dtype=torch.bool))
-    plan = _plan_for(model, {1: bad, 2: routes, 3: routes, 4: routes})
+    plan = _plan_for({1: bad, 2: routes, 3: routes, 4: routes})
     with pytest.raises(RouteError, match=match):
         _replay_one(model, plan)
 
@@ -226,14 +226,14 @@ def test_duplicates_in_invalid_rows_are_allowed(megatron_single_process):
     ids[3] = torch.tensor([0, 0])  # a constant fill marked invalid is never used
     valid = torch.ones(S * B, dtype=torch.bool)
     valid[3] = False
-    plan = _plan_for(model, {layer: LayerRoutes.from_expert_ids(ids, 8, valid) for layer in (1, 2, 3, 4)})
+    plan = _plan_for({layer: LayerRoutes.from_expert_ids(ids, 8, valid) for layer in (1, 2, 3, 4)})
     _replay_one(model, plan)
 
 
 def test_missing_unconsumed_and_foreign_routes_are_errors(megatron_single_process):
     config, model = build()
     routes = _good_routes(config)
-    plan = _plan_for(model, {layer: routes for layer in (1, 2, 3, 4)}, mb=0)
+    plan = _plan_for({layer: routes for layer in (1, 2, 3, 4)}, mb=0)
     for layer in (1, 2, 3, 4):
         plan.add(1, layer, routes)
     controller = RoutingController(model)
@@ -247,14 +247,14 @@ def test_missing_unconsumed_and_foreign_routes_are_errors(megatron_single_proces
     controller.abort_step()
     with pytest.raises(KeyError, match="micro-batch 5 is not in the route plan"):
         controller.set_microbatch(5)
-    partial = _plan_for(model, {1: routes, 2: routes, 3: routes})
+    partial = _plan_for({1: routes, 2: routes, 3: routes})
     controller.begin_step("replay", plan=partial)
     controller.set_microbatch(0)
     with pytest.raises(KeyError, match=r"no routes for micro-batch 0, layer 4"), torch.no_grad():
         model(tokens, positions, None)
     controller.abort_step()
     with pytest.raises(ValueError, match=r"routes for layers \[9\] that are not MoE layers on this rank"):
-        controller.begin_step("replay", plan=_plan_for(model, {9: routes}))
+        controller.begin_step("replay", plan=_plan_for({9: routes}))
     controller.close()
 
 
@@ -265,7 +265,7 @@ def test_replay_needs_a_microbatch_id_and_a_plan(megatron_single_process):
         router.set_routing_mode("replay")
     with pytest.raises(ValueError, match="unknown routing mode 'r4'"):
         router.set_routing_mode("r4")
-    router.set_routing_mode("replay", plan=_plan_for(model, {1: _good_routes(config)}))
+    router.set_routing_mode("replay", plan=_plan_for({1: _good_routes(config)}))
     tokens, positions = tokens_and_positions()
     with pytest.raises(RuntimeError, match="needs a micro-batch id"), torch.no_grad():
         model(tokens, positions, None)
