@@ -254,9 +254,11 @@ def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], layout: Route
     first_row = torch.cumsum(route_rows, 0) - route_rows
     owner = sample_of.clamp(min=0)
     valid = (sample_of >= 0) & (token_of < route_rows[owner])
-    routes = _spread_ids(sample_of.numel(), layout).to(layout.compact_dtype).clone()
-    source = first_row[owner[valid]] + token_of[valid]
-    routes[valid] = torch.cat(per_sample).to(layout.compact_dtype)[source]
+    source = torch.where(valid, first_row[owner] + token_of, 0)
+    table = torch.cat(per_sample).to(layout.compact_dtype)
+    routes = table.index_select(0, source)
+    missing = (~valid).nonzero().flatten()
+    routes[missing] = _spread_ids(missing.numel(), layout).to(layout.compact_dtype)
     return routes, valid
 
 

@@ -135,39 +135,64 @@ def check_routes(routes, layout: RouteLayout) -> None:
     Raises:
         MalformedResponseError: naming the first bad layer and token.
     """
-    routes = torch.as_tensor(routes)
+    routes = torch.as_tensor(routes).cpu()
+    _check_shape(routes, layout)
+    _check_range(routes, layout)
+    _check_repeats(routes, layout)
+
+
+def _check_shape(routes: torch.Tensor, layout: RouteLayout) -> None:
     if routes.dim() != 3 or routes.shape[1:] != (layout.num_moe_layers, layout.top_k):
         raise MalformedResponseError(
             f"routes must be [N, {layout.num_moe_layers}, {layout.top_k}], got {tuple(routes.shape)}"
         )
+    if routes.is_floating_point():
+        raise MalformedResponseError(f"routes must be integers, got {routes.dtype}")
+
+
+def _check_range(routes: torch.Tensor, layout: RouteLayout) -> None:
     if routes.numel() == 0:
         return
-    wide = routes.to(torch.int64)
+    array = routes.numpy()
+    if int(array.min()) >= 0 and int(array.max()) < layout.num_experts:
+        return  # fast path; locate the offender only on failure
+    wide = array.astype(np.int64)
     bad = (wide < 0) | (wide >= layout.num_experts)
-    if bad.any():
-        token, layer, _ = (int(v) for v in bad.nonzero()[0])
-        raise MalformedResponseError(
-            f"expert id {int(wide[token, layer][bad[token, layer]][0])} out of range "
-            f"[0, {layout.num_experts}) at token {token}, MoE layer {layer}"
-        )
-    if layout.top_k > 1:
-        ordered = wide.sort(dim=-1).values
-        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
-        if repeated.any():
-            token, layer = (int(v) for v in repeated.nonzero()[0])
-            all_zero = not wide[:, layer].any()
-            raise MalformedResponseError(
-                f"MoE layer {layer} (global layer {layout.moe_layer_numbers[layer]}) repeats an "
-                f"expert id within a top-{layout.top_k} at token {token}: "
-                f"{wide[token, layer].tolist()}"
-                + (" (the layer is all zeros: lost pipeline stage or unwritten layer?)" if all_zero else "")
-            )
-    elif routes.shape[0] > 1:
-        zero_layers = (~wide.any(dim=2).any(dim=0)).nonzero().flatten().tolist()
-        if zero_layers:
-            raise MalformedResponseError(
-                f"MoE layers {zero_layers} route every token to expert 0 (all-zero layers)"
-            )
+    token, layer, k = (int(v[0]) for v in np.nonzero(bad))
+    raise MalformedResponseError(
+        f"expert id {int(wide[token, layer, k])} out of range "
+        f"[0, {layout.num_experts}) at token {token}, MoE layer {layer}"
+    )
+
+
+def _check_repeats(routes: torch.Tensor, layout: RouteLayout) -> None:
+    """Ids already known to be in range (any integer dtype)."""
+    if routes.numel() == 0:
+        return
+    array = routes.numpy()
+    if layout.top_k == 1:
+        if array.shape[0] > 1:
+            zero_layers = np.flatnonzero(~array.any(axis=(0, 2))).tolist()
+            if zero_layers:
+                raise MalformedResponseError(
+                    f"MoE layers {zero_layers} route every token to expert 0 (all-zero layers)"
+                )
+        return
+    columns = np.ascontiguousarray(array.reshape(-1, layout.top_k).T)  # [K, N*L]
+    repeated = np.zeros(columns.shape[1], dtype=bool)
+    for i in range(layout.top_k):  # K(K-1)/2 contiguous vector compares: cheaper than sorting
+        for j in range(i + 1, layout.top_k):
+            repeated |= columns[i] == columns[j]
+    if not repeated.any():
+        return
+    token, layer = divmod(int(np.flatnonzero(repeated)[0]), array.shape[1])
+    all_zero = not array[:, layer].any()
+    raise MalformedResponseError(
+        f"MoE layer {layer} (global layer {layout.moe_layer_numbers[layer]}) repeats an "
+        f"expert id within a top-{layout.top_k} at token {token}: "
+        f"{array[token, layer].tolist()}"
+        + (" (the layer is all zeros: lost pipeline stage or unwritten layer?)" if all_zero else "")
+    )
 
 
 def compact_routes(routes, num_experts: int) -> torch.Tensor:
@@ -188,6 +213,8 @@ def decode_routed_experts(payload, *, num_rows: int, layout: RouteLayout) -> tor
         if size == num_rows * layout.num_moe_layers * layout.top_k * 4 and size != num_rows * per_row_all:
             wire_layers = layout.num_moe_layers
     wire = decode_wire_routes(payload, num_rows, wire_layers, layout.top_k)
-    routes = select_moe_layers(wire, layout)
-    check_routes(routes, layout)
-    return compact_routes(routes, layout.num_experts)
+    routes = torch.from_numpy(np.ascontiguousarray(select_moe_layers(wire, layout)))
+    _check_range(routes, layout)
+    compact = routes.to(layout.compact_dtype)  # exact: ids are known to be < E
+    _check_repeats(compact, layout)
+    return compact
