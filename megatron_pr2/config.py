@@ -140,7 +140,7 @@ class TrainArgs:
     tensorboard_dir: str | None = None
     log_jsonl: str | None = None
     warmup_sft_steps: int = 0  # supervised warm-up steps before RL (embedded task only)
-    warmup_sft_lr: float = 3e-3
+    warmup_sft_lr: float = 1e-3
 
     def validate(self) -> None:
         _positive("train_iters", self.train_iters)

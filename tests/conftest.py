@@ -1,6 +1,10 @@
 import logging
 
 import pytest
+import torch
+
+# The test models are tiny: one thread avoids oversubscribing the 2-core CI machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,12 @@ def predictor_optimizer_overrides(optimizer_config, lr_mult: float, base_overrid
         raise ValueError(f"predictor lr_mult must be > 0, got {lr_mult}")
     overrides = dict(get_standard_config_overrides(optimizer_config)
                      if base_overrides is None else base_overrides)
+    if lr_mult == 1.0:
+        # Megatron identifies parameter groups in optimizer checkpoints by (wd_mult, lr_mult, ...):
+        # a separate group equal to the no-weight-decay group in those terms would be mixed up
+        # with it on reload, so at multiplier 1 the predictor joins that group.
+        overrides[ParamKey(attr=PREDICTOR_PARAM_ATTR)] = {"wd_mult": 0.0}
+        return overrides
     overrides[ParamKey(attr=PREDICTOR_PARAM_ATTR)] = {
         "max_lr": optimizer_config.lr * lr_mult,
         "min_lr": (optimizer_config.min_lr or 0.0) * lr_mult,

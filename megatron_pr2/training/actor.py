@@ -77,11 +77,17 @@ class PolicyActor:
 
     # ----------------------------------------------------------------------------- passes
     def logprob_pass(self, microbatches: Sequence[TrainMicroBatch], mode: str,
-                     plan: RoutePlan | None = None) -> PassResult:
-        """Forward only: fill each micro-batch's ``old_logp``; route with ``mode``."""
+                     plan: RoutePlan | None = None,
+                     record_predictor_inputs: bool | None = None) -> PassResult:
+        """Forward only: fill each micro-batch's ``old_logp``; route with ``mode``.
+
+        ``record_predictor_inputs`` keeps ``h_old, p_old`` for the predictor loss (default: in
+        predict mode; PR2-in-engine sets it on a replay pass).
+        """
         for chunk in self.model:
             chunk.eval()
-        self.controller.begin_step(mode, plan=plan)
+        self.controller.begin_step(mode, plan=plan,
+                                   record_predictor_inputs=record_predictor_inputs)
         try:
             with torch.no_grad():
                 outputs = self._run(microbatches, self._logprob_step, forward_only=True)

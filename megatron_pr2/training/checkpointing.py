@@ -25,13 +25,18 @@ def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _sharded_state(model, optimizer) -> dict:
-    state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+def _unwrap(chunk):
+    """The GPTModel inside a DDP wrapper (whose state-dict keys gain a ``module.`` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
+def _sharded_state(model, optimizer, is_loading: bool = False) -> dict:
+    state = {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
     model_state = {}
     for chunk_state in state.values():
         model_state.update(chunk_state)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
     return state
 
 
@@ -92,9 +97,9 @@ def load_checkpoint(root: str, iteration: int, model, optimizer) -> dict:
     if not os.path.exists(state_path):
         raise FileNotFoundError(f"{state_path} is missing: was the checkpoint written with the "
                                 "same number of ranks?")
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer), directory)
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
     for i, chunk in enumerate(model):
-        chunk.load_state_dict(loaded[f"model{i}"])
+        _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     logger.info("resumed from %s", directory)

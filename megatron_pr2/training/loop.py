@@ -111,7 +111,8 @@ class RLLoop:
                                      normalize_std=self.cfg.algo.normalize_advantage_std)
         microbatches = self._microbatches(samples, advantages)
         engine_plan = self._engine_plan(microbatches, samples)
-        old = self.parts.actor.logprob_pass(microbatches, OLD_PASS_MODE[self.method], engine_plan)
+        old = self.parts.actor.logprob_pass(microbatches, OLD_PASS_MODE[self.method], engine_plan,
+                                            record_predictor_inputs=self._trains_predictor)
         metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
                    old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
         replay_plan = None if self.method == "none" else (
@@ -119,6 +120,10 @@ class RLLoop:
         metrics.update(self._ministeps(microbatches, replay_plan))
         self._sync_weights()
         return metrics
+
+    @property
+    def _trains_predictor(self) -> bool:
+        return self.method in ("pr2", "pr2-engine")
 
     # ----------------------------------------------------------------------------- phases
     def _microbatches(self, samples, advantages):
@@ -164,7 +169,7 @@ class RLLoop:
         window = self.cfg.algo.off_policy_window
         per_step = len(microbatches) // window
         mode = "live" if replay_plan is None else "replay"
-        train_predictor = self.method == "pr2"
+        train_predictor = self._trains_predictor
         metrics, sums = {}, {}
         for m in range(window):
             chunk = microbatches[m * per_step:(m + 1) * per_step]
