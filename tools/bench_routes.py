@@ -18,7 +18,12 @@ import time
 import numpy as np
 import torch
 
-from megatron_pr2.rollout.alignment import TokenParallel, build_micro_batches, build_route_plan, route_bytes
+from megatron_pr2.rollout.alignment import (
+    TokenParallel,
+    build_micro_batches,
+    build_route_plan,
+    route_bytes,
+)
 from megatron_pr2.rollout.route_codec import RouteLayout, decode_routed_experts
 from megatron_pr2.rollout.sample import Sample
 

@@ -16,7 +16,9 @@ global layer number (pipeline offset and virtual stages included), never by list
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+import itertools
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -208,7 +210,7 @@ def router_token_index(micro_batch: MicroBatch, parallel: TokenParallel = TokenP
         return (positions[:, None] + torch.arange(batch)[None, :] * width).reshape(-1)
     bounds = micro_batch.cu_seqlens_padded.tolist()
     per_sequence = [start + _cp_chunks(end - start, parallel.cp_size, parallel.cp_rank)
-                    for start, end in zip(bounds[:-1], bounds[1:])]
+                    for start, end in itertools.pairwise(bounds)]
     return _sp_slice(torch.cat(per_sequence), parallel)
 
 

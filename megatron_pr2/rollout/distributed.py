@@ -6,7 +6,7 @@ then take their data-parallel share with :func:`megatron_pr2.rollout.alignment.s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.distributed as dist
 

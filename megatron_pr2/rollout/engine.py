@@ -8,7 +8,8 @@ health. The trainer depends only on this protocol.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 

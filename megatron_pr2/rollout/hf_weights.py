@@ -10,7 +10,7 @@ the checkpoint's; both are handled.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -157,7 +157,7 @@ class InProcessEngine:
         self._recorder = RouteRecorder(self.model, self.layout)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> "InProcessEngine":
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> InProcessEngine:
         """An engine with the weights of an HF checkpoint directory."""
         from transformers import AutoModelForCausalLM
 
@@ -181,7 +181,7 @@ class InProcessEngine:
             raise FileNotFoundError(f"no .safetensors files in {path}")
         for file in files:
             with safe_open(os.path.join(path, file), "pt") as handle:
-                self.update_weights((name, handle.get_tensor(name)) for name in handle.keys())
+                self.update_weights((name, handle.get_tensor(name)) for name in handle.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  return_logprobs: bool = True, return_routed_experts: bool = True) -> list[Sample]:

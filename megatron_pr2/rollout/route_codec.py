@@ -48,7 +48,7 @@ class RouteLayout:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
     @classmethod
-    def from_hf_config(cls, hf_config) -> "RouteLayout":
+    def from_hf_config(cls, hf_config) -> RouteLayout:
         """Layout of a Qwen-MoE HF config (dict, path, or parsed ``QwenMoeSpec``)."""
         from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config
 

@@ -23,7 +23,8 @@ import logging
 import pickle
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import requests
 import torch
@@ -35,7 +36,11 @@ from megatron_pr2.rollout.engine import (
     PartialRolloutError,
     RolloutError,
 )
-from megatron_pr2.rollout.route_codec import RouteLayout, decode_routed_experts, hf_config_dict
+from megatron_pr2.rollout.route_codec import (
+    RouteLayout,
+    decode_routed_experts,
+    hf_config_dict,
+)
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -251,7 +256,7 @@ class SGLangClient:
         self._local = threading.local()
 
     @classmethod
-    def for_hf_config(cls, addresses: Sequence[str], hf_config, **kwargs) -> "SGLangClient":
+    def for_hf_config(cls, addresses: Sequence[str], hf_config, **kwargs) -> SGLangClient:
         from megatron_pr2.models.hf_config import parse_hf_config
 
         spec = parse_hf_config(hf_config_dict(hf_config))

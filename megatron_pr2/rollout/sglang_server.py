@@ -82,7 +82,7 @@ class SGLangServer:
             cmd += ["--", *self.extra_args]
         return cmd
 
-    def start(self) -> "SGLangServer":
+    def start(self) -> SGLangServer:
         """Launch and wait until the server generates; raise with the log tail otherwise."""
         if not sglang_venv_ready(self.venv):
             raise SGLangServerError(f"no SGLang venv at {self.venv}: run tools/sglang_env.sh")
@@ -133,7 +133,7 @@ class SGLangServer:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "SGLangServer":
+    def __enter__(self) -> SGLangServer:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:

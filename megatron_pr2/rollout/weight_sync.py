@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -11,7 +11,11 @@ order (the negative control) does not.
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.convert import ParallelLayout, hf_to_megatron, load_megatron_checkpoint
+from megatron_pr2.convert import (
+    ParallelLayout,
+    hf_to_megatron,
+    load_megatron_checkpoint,
+)
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.presets import preset

@@ -18,7 +18,11 @@ from megatron_pr2.rollout.inprocess import InProcessEngine, build_hf_model
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.rollout.sample import SamplingParams
 from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
-from megatron_pr2.rollout.sglang_server import DEFAULT_VENV, SGLangServer, sglang_venv_ready
+from megatron_pr2.rollout.sglang_server import (
+    DEFAULT_VENV,
+    SGLangServer,
+    sglang_venv_ready,
+)
 
 VENV = os.environ.get("MEGATRON_PR2_SGLANG_VENV", DEFAULT_VENV)
 pytestmark = pytest.mark.skipif(
@@ -73,7 +77,10 @@ def test_greedy_tokens_routes_and_logprobs_equal_the_in_process_engine(client, c
 
 def test_routed_experts_start_len_returns_the_tail(client):
     full = client.generate(PROMPTS[:1], GREEDY)[0]
-    from megatron_pr2.rollout.sglang_client import build_generate_payload, parse_generate_response
+    from megatron_pr2.rollout.sglang_client import (
+        build_generate_payload,
+        parse_generate_response,
+    )
 
     payload = build_generate_payload(PROMPTS[0], GREEDY, return_logprobs=True,
                                      return_routed_experts=True, routed_experts_start_len=3)

@@ -121,8 +121,8 @@ def test_top_k_one_sampling_is_greedy():
 
 
 def test_update_weights_from_checkpoint_names_matches_hf_loading(tmp_path):
-    from transformers import AutoModelForCausalLM
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
     source = build_hf_model(preset("tiny-qwen3-moe"))

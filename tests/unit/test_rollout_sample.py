@@ -13,10 +13,10 @@ def test_valid_sample_properties():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt_length=0), "prompt_length 0 outside"),
-    (dict(prompt_length=3, rollout_log_probs=torch.zeros(3)), r"one per response token"),
-    (dict(prompt_length=3, routed_experts=torch.zeros(7, 2, 2, dtype=torch.uint8)), r"\[T-1=6, L, K\]"),
-    (dict(prompt_length=3, routed_experts=torch.zeros(6, 2, 2)), "must be integer"),
+    ({"prompt_length": 0}, "prompt_length 0 outside"),
+    ({"prompt_length": 3, "rollout_log_probs": torch.zeros(3)}, r"one per response token"),
+    ({"prompt_length": 3, "routed_experts": torch.zeros(7, 2, 2, dtype=torch.uint8)}, r"\[T-1=6, L, K\]"),
+    ({"prompt_length": 3, "routed_experts": torch.zeros(6, 2, 2)}, "must be integer"),
 ])
 def test_inconsistent_sample_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -24,10 +24,10 @@ def test_inconsistent_sample_is_rejected(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-1), "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -1}, "top_k"),
 ])
 def test_bad_sampling_params_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

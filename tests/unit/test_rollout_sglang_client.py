@@ -15,10 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pr2.rollout.engine import EngineUnavailableError, PartialRolloutError, RolloutError
+from megatron_pr2.rollout.engine import (
+    EngineUnavailableError,
+    PartialRolloutError,
+    RolloutError,
+)
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.rollout.sample import SampleStatus, SamplingParams
-from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig, build_generate_payload
+from megatron_pr2.rollout.sglang_client import (
+    SGLangClient,
+    SGLangClientConfig,
+    build_generate_payload,
+)
 
 VOCAB, LAYERS, TOP_K, EXPERTS = 64, 4, 2, 8
 # The served model has a dense layer 1: SGLang still sends 4 layers, layer 1 all zero.
