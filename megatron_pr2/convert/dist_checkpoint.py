@@ -48,7 +48,8 @@ class PlannedTensor:
         shape: its shape (without the prepended expert axis).
         dtype: the dtype to store.
         tp_axis, glu, tp: how to cut it into the chunks ranks of the target layout read.
-        produce: returns the full tensor (called once per tensor, when its first chunk is written).
+        produce: returns the tensor as row blocks (their dim-0 concatenation); called once,
+            when the tensor's first chunk is written.
         nbytes_in: source bytes read to produce it (for throughput reporting).
     """
 
@@ -59,7 +60,7 @@ class PlannedTensor:
     tp_axis: int | None
     glu: bool
     tp: int
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], list[torch.Tensor]]
     nbytes_in: int = 0
 
 
@@ -74,7 +75,7 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._on_tensor_done = on_tensor_done
         for index, planned in enumerate(tensors):
             self._add_items(index, planned)
-        self._current: tuple[int, torch.Tensor] | None = None
+        self._current: tuple[int, list[torch.Tensor]] | None = None
 
     def _add_items(self, index: int, planned: PlannedTensor) -> None:
         chunks = tp_chunks(planned.shape, planned.tp_axis, planned.glu, planned.tp)
@@ -102,19 +103,19 @@ class _LazySavePlanner(DefaultSavePlanner):
         planned = self._tensors[index]
         if self._current is None or self._current[0] != index:
             self._finish_current()
-            full = planned.produce().to(planned.dtype)
-            if tuple(full.shape) != tuple(planned.shape):
-                raise ConversionError(f"{planned.name}: produced shape {tuple(full.shape)}, "
-                                      f"expected {planned.shape}")
-            if planned.where.prepend:
-                full = full.unsqueeze(0)
-            self._current = (index, full)
-        piece = self._current[1]
-        for axis, (start, length) in enumerate(zip(offset, size)):
-            if axis == 0 and planned.where.prepend:
-                continue
-            piece = piece.narrow(axis, start, length)
-        return piece.contiguous()
+            blocks = [block.to(planned.dtype) for block in planned.produce()]
+            shape = (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:])
+            if shape != tuple(planned.shape):
+                raise ConversionError(f"{planned.name}: produced shape {shape}, expected "
+                                      f"{planned.shape}")
+            self._current = (index, blocks)
+        if planned.where.prepend:
+            offset, size = offset[1:], size[1:]
+        piece = _rows(self._current[1], offset[0], size[0])
+        for axis in range(1, len(offset)):
+            piece = piece.narrow(axis, offset[axis], size[axis])
+        piece = piece.contiguous()
+        return piece.unsqueeze(0) if planned.where.prepend else piece
 
     def _finish_current(self) -> None:
         if self._current is not None:
@@ -123,6 +124,18 @@ class _LazySavePlanner(DefaultSavePlanner):
 
     def close(self) -> None:
         self._finish_current()
+
+
+def _rows(blocks: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Rows ``[start, start + length)`` of the dim-0 concatenation of ``blocks``; a view of a
+    single block when the range lies inside one."""
+    parts, base = [], 0
+    for block in blocks:
+        lo, hi = max(start, base), min(start + length, base + block.shape[0])
+        if lo < hi:
+            parts.append(block.narrow(0, lo - base, hi - lo))
+        base += block.shape[0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def write_dist_checkpoint(out_dir: str, tensors: list[PlannedTensor], content_metadata: dict,

@@ -97,9 +97,10 @@ def tp_chunks(shape: tuple[int, ...], tp_axis: int | None, glu: bool,
     """``(offset, size)`` of the pieces a tensor-parallel group of ``tp`` ranks holds.
 
     A GLU ``linear_fc1`` (``[gate; up]``) is held as ``[gate_r; up_r]`` on rank r, so it is cut
-    into ``2 * tp`` pieces along dim 0 (Megatron's SwiGLU sharded factory does the same).
+    into ``2 * tp`` pieces along dim 0, even for ``tp = 1`` (Megatron's SwiGLU sharded factory
+    does the same; each piece is then a slice of one HF tensor, written without a copy).
     """
-    if tp_axis is None or tp == 1:
+    if tp_axis is None or (tp == 1 and not glu):
         return [(tuple(0 for _ in shape), tuple(shape))]
     pieces = 2 * tp if glu else tp
     step = shape[tp_axis] // pieces

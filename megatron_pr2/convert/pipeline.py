@@ -108,8 +108,8 @@ def _check_hf_names(adapter: StateDictAdapter, ckpt: HfCheckpoint) -> None:
         rule.check_hf_shapes([ckpt.shapes[n] for n in rule.hf_names])
 
 
-def _produce(ckpt: HfCheckpoint, rule: TensorRule) -> torch.Tensor:
-    return rule.to_megatron([ckpt.tensor(name) for name in rule.hf_names])
+def _produce(ckpt: HfCheckpoint, rule: TensorRule) -> list[torch.Tensor]:
+    return rule.to_megatron_blocks([ckpt.tensor(name) for name in rule.hf_names])
 
 
 def _planned_tensors(adapter: StateDictAdapter, ckpt: HfCheckpoint, layout: ParallelLayout,

@@ -84,6 +84,11 @@ class TensorRule:
     def to_hf(self, megatron_tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (megatron_tensor,)
 
+    def to_megatron_blocks(self, hf_tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The Megatron tensor as row blocks whose dim-0 concatenation is :meth:`to_megatron`
+        (lets writers cut chunks without building the fused tensor)."""
+        return [self.to_megatron(hf_tensors)]
+
     def check_hf_shapes(self, shapes: Sequence[Shape]) -> None:
         """Raise :class:`ConversionError` naming the tensor whose shape differs."""
         for name, want, got in zip(self.hf_names, self.hf_shapes, shapes):
@@ -112,6 +117,9 @@ class GluRule(TensorRule):
 
     def to_megatron(self, hf_tensors):
         return fuse_glu(*hf_tensors)
+
+    def to_megatron_blocks(self, hf_tensors):
+        return list(hf_tensors)
 
     def to_hf(self, megatron_tensor):
         return split_glu(megatron_tensor)

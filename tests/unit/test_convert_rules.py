@@ -68,6 +68,8 @@ def test_tp_chunks_give_each_rank_its_gate_and_up_slices():
     assert tp_chunks((6, 8), tp_axis=1, glu=False, tp=4) == [
         ((0, 0), (6, 2)), ((0, 2), (6, 2)), ((0, 4), (6, 2)), ((0, 6), (6, 2))]
     assert tp_chunks((6, 8), tp_axis=None, glu=False, tp=4) == [((0, 0), (6, 8))]
+    assert tp_chunks((6, 8), tp_axis=0, glu=True, tp=1) == [((0, 0), (3, 8)), ((3, 0), (3, 8))]
+    assert tp_chunks((6, 8), tp_axis=0, glu=False, tp=1) == [((0, 0), (6, 8))]
 
 
 def test_routed_experts_share_one_key_with_a_prepended_expert_axis():
