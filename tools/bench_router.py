@@ -13,9 +13,9 @@ Same seed, weights and tokens for both. Step time: both models in one process, s
 alternated (machine-load drift hits both alike), median per variant. Memory: each variant
 alone in its own process, peak resident set above its level right after building the model
 and batch (CPU), or ``torch.cuda.max_memory_allocated`` above the post-build allocation (GPU).
-Also reported, deterministic: the bytes autograd saves for backward in a step and the bytes PR2
-keeps between passes (predictor inputs); peak RSS on CPU is noisy (allocator reuse). Not part
-of CI.
+Also reported, deterministic: the bytes autograd holds for backward per training micro-batch
+(activation memory) and the bytes PR2 keeps between passes (predictor inputs); peak RSS on CPU
+is noisy (allocator reuse). Not part of CI.
 
     .venv/bin/python tools/bench_router.py
     .venv/bin/python tools/bench_router.py --hidden-size 512 --seq-length 1024 --steps 5
@@ -117,8 +117,11 @@ class _Variant:
             self.controller.set_microbatch(mb)
         return self.model(tokens[:, :-1], self.positions, None, labels=tokens[:, 1:])
 
-    def step(self) -> None:
-        """Old-log-prob pass (live / predict) + training pass (live / replay + predictor loss)."""
+    def step(self, saved_bytes: list | None = None) -> None:
+        """Old-log-prob pass (live / predict) + training pass (live / replay + predictor loss).
+
+        With ``saved_bytes``, append each training micro-batch's bytes saved for backward.
+        """
         import torch
 
         controller = self.controller
@@ -131,7 +134,12 @@ class _Variant:
             plan = controller.end_step().routes
             controller.begin_step("replay", plan=plan, train_predictor=True)
         for mb, tokens in enumerate(self.batches):
-            torch.autograd.backward(self._forward(mb, tokens).float().mean())
+            if saved_bytes is None:
+                loss = self._forward(mb, tokens).float().mean()
+            else:
+                loss, nbytes = _counting_saved_tensors(self._forward, mb, tokens)
+                saved_bytes.append(nbytes)
+            torch.autograd.backward(loss.float().mean())
         if controller is not None:
             controller.end_step()
         self.model.zero_grad(set_to_none=True)
@@ -142,19 +150,26 @@ class _Variant:
         return _stored_bytes(self.controller.routers) if self.controller is not None else 0
 
     def saved_activation_bytes(self) -> int:
-        """Bytes autograd saves for backward in one step (unique storages): deterministic."""
-        import torch
+        """Largest bytes autograd holds for one training micro-batch (deterministic)."""
+        saved: list[int] = []
+        self.step(saved_bytes=saved)
+        return max(saved)
 
-        storages: dict[int, int] = {}
 
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
+def _counting_saved_tensors(forward, *args):
+    """Run ``forward(*args)``; count the bytes of the distinct storages saved for backward."""
+    import torch
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            self.step()
-        return sum(storages.values())
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward(*args)
+    return output, sum(storages.values())
 
 
 def _setup(args) -> str:
@@ -219,16 +234,16 @@ def main(argv=None) -> int:
           f"experts, top-{args.top_k}; batch {args.num_microbatches} x {args.micro_batch_size} x "
           f"{args.seq_length} tokens; predictor sample ratio {args.sample_ratio}")
     print(f"{'variant':8s} {'step s (median)':>15s} {'step s (min)':>12s} "
-          f"{'peak mem (MiB)':>14s} {'saved activ. (MiB)':>18s} {'PR2 stored (MiB)':>16s}")
+          f"{'peak mem (MiB)':>14s} {'saved/micro-batch (MiB)':>23s} {'PR2 stored (MiB)':>16s}")
     for name in ("live", "pr2"):
         m = memory[name]
         print(f"{name:8s} {times[name][0]:15.3f} {times[name][1]:12.3f} {m['peak_mb']:14.1f} "
-              f"{m['saved_mb']:18.1f} {m['stored_mb']:16.2f}")
+              f"{m['saved_mb']:23.1f} {m['stored_mb']:16.2f}")
     live, pr2 = memory["live"], memory["pr2"]
     mem_ratio = pr2["peak_mb"] / live["peak_mb"] if live["peak_mb"] > 0 else float("nan")
     print(f"ratio pr2/live: step time {times['pr2'][0] / times['live'][0]:.3f} (median), "
           f"{times['pr2'][1] / times['live'][1]:.3f} (min); peak memory ({live['memory']} above "
-          f"build) {mem_ratio:.3f}; saved activations + PR2 stored "
+          f"build) {mem_ratio:.3f}; activations per micro-batch + PR2 stored "
           f"{(pr2['saved_mb'] + pr2['stored_mb']) / live['saved_mb']:.3f}")
     return 0
 
