@@ -1,8 +1,8 @@
 """Whole-checkpoint conversions, streamed: HF safetensors -> Megatron ``torch_dist`` and back.
 
-``hf_to_megatron`` reads one HF tensor group at a time from the (memory-mapped) shards and
-writes each Megatron tensor as soon as it is built; ``megatron_to_hf`` reads one decoder layer
-at a time and flushes HF shards as they fill. Everything is checked (architecture, shard files,
+``hf_to_megatron`` reads the HF tensors of one Megatron tensor at a time and writes it before
+reading the next; ``megatron_to_hf`` reads a bounded group of one layer's tensors at a time and
+streams them into HF shards whose headers were planned up front. Everything is checked (architecture, shard files,
 names, shapes, layout) before any tensor data is read.
 """
 
@@ -225,6 +225,32 @@ def _requests(adapter: StateDictAdapter, rules: list[TensorRule], metadata: dict
         yield name, where, shape, metadata[where.key][1]
 
 
+def _read_groups(adapter: StateDictAdapter, rules: list[TensorRule], metadata: dict,
+                 max_bytes: int) -> list[list[TensorRule]]:
+    """Rules of one layer packed into groups of about ``max_bytes`` of stored tensors.
+
+    All rules sharing a stacked expert key (one weight of every routed expert of a layer) stay
+    in one group: Megatron's loader builds a key's expert grid from a single request. Output
+    tensors are written in the returned order, so nothing waits in memory for its turn.
+    """
+    groups = []
+    for _, layer_rules in itertools.groupby(rules, key=lambda r: r.layer):
+        by_key: dict[str, list[TensorRule]] = {}
+        for rule in layer_rules:
+            by_key.setdefault(dist_key(rule.megatron_name, adapter.spec.num_experts).key,
+                              []).append(rule)
+        group, used = [], 0
+        for key, key_rules in by_key.items():
+            size = sum(_numel(r.megatron_shape) for r in key_rules) * metadata[key][1].itemsize
+            if group and used + size > max_bytes:
+                groups.append(group)
+                group, used = [], 0
+            group += key_rules
+            used += size
+        groups.append(group)
+    return groups
+
+
 def _hf_config_for_output(config: dict, dtypes: set) -> dict:
     config = dict(config)
     if len(dtypes) == 1:
@@ -237,7 +263,8 @@ def _hf_config_for_output(config: dict, dtypes: set) -> dict:
 
 def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = False,
                    hf_config=None, dtype: torch.dtype | None = None,
-                   max_shard_bytes: int = 5 * 1024**3) -> ConversionStats:
+                   max_shard_bytes: int = 5 * 1024**3,
+                   read_group_bytes: int = 256 * 1024**2) -> ConversionStats:
     """Convert a Megatron ``torch_dist`` checkpoint (converted or saved by the trainer) to HF.
 
     Args:
@@ -248,6 +275,7 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
         hf_config: HF config (dict / path) when the checkpoint has no ``hf_config.json``.
         dtype: output dtype (default: the stored dtype of each tensor).
         max_shard_bytes: maximum HF shard size.
+        read_group_bytes: Megatron tensors read per step (peak memory is about this).
     """
     if hf_config is None:
         config = read_megatron_hf_config(megatron_dir)
@@ -256,17 +284,16 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
     adapter = adapter_for(config)
     metadata = read_tensor_metadata(megatron_dir)
     _check_megatron_tensors(adapter, metadata, predictive_gate, megatron_dir)
-    rules = adapter.rules
+    groups = _read_groups(adapter, adapter.rules, metadata, read_group_bytes)
     entries = []
-    for rule in rules:
+    for rule in (rule for group in groups for rule in group):
         stored = metadata[dist_key(rule.megatron_name, adapter.spec.num_experts).key][1]
         entries += [(name, shape, dtype or stored)
                     for name, shape in zip(rule.hf_names, rule.hf_shapes)]
     out_dtype = {name: entry_dtype for name, _, entry_dtype in entries}
     writer = HfShardWriter(out_dir, plan_shards(entries, max_shard_bytes))
     progress = _Progress("megatron-to-hf", len(entries), writer.total_bytes)
-    for _, group in itertools.groupby(rules, key=lambda r: r.layer):
-        group = list(group)
+    for group in groups:
         tensors = read_tensors(megatron_dir, _requests(adapter, group, metadata, predictive_gate))
         bytes_in = sum(t.numel() * t.element_size() for t in tensors.values())
         for rule in group:
