@@ -55,16 +55,24 @@ class QwenMoeSpec:
 
 
 def load_hf_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
-    """Read ``config.json`` (a directory, a file path, or an already-parsed dict)."""
+    """Read ``config.json`` (a directory, a file path, or an already-parsed dict).
+
+    transformers >= 5 saves Qwen-MoE's ``num_experts`` as ``num_local_experts``; the alias is
+    resolved here so every reader sees ``num_experts``.
+    """
     if isinstance(path_or_dict, dict):
-        return dict(path_or_dict)
-    path = os.fspath(path_or_dict)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no Hugging Face config at {path}")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        config = dict(path_or_dict)
+    else:
+        path = os.fspath(path_or_dict)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no Hugging Face config at {path}")
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    if "num_experts" not in config and "num_local_experts" in config:
+        config["num_experts"] = config["num_local_experts"]
+    return config
 
 
 def _architecture(cfg: dict[str, Any]) -> str:

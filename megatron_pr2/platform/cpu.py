@@ -121,6 +121,19 @@ def _patch_megatron() -> None:
     mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
 
+def _patch_recompute_backward() -> None:
+    """Re-enter the device mode in activation-recompute backward (autograd runs it elsewhere)."""
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    original = CheckpointFunction.backward
+
+    def backward(ctx, *grads):
+        with _CudaToCpuDeviceMode():
+            return original(ctx, *grads)
+
+    CheckpointFunction.backward = staticmethod(backward)
+
+
 def enable_cpu_backend() -> None:
     """Make Megatron-Core run on CPU with gloo. Idempotent; refuses when CUDA is available.
 
@@ -137,6 +150,7 @@ def enable_cpu_backend() -> None:
         )
     _patch_torch_cuda()
     _patch_megatron()
+    _patch_recompute_backward()
     _install_rng_tracker()
     _DEVICE_MODE = _CudaToCpuDeviceMode()
     _DEVICE_MODE.__enter__()

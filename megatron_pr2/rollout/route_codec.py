@@ -73,16 +73,10 @@ class RouteLayout:
 
 
 def hf_config_dict(path_or_dict) -> dict:
-    """An HF config as a dict, with transformers-5 aliases resolved.
-
-    transformers >= 5 saves Qwen3-MoE's ``num_experts`` as ``num_local_experts``.
-    """
+    """An HF config as a dict, with transformers-5 aliases resolved (see ``load_hf_config``)."""
     from megatron_pr2.models.hf_config import load_hf_config
 
-    config = dict(load_hf_config(path_or_dict))
-    if "num_experts" not in config and "num_local_experts" in config:
-        config["num_experts"] = config["num_local_experts"]
-    return config
+    return load_hf_config(path_or_dict)
 
 
 def decode_wire_routes(payload, num_rows: int, num_layers: int, top_k: int) -> np.ndarray:

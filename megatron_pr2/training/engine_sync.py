@@ -7,8 +7,12 @@ engine reloads it from disk. In PR2-in-engine mode the gate written is ``W_r + W
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 import torch
@@ -42,8 +46,30 @@ def _sync_through_disk(model, engine, hf_config, predictive_gate, scratch_dir):
     root = scratch_dir or tempfile.gettempdir()
     megatron_dir = os.path.join(root, "weight_sync_megatron")
     hf_dir = os.path.join(root, "weight_sync_hf")
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(megatron_dir, ignore_errors=True)
+        shutil.rmtree(hf_dir, ignore_errors=True)
+    torch.distributed.barrier()
     save_model_checkpoint(model, megatron_dir)
     if torch.distributed.get_rank() == 0:
-        megatron_to_hf(megatron_dir, hf_dir, predictive_gate=predictive_gate, hf_config=hf_config)
+        _convert_in_subprocess(megatron_dir, hf_dir, hf_config, predictive_gate)
         engine.update_weights_from_disk(hf_dir)
     torch.distributed.barrier()
+
+
+def _convert_in_subprocess(megatron_dir: str, hf_dir: str, hf_config: dict, predictive_gate: bool):
+    """Megatron -> HF in a fresh process: Megatron's checkpoint reader is collective over the
+    default process group, which the other training ranks are not part of at this moment."""
+    config_path = os.path.join(os.path.dirname(megatron_dir), "weight_sync_hf_config.json")
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(hf_config, handle)
+    code = ("import sys; from megatron_pr2.convert import megatron_to_hf; "
+            "megatron_to_hf(sys.argv[1], sys.argv[2], predictive_gate=sys.argv[3] == '1', "
+            "hf_config=sys.argv[4])")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", code, megatron_dir, hf_dir,
+                             "1" if predictive_gate else "0", config_path],
+                            env=env, capture_output=True, text=True, timeout=3600)
+    if result.returncode:
+        raise RuntimeError(f"weight sync conversion failed:\n{result.stderr[-2000:]}")

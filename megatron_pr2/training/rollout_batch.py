@@ -89,11 +89,14 @@ def build_train_microbatches(samples: Sequence[Sample], indices: Sequence[int],
                              parallel: TokenParallel, pad_token_id: int) -> list[TrainMicroBatch]:
     """This rank's micro-batches over ``samples[indices]``, ids ``0 .. n-1`` in order.
 
-    All are padded to one width: Megatron's schedule passes one tensor shape between stages.
+    All are padded to the width of the longest sample of the whole rollout batch (every rank
+    holds all samples): Megatron's schedule passes one tensor shape between pipeline stages, and
+    the allgather token dispatcher needs equal token counts on every expert-parallel rank.
     """
     layouts = build_micro_batches(samples, list(indices), micro_batch_size, "bshd", parallel,
                                   pad_token_id)
-    width = max(layout.tokens.shape[1] for layout in layouts)
+    multiple = parallel.sequence_multiple
+    width = -(-max(s.total_length for s in samples) // multiple) * multiple
     for layout in layouts:
         _pad_layout(layout, width, pad_token_id)
     return [to_train_microbatch(layout, samples, advantages, i, pad_token_id)

@@ -89,3 +89,22 @@ def test_layout_that_does_not_divide_the_model_is_refused(megatron_single_proces
         ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).validate(1)
     with pytest.raises(ValueError, match="needs --sequence-parallel"):
         ParallelConfig(tensor_model_parallel_size=2).validate(2)
+
+
+def test_full_recompute_matches_plain_backward_without_attention_mask(megatron_single_process):
+    """Recompute in backward must see the CPU backend too (Megatron builds the causal mask there)."""
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    grads = []
+    for overrides in ({}, recompute):
+        torch.manual_seed(0)
+        from megatron_pr2.platform import seed_model_parallel
+
+        seed_model_parallel(0)
+        _, _, model = build_model(preset("tiny-qwen3-moe"), options=ModelOptions(
+            config_overrides=overrides))
+        tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(8).expand(2, -1)
+        model(tokens, positions, None, labels=tokens).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
