@@ -83,7 +83,7 @@ def _run(argv: list[str]) -> tuple[float, int]:
     """Run ``python <script or code> args``; return (wall seconds, peak RSS bytes)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, check=False)
     seconds = time.perf_counter() - start
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
     if proc.returncode != 0 or not peak:

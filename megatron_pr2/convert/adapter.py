@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -118,9 +118,6 @@ class StateDictAdapter:
     def rules(self) -> list[TensorRule]:
         """All rules in checkpoint order: embedding, layer by layer, final norm, output layer."""
         return list(self._rules)
-
-    def rule_for_hf(self, hf_name: str) -> TensorRule | None:
-        return self._by_hf.get(hf_name)
 
     def rule_for_megatron(self, megatron_name: str) -> TensorRule | None:
         return self._by_megatron.get(megatron_name)
@@ -237,8 +234,8 @@ class StateDictAdapter:
         if dropped:
             logger.info("dropped %d PR2 predictor weights (no HF counterpart; use "
                         "--predictive-gate to fold them into the gates)", dropped)
-        expected = [r.megatron_name for r in self._rules] + (sorted(set(
-            g.predictor_name for g in gates.values())) if gates else [])
+        expected = [r.megatron_name for r in self._rules] + sorted(
+            {g.predictor_name for g in gates.values()})
         received = done.union(*(sources.keys() for sources in pending.values()))
         missing = [n for n in expected if n not in received]
         if missing:

@@ -6,9 +6,10 @@ import json
 import logging
 import os
 import shutil
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
+
 from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
 

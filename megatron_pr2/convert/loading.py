@@ -37,12 +37,12 @@ def _check_against_checkpoint(sharded: dict, stored: dict, ckpt_dir: str) -> lis
         if item.key not in stored:
             (absent_optional if _is_optional(item.key) else missing).append(name)
             continue
-        if isinstance(item, ShardedTensor) and not item.allow_shape_mismatch:
-            if tuple(item.global_shape) != tuple(stored[item.key][0]):
-                raise ConversionError(
-                    f"shape mismatch for {item.key}: checkpoint {ckpt_dir} has "
-                    f"{tuple(stored[item.key][0])}, the model expects {tuple(item.global_shape)}"
-                )
+        if (isinstance(item, ShardedTensor) and not item.allow_shape_mismatch
+                and tuple(item.global_shape) != tuple(stored[item.key][0])):
+            raise ConversionError(
+                f"shape mismatch for {item.key}: checkpoint {ckpt_dir} has "
+                f"{tuple(stored[item.key][0])}, the model expects {tuple(item.global_shape)}"
+            )
     if missing:
         keys = sorted({sharded[n].key for n in missing})
         raise ConversionError(f"checkpoint {ckpt_dir} lacks {len(keys)} tensors the model has: "

@@ -12,7 +12,7 @@ Pure tensor math and naming, no I/O and no distributed code. Every rule knows
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -97,13 +97,6 @@ class TensorRule:
                     f"shape mismatch for {name}: checkpoint has {tuple(got)}, the config "
                     f"implies {tuple(want)}"
                 )
-
-    def check_megatron_shape(self, shape: Shape) -> None:
-        if tuple(shape) != tuple(self.megatron_shape):
-            raise ConversionError(
-                f"shape mismatch for {self.megatron_name}: checkpoint has {tuple(shape)}, the "
-                f"config implies {tuple(self.megatron_shape)}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,7 +98,7 @@ class SafetensorsStreamWriter:
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % _ALIGN)
-        self._handle = open(path, "wb")
+        self._handle = open(path, "wb")  # noqa: SIM115 (closed in close())
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
 
     @property

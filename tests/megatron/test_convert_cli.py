@@ -42,7 +42,7 @@ def test_megatron_to_hf_in_a_fresh_process_restores_the_weights(converted):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "convert.py"), "megatron-to-hf",
          "--megatron-dir", str(converted / "mg"), "--out", str(out), "--max-shard-size", "200KB"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "GB/s" in result.stdout
     with open(out / "model.safetensors.index.json") as handle:

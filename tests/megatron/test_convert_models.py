@@ -37,7 +37,7 @@ def _read_safetensors(directory):
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(directory, name), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118 (safe_open is not a dict)
     return tensors
 
 

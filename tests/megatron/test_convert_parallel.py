@@ -124,8 +124,9 @@ def test_converted_checkpoint_loads_under_tp_ep_pp(megatron_single_process, tmp_
         config_name, layout_name = key
         last_stage = per_rank[1][key][0]
         assert last_stage is not None, f"{config_name} {layout_name}: no logits on rank 1"
+        where = f"{config_name} under {layout_name}"
         torch.testing.assert_close(last_stage, references[config_name], rtol=0, atol=1e-5,
-                                   msg=lambda m: f"{config_name} under {layout_name}: {m}")
+                                   msg=lambda m, where=where: f"{where}: {m}")
         if layout_name != "pp2":   # TP/EP ranks both hold the full logits
             torch.testing.assert_close(per_rank[0][key][0], references[config_name], rtol=0,
                                        atol=1e-5)
