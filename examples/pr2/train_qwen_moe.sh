@@ -7,14 +7,16 @@
 #     bash examples/pr2/train_qwen_moe.sh [--dry-run] [extra trainer flags ...]
 #
 # Steps:
-#   1. node 0 converts HF_CKPT to a Megatron torch_dist checkpoint in $OUTPUT/megatron_ckpt
-#      (tools/convert.py hf-to-megatron, once; skipped when $OUTPUT/megatron_ckpt.converted
-#      exists); the other nodes wait for that marker.
-#   2. SGLang servers run on separate rollout GPUs, started beforehand with
+#   0. SGLang servers run on separate rollout GPUs, started beforehand on each rollout node with
 #      examples/pr2/launch_sglang_servers.sh (--enable-return-routed-experts); it prints the
 #      SGLANG_URLS value to use here.
-#   3. each node validates the configuration and its runtime (CUDA, TransformerEngine, inputs),
-#      then runs `torchrun ... -m megatron_pr2.train --config examples/pr2/qwen3_30b_a3b.yaml`.
+#   1. every node validates the whole configuration (as --dry-run does) and stops on errors.
+#   2. node 0 converts HF_CKPT to a Megatron torch_dist checkpoint in $OUTPUT/megatron_ckpt
+#      (tools/convert.py hf-to-megatron, once; skipped when $OUTPUT/megatron_ckpt.converted
+#      exists); the other nodes wait for that marker.
+#   3. each node checks its runtime (inputs, CUDA, GPU count, TransformerEngine, FP8), then runs
+#      `torchrun ... -m megatron_pr2.train --config examples/pr2/qwen3_30b_a3b.yaml ...`,
+#      logging to $OUTPUT/logs and TensorBoard to $OUTPUT/tensorboard.
 # OUTPUT must be on a filesystem shared by all training nodes and SGLang servers: the trainer
 # writes its weights there after every rollout batch and the servers reload them from it.
 #
@@ -140,7 +142,11 @@ if (( dry_run )); then
   exit 0
 fi
 
-# ------------------------------------------------------------------------------ 1. conversion
+# ------------------------------------------------------------------------------ 1. validation
+echo "== validating the configuration for NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE"
+"${validate[@]}" -- "${train_args[@]}"
+
+# ------------------------------------------------------------------------------ 2. conversion
 marker="$megatron_ckpt.converted"
 mkdir -p "$OUTPUT/logs"
 if [ ! -f "$marker" ]; then
@@ -161,9 +167,9 @@ if [ ! -f "$marker" ]; then
   fi
 fi
 
-# ------------------------------------------------------------------------------ 2. preflight, 3. train
-echo "== validating the configuration and this node's runtime"
-"${validate[@]}" --check-runtime -- "${train_args[@]}"
+# ------------------------------------------------------------------------------ 3. runtime check, train
+echo "== checking this node's runtime (inputs, CUDA, GPUs, TransformerEngine)"
+"${validate[@]}" --check-runtime -- "${train_args[@]}" > /dev/null
 echo "== training: node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPUs each; TensorBoard: $OUTPUT/tensorboard"
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron-Core: ordered kernel launches for TP/SP comm overlap
 "${torchrun_cmd[@]}" 2>&1 | tee "$OUTPUT/logs/train_node$NODE_RANK.log"

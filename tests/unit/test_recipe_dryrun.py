@@ -140,3 +140,32 @@ def test_sglang_launcher_refuses_a_split_that_wastes_gpus():
     result = run(SGLANG_LAUNCHER, "--dry-run", GPUS_PER_NODE="8", SGLANG_TP="3")
     assert result.returncode != 0
     assert "GPUS_PER_NODE=8 is not divisible by SGLANG_TP=3" in result.stderr
+
+
+def test_launch_converts_once_then_stops_at_the_runtime_check_without_gpus(tmp_path):
+    """The real launch path on CPU: validation, conversion (once), then the GPU check refuses."""
+    import torch
+
+    from megatron_pr2.convert.random_init import save_random_hf_checkpoint
+    from megatron_pr2.models.presets import PRESETS
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    ckpt, out = tmp_path / "hf", tmp_path / "run"
+    save_random_hf_checkpoint(dict(PRESETS["tiny-qwen3-moe"]), str(ckpt))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    env = {"HF_CKPT": str(ckpt), "DATA": str(data), "SGLANG_URLS": "http://127.0.0.1:30000",
+           "OUTPUT": str(out), "NNODES": "1", "GPUS_PER_NODE": "1",
+           "TP": "1", "PP": "1", "EP": "1", "ETP": "1"}
+    flags = ("--no-sequence-parallel", "--max-new-tokens", "64")  # the tiny model: 256 positions
+    first = run(RECIPE, *flags, **env)
+    assert first.returncode != 0
+    assert "== converting" in first.stdout
+    assert (out / "megatron_ckpt.converted").exists()
+    assert any((out / "megatron_ckpt").iterdir())
+    assert "error: CUDA is not available on this machine" in first.stderr
+    assert not (out / "logs" / "train_node0.log").exists()  # torchrun never started
+    second = run(RECIPE, *flags, **env)
+    assert "== converting" not in second.stdout  # converted once
+    assert "error: CUDA is not available on this machine" in second.stderr
