@@ -131,10 +131,11 @@ class RolloutSource:
 def make_engine(cfg: RunConfig, hf_config: dict):
     """The rollout engine of ``cfg`` (rank 0 only talks to it)."""
     if cfg.rollout.rollout_engine == "sglang":
-        from megatron_pr2.rollout.sglang_client import SGLangClient
+        from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
 
         urls = [u.strip() for u in cfg.rollout.sglang_urls.split(",") if u.strip()]
-        return SGLangClient.for_hf_config(urls, hf_config)
+        transport = SGLangClientConfig(request_timeout=cfg.rollout.rollout_timeout)
+        return SGLangClient.for_hf_config(urls, hf_config, config=transport)
     from megatron_pr2.rollout.inprocess import InProcessEngine
 
     dtype = torch.bfloat16 if cfg.rollout.rollout_dtype == "bf16" else torch.float32
