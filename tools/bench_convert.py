@@ -2,9 +2,11 @@
 """Conversion throughput (GB/s) and peak memory of tools/convert.py on a few GB of random weights.
 
 Writes a random, sharded Qwen3-MoE HF checkpoint of about ``--size-gb`` into a work dir, then
-runs ``hf-to-megatron`` and ``megatron-to-hf`` each in its own process and reports wall time,
-GB/s (checkpoint bytes / wall time) and the process's peak resident memory, next to the peak
-of a process that only imports the converter (the floor). Not part of CI.
+runs ``hf-to-megatron`` and ``megatron-to-hf`` each in its own process and reports wall time
+and GB/s (checkpoint bytes / time) for the whole process and for the conversion alone (as
+tools/convert.py reports it, without interpreter start-up and imports), and the process's peak
+resident memory next to the peak of a process that only imports the converter (the floor).
+Not part of CI.
 
     .venv/bin/python tools/bench_convert.py --size-gb 3
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,16 +82,18 @@ sys.exit(code)
 """
 
 
-def _run(argv: list[str]) -> tuple[float, int]:
-    """Run ``python <script or code> args``; return (wall seconds, peak RSS bytes)."""
+def _run(argv: list[str]) -> tuple[float, float | None, int]:
+    """Run ``python <script or code> args``; return (wall seconds, conversion seconds reported
+    by tools/convert.py (None if it printed none), peak RSS bytes)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], stderr=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True,
                           text=True, check=False)
     seconds = time.perf_counter() - start
     peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
     if proc.returncode != 0 or not peak:
         raise SystemExit(f"command failed: {' '.join(argv)}\n{proc.stderr[-2000:]}")
-    return seconds, int(peak[0].split()[1]) * 1024
+    reported = re.search(r" in ([0-9.]+) s ", proc.stdout)
+    return seconds, float(reported.group(1)) if reported else None, int(peak[0].split()[1]) * 1024
 
 
 def _dir_bytes(path: str) -> int:
@@ -124,22 +129,26 @@ def main() -> int:
         total = write_random_hf_checkpoint(cfg, hf_dir, _size(args.shard_size), torch.bfloat16)
         print(f"  {total / 1e9:.2f} GB in {len(os.listdir(hf_dir)) - 2} shards", flush=True)
 
-        floor_s, floor_rss = _run(["import megatron_pr2.convert, megatron.core.dist_checkpointing"])
-        rows = [("import only (floor)", 0, floor_s, floor_rss)]
-        seconds, rss = _run([CONVERT, "--quiet", "hf-to-megatron", "--hf-dir", hf_dir,
-                             "--out", mg_dir, "--tp", str(args.tp), "--ep", str(args.ep)])
-        rows.append(("hf-to-megatron", _dir_bytes(mg_dir), seconds, rss))
-        seconds, rss = _run([CONVERT, "--quiet", "megatron-to-hf", "--megatron-dir",
-                             mg_dir, "--out", back_dir, "--max-shard-size", args.shard_size])
-        rows.append(("megatron-to-hf", _dir_bytes(back_dir), seconds, rss))
+        imports = "import megatron_pr2.convert, megatron.core.dist_checkpointing"
+        floor_s, _, floor_rss = _run([imports])
+        rows = [("import only (floor)", 0, floor_s, None, floor_rss)]
+        wall, work, rss = _run([CONVERT, "--quiet", "hf-to-megatron", "--hf-dir", hf_dir,
+                                "--out", mg_dir, "--tp", str(args.tp), "--ep", str(args.ep)])
+        rows.append(("hf-to-megatron", _dir_bytes(mg_dir), wall, work, rss))
+        wall, work, rss = _run([CONVERT, "--quiet", "megatron-to-hf", "--megatron-dir",
+                                mg_dir, "--out", back_dir, "--max-shard-size", args.shard_size])
+        rows.append(("megatron-to-hf", _dir_bytes(back_dir), wall, work, rss))
 
         print(f"\ncheckpoint {total / 1e9:.2f} GB bf16, HF shards {args.shard_size}, "
-              f"layout TP={args.tp} EP={args.ep}, {os.cpu_count()} CPUs")
-        print(f"{'step':<22}{'GB written':>11}{'seconds':>9}{'GB/s':>7}{'peak RSS GB':>13}"
-              f"{'above floor':>13}")
-        for name, nbytes, secs, peak in rows:
-            rate = f"{nbytes / 1e9 / secs:7.2f}" if nbytes else f"{'':>7}"
-            print(f"{name:<22}{nbytes / 1e9:11.2f}{secs:9.1f}{rate}{peak / 1e9:13.2f}"
+              f"layout TP={args.tp} EP={args.ep}, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print(f"{'step':<22}{'GB':>6}{'wall s':>8}{'GB/s':>7}{'convert s':>11}{'GB/s':>7}"
+              f"{'peak RSS GB':>13}{'above floor':>13}")
+        for name, nbytes, secs, work, peak in rows:
+            gb = nbytes / 1e9
+            wall_rate = f"{gb / secs:7.2f}" if nbytes else f"{'':>7}"
+            work_cols = f"{work:11.1f}{gb / work:7.2f}" if work else f"{'':>18}"
+            print(f"{name:<22}{gb:6.2f}{secs:8.1f}{wall_rate}{work_cols}{peak / 1e9:13.2f}"
                   f"{(peak - floor_rss) / 1e9:13.2f}")
     finally:
         if not args.keep and not args.workdir:
