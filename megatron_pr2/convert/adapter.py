@@ -232,8 +232,9 @@ class StateDictAdapter:
             done.add(name)
             yield from zip(rule.hf_names, rule.to_hf(tensor))
         if dropped:
-            logger.info("dropped %d PR2 predictor weights (no HF counterpart; use "
-                        "--predictive-gate to fold them into the gates)", dropped)
+            # debug: weight sync calls this every step
+            logger.debug("dropped %d PR2 predictor weights (no HF counterpart; use "
+                         "--predictive-gate to fold them into the gates)", dropped)
         expected = [r.megatron_name for r in self._rules] + sorted(
             {g.predictor_name for g in gates.values()})
         received = done.union(*(sources.keys() for sources in pending.values()))
