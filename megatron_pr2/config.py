@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from megatron_pr2.platform.distributed import ParallelConfig
+
 ROUTING_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine")
 
 
@@ -38,25 +40,8 @@ class ModelArgs:
             raise ValueError("--fp8-format needs --transformer-impl transformer_engine")
 
 
-@dataclasses.dataclass
-class ParallelArgs:
-    """Model-parallel layout (Megatron-LM names)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    expert_model_parallel_size: int = 1
-    expert_tensor_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-
-    def validate(self) -> None:
-        if self.context_parallel_size != 1:
-            raise ValueError("--context-parallel-size > 1 is not supported by the RL trainer yet")
-        if self.virtual_pipeline_model_parallel_size not in (None, 1):
-            if self.pipeline_model_parallel_size < 2:
-                raise ValueError("--virtual-pipeline-model-parallel-size needs "
-                                 "--pipeline-model-parallel-size >= 2")
+# The parallel section of the run config is the platform's layout dataclass itself.
+ParallelArgs = ParallelConfig
 
 
 @dataclasses.dataclass
@@ -170,7 +155,7 @@ class RunConfig:
     """Everything a training run needs."""
 
     model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
-    parallel: ParallelArgs = dataclasses.field(default_factory=ParallelArgs)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     rollout: RolloutArgs = dataclasses.field(default_factory=RolloutArgs)
     algo: AlgoArgs = dataclasses.field(default_factory=AlgoArgs)
     predictor: PredictorArgs = dataclasses.field(default_factory=PredictorArgs)
@@ -181,6 +166,8 @@ class RunConfig:
         """Check every section and the cross-section rules; return self."""
         for section in _sections(self):
             section.validate()
+        if self.parallel.context_parallel_size != 1:
+            raise ValueError("--context-parallel-size > 1 is not supported by the RL trainer yet")
         samples = self.rollout.rollout_batch_prompts * self.rollout.n_samples_per_prompt
         if samples % self.algo.off_policy_window:
             raise ValueError(

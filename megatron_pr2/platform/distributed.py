@@ -15,9 +15,9 @@ from megatron_pr2.platform.cpu import CpuRNGStatesTracker, enable_cpu_backend
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ParallelConfig:
-    """Model-parallel layout, with Megatron-LM's flag names."""
+    """Model-parallel layout, with Megatron-LM's flag names (also the trainer's CLI section)."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -34,12 +34,26 @@ class ParallelConfig:
             * self.context_parallel_size
         )
 
-    def validate(self, world_size: int) -> None:
-        """Raise ``ValueError`` naming the problem when the layout cannot fit ``world_size``."""
+    def validate(self, world_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the problem when the layout is impossible (on
+        ``world_size`` processes, when given)."""
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "expert_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.virtual_pipeline_model_parallel_size not in (None, 1) \
+                and self.pipeline_model_parallel_size < 2:
+            raise ValueError("--virtual-pipeline-model-parallel-size needs "
+                             "--pipeline-model-parallel-size >= 2")
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ValueError(
+                "tensor parallelism with MoE layers needs --sequence-parallel "
+                "(Megatron-Core requires it for MoE training with TP > 1)"
+            )
+        if world_size is not None:
+            self._validate_world(world_size)
+
+    def _validate_world(self, world_size: int) -> None:
         mp = self.model_parallel_size()
         if world_size % mp:
             raise ValueError(
@@ -52,11 +66,6 @@ class ParallelConfig:
         if world_size % expert_mp:
             raise ValueError(
                 f"world size {world_size} is not divisible by ETP*EP*PP = {expert_mp}"
-            )
-        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
-            raise ValueError(
-                "tensor parallelism with MoE layers needs --sequence-parallel "
-                "(Megatron-Core requires it for MoE training with TP > 1)"
             )
 
 

@@ -12,7 +12,7 @@ from megatron_pr2.config import RunConfig
 from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_config
 from megatron_pr2.models.hf_config import load_hf_config
 from megatron_pr2.models.presets import PRESETS
-from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
+from megatron_pr2.platform import initialize_model_parallel
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.routing.controller import RoutingController
@@ -46,10 +46,6 @@ def resolve_hf_config(name_or_path: str) -> dict:
     if name_or_path in PRESETS:
         return dict(PRESETS[name_or_path])
     return load_hf_config(name_or_path)
-
-
-def parallel_config(cfg: RunConfig) -> ParallelConfig:
-    return ParallelConfig(**dataclasses.asdict(cfg.parallel))
 
 
 def loss_config(cfg: RunConfig) -> PolicyLossConfig:
@@ -90,7 +86,7 @@ def _optimizer(cfg: RunConfig, model):
 
 def build_components(cfg: RunConfig) -> Components:
     """Initialise the process groups and build model, optimizer and actor for ``cfg``."""
-    parallel = parallel_config(cfg)
+    parallel = cfg.parallel
     initialize_model_parallel(parallel, seed=cfg.train.seed, device=cfg.model.device)
     hf_config = resolve_hf_config(cfg.model.hf_config)
     spec = parse_hf_config(hf_config)
