@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from megatron_pr2.convert import adapter_for, megatron_to_hf, model_state_for_export
+from megatron_pr2.convert import adapter_for, model_state_for_export
 from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
 
 logger = logging.getLogger(__name__)

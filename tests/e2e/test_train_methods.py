@@ -1,6 +1,5 @@
 """The RL trainer end to end for every routing method (tiny model, 2 iterations, CPU)."""
 
-import dataclasses
 
 import pytest
 
