@@ -88,6 +88,12 @@ class AlgoArgs:
     def validate(self) -> None:
         _choice("routing_method", self.routing_method, ROUTING_METHODS)
         _choice("policy_loss", self.policy_loss, ("ppo_clip", "gspo"))
+        if self.rspo:
+            raise ValueError(
+                "--rspo is not wired into the trainer yet: the RSPO weight is implemented "
+                "(megatron_pr2.rl.losses) but the routers do not report their log-probs at the "
+                "old routes to the loss"
+            )
         _positive("off_policy_window", self.off_policy_window)
 
 

@@ -35,10 +35,13 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuDeviceMode(TorchFunctionMode):
-    """Maps ``device="cuda"`` (or ``torch.device("cuda")``) in tensor factory calls to CPU."""
+    """Maps ``device="cuda"`` (or ``torch.device("cuda")``) in tensor factory calls to CPU, and
+    ``Tensor.cuda()`` to the tensor itself."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:  # e.g. tied embeddings across pipeline stages
+            return args[0]
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs["device"] = "cpu"

@@ -108,3 +108,11 @@ def test_full_recompute_matches_plain_backward_without_attention_mask(megatron_s
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_cpu_backend_keeps_cuda_requests_on_cpu(megatron_single_process):
+    """Megatron's ``device="cuda"`` factories and ``.cuda()`` calls land on CPU."""
+    made = torch.zeros(3, device="cuda")
+    moved = torch.ones(2).cuda()
+    assert made.device.type == "cpu" and moved.device.type == "cpu"
+    assert torch.equal(moved, torch.ones(2))

@@ -1,0 +1,34 @@
+"""The trainer's command line: Megatron-LM flag names, YAML files, clear refusals."""
+
+import pytest
+
+from megatron_pr2.config import parse_config
+
+
+def test_flags_and_yaml_sections_with_flags_winning(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("parallel:\n  expert_model_parallel_size: 2\nlr: 0.5\ntrain_iters: 7\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.25", "--routing-method", "r3"])
+    assert cfg.parallel.expert_model_parallel_size == 2
+    assert cfg.train.train_iters == 7
+    assert cfg.train.lr == 0.25  # the command line wins over the file
+    assert cfg.algo.routing_method == "r3"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--routing-method", "r4"], "--routing-method must be one of none, r2, r3, pr2, pr2-engine"),
+    (["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+    (["--off-policy-window", "3"], "does not split into --off-policy-window 3"),
+    (["--rspo"], "--rspo is not wired into the trainer yet"),
+    (["--rollout-engine", "sglang"], "needs --sglang-urls"),
+])
+def test_bad_settings_name_the_problem(argv, message):
+    with pytest.raises(ValueError, match=message.replace("-", r"\-")):
+        parse_config(argv)
+
+
+def test_unknown_yaml_setting_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1.0\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        parse_config(["--config", str(path)])
