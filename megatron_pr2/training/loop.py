@@ -27,6 +27,7 @@ from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import build_route_plan, model_layer_numbers, shard_for_dp
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.training import checkpointing
+from megatron_pr2.training.actor import subplan
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.engine_sync import sync_weights
 from megatron_pr2.training.metrics_log import MetricsLogger
@@ -164,8 +165,6 @@ class RLLoop:
         return out
 
     def _ministeps(self, microbatches, replay_plan) -> dict[str, float]:
-        from megatron_pr2.training.actor import subplan
-
         window = self.cfg.algo.off_policy_window
         per_step = len(microbatches) // window
         mode = "live" if replay_plan is None else "replay"
