@@ -141,10 +141,11 @@ def plot(results: dict[str, list[dict]], out_dir: str) -> str:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for axis, (key, title) in zip(axes.flat, PLOTS):
-        for method, records in results.items():
+        for index, (method, records) in enumerate(results.items()):
             points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                axis.plot(*zip(*points), marker="o", markersize=3, label=method)
+            if points:  # one colour per method in every panel, even where one has no data
+                axis.plot(*zip(*points), marker="o", markersize=3, label=method,
+                          color=f"C{index}")
         axis.set_title(title)
         axis.set_xlabel("RL iteration")
         axis.grid(alpha=0.3)
