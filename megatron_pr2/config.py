@@ -88,12 +88,6 @@ class AlgoArgs:
     def validate(self) -> None:
         _choice("routing_method", self.routing_method, ROUTING_METHODS)
         _choice("policy_loss", self.policy_loss, ("ppo_clip", "gspo"))
-        if self.rspo:
-            raise ValueError(
-                "--rspo is not wired into the trainer yet: the RSPO weight is implemented "
-                "(megatron_pr2.rl.losses) but the routers do not report their log-probs at the "
-                "old routes to the loss"
-            )
         _positive("off_policy_window", self.off_policy_window)
 
 
@@ -181,10 +175,29 @@ class RunConfig:
                 f"--n-samples-per-prompt) does not split into --off-policy-window "
                 f"{self.algo.off_policy_window} mini-batches"
             )
+        self._validate_rspo()
         if self.algo.routing_method == "pr2-engine" and self.rollout.rollout_engine == "inprocess" \
                 and self.rollout.rollout_dtype not in ("bf16", "fp32"):
             raise ValueError("unsupported rollout dtype for pr2-engine")
         return self
+
+    def _validate_rspo(self) -> None:
+        """RSPO compares router log-probs at the old routes: mini-steps must replay them, and
+        the loss rank must see every MoE layer and token of its micro-batch."""
+        if not self.algo.rspo:
+            return
+        if self.algo.routing_method == "none":
+            raise ValueError(
+                "--rspo needs the mini-steps to replay the old routes: use --routing-method "
+                "r2, r3, pr2 or pr2-engine, not none (live routing changes the routes)")
+        if self.parallel.pipeline_model_parallel_size != 1:
+            raise ValueError(
+                "--rspo needs --pipeline-model-parallel-size 1: the loss (on the last stage) "
+                "needs the router log-probs of every MoE layer")
+        if self.parallel.sequence_parallel:
+            raise ValueError(
+                "--rspo cannot be used with --sequence-parallel: the loss needs the router "
+                "log-probs of every token of its micro-batch")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

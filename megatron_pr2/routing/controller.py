@@ -127,7 +127,8 @@ class RoutingController:
 
     # ----------------------------------------------------------------------------- steps
     def begin_step(self, mode, plan: RoutePlan | None = None, train_predictor: bool = False,
-                   record_predictor_inputs: bool | None = None) -> None:
+                   record_predictor_inputs: bool | None = None,
+                   capture_router_logprobs: bool = False) -> None:
         """Set every router's mode for the coming step.
 
         Args:
@@ -136,6 +137,8 @@ class RoutingController:
             train_predictor: attach the predictor loss (mini-steps >= 2 of a rollout batch).
             record_predictor_inputs: keep ``h, p`` for the predictor loss (default: in predict
                 mode); recording starts a new rollout batch, so earlier inputs are dropped.
+            capture_router_logprobs: keep each router's ``log softmax(p)`` at the dispatched
+                experts per micro-batch (RSPO), read with :meth:`router_logprobs`.
         """
         mode = RoutingMode.parse(mode)
         if plan is not None:
@@ -144,7 +147,8 @@ class RoutingController:
             router.replay_state.reset_step()
             router.set_routing_mode(mode, plan=plan, train_predictor=train_predictor,
                                     predictor_config=self.predictor_config,
-                                    record_predictor_inputs=record_predictor_inputs)
+                                    record_predictor_inputs=record_predictor_inputs,
+                                    capture_router_logprobs=capture_router_logprobs)
             if router.replay_state.record_predictor_inputs:
                 router.clear_predictor_samples()
         self._plan = plan
@@ -168,6 +172,17 @@ class RoutingController:
                 f"(planned micro-batches: {self._plan.microbatch_ids()})"
             )
         self._pending_microbatch = int(microbatch_id)
+
+    def router_logprobs(self, microbatch_id: int) -> torch.Tensor:
+        """``[N, L_local, K]`` captured router log-probs of a micro-batch, layers in global order.
+
+        Rows are the routers' token order (sequence-first ``s * B + b``); kept until the next
+        :meth:`begin_step`.
+        """
+        routers = self.routers
+        if not routers:
+            raise ValueError("no PR2Router on this rank: there are no router log-probs")
+        return torch.stack([router.router_logprobs(microbatch_id) for router in routers], dim=1)
 
     def end_step(self) -> StepRouting:
         """Check every planned route was used, collect routes and metrics, reset step state.

@@ -1,4 +1,5 @@
-"""Per-router routing state: mode, route plan, micro-batch id, consumed routes, predictor samples.
+"""Per-router routing state: mode, route plan, micro-batch id, consumed routes, predictor samples,
+captured router log-probs (RSPO).
 
 Everything here belongs to one router instance (no class-level registries): the controller
 sets it, the router reads and fills it.
@@ -66,10 +67,12 @@ class RouterReplayState:
     microbatch_id: int | None = None
     train_predictor: bool = False
     record_predictor_inputs: bool = False
+    capture_router_logprobs: bool = False
     predictor_config: PredictorConfig = dataclasses.field(default_factory=PredictorConfig)
     consumed: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     predictor_loss_attached: set[int] = dataclasses.field(default_factory=set)
     predictor_samples: dict[int, PredictorSample] = dataclasses.field(default_factory=dict)
+    router_logprobs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     metrics: LayerRoutingMetrics = dataclasses.field(default_factory=LayerRoutingMetrics)
 
     def reset_step(self) -> None:

@@ -69,7 +69,8 @@ class PR2Router(TopKRouter):
     # ----------------------------------------------------------------------------- control
     def set_routing_mode(self, mode, plan: RoutePlan | None = None, train_predictor: bool = False,
                          predictor_config: PredictorConfig | None = None,
-                         record_predictor_inputs: bool | None = None) -> None:
+                         record_predictor_inputs: bool | None = None,
+                         capture_router_logprobs: bool = False) -> None:
         """Choose the routing mode (and the plan for replay) for the coming forwards.
 
         Args:
@@ -81,6 +82,8 @@ class PR2Router(TopKRouter):
             record_predictor_inputs: keep (subsampled) ``h, p`` per micro-batch for the
                 predictor loss; default: in predict mode only. Set it for a replayed old-log-prob
                 pass whose routes came from the engine's predictive gate (R3 transport).
+            capture_router_logprobs: keep, per micro-batch, the detached ``log softmax(p)`` at
+                the dispatched experts (RSPO); earlier captures are dropped.
         """
         mode = RoutingMode.parse(mode)
         if record_predictor_inputs is None:
@@ -104,6 +107,8 @@ class PR2Router(TopKRouter):
         state.plan = plan
         state.train_predictor = bool(train_predictor)
         state.record_predictor_inputs = bool(record_predictor_inputs)
+        state.capture_router_logprobs = bool(capture_router_logprobs)
+        state.router_logprobs = {}
         if predictor_config is not None:
             state.predictor_config = predictor_config
 
@@ -115,6 +120,21 @@ class PR2Router(TopKRouter):
         """The routes dispatched in this step, by micro-batch id (compact, all rows valid)."""
         return {mb: LayerRoutes(ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device))
                 for mb, ids in self.replay_state.consumed.items()}
+
+    def router_logprobs(self, microbatch_id: int) -> torch.Tensor:
+        """``[N, K]`` fp32 ``log softmax(p)`` at the dispatched experts of a micro-batch.
+
+        Captured on the micro-batch's first forward since ``set_routing_mode`` (router token
+        order, sequence-first rows ``s * B + b``; the columns follow the route's id order).
+        """
+        state = self.replay_state
+        if microbatch_id not in state.router_logprobs:
+            why = ("capture is off (set_routing_mode(..., capture_router_logprobs=True))"
+                   if not state.capture_router_logprobs else
+                   f"captured micro-batches: {sorted(state.router_logprobs)}")
+            raise KeyError(f"layer {self.layer_number}: no router log-probs for micro-batch "
+                           f"{microbatch_id}; {why}")
+        return state.router_logprobs[microbatch_id]
 
     def unconsumed_plan_keys(self) -> list[tuple[int, int]]:
         """Planned ``(micro-batch, layer)`` keys of this router not dispatched in this step."""
@@ -244,6 +264,10 @@ class PR2Router(TopKRouter):
             state.metrics.add_replay(request.chosen_ids_TK[valid], request.live_ids_TK[valid])
         if state.record_predictor_inputs:
             state.predictor_samples[mb] = self._sample_predictor_inputs(hidden_TH, logits_TE, pad_T, mb)
+        if state.capture_router_logprobs:
+            with torch.no_grad():
+                logp_TE = torch.log_softmax(logits_TE.detach().float(), dim=-1)
+                state.router_logprobs[mb] = logp_TE.gather(1, request.chosen_ids_TK.long())
 
     def _sample_predictor_inputs(self, hidden_TH, logits_TE, pad_T, mb: int) -> PredictorSample:
         cfg = self.replay_state.predictor_config

@@ -87,7 +87,8 @@ class PolicyActor:
         for chunk in self.model:
             chunk.eval()
         self.controller.begin_step(mode, plan=plan,
-                                   record_predictor_inputs=record_predictor_inputs)
+                                   record_predictor_inputs=record_predictor_inputs,
+                                   capture_router_logprobs=self.loss_config.rspo)
         try:
             with torch.no_grad():
                 outputs = self._run(microbatches, self._logprob_step, forward_only=True)
@@ -107,7 +108,8 @@ class PolicyActor:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self._normalizer = self._loss_normalizer(microbatches)
-        self.controller.begin_step(mode, plan=plan, train_predictor=train_predictor)
+        self.controller.begin_step(mode, plan=plan, train_predictor=train_predictor,
+                                   capture_router_logprobs=self.loss_config.rspo)
         try:
             outputs = self._run(microbatches, self._policy_step, forward_only=False)
         except BaseException:
@@ -153,12 +155,24 @@ class PolicyActor:
         self.controller.set_microbatch(inputs["microbatch_id"])
         return model(inputs["tokens"], inputs["positions"], None)
 
+    def _router_logp_grid(self, mb: TrainMicroBatch) -> torch.Tensor:
+        """``[B, S, L, K]`` router log-probs of a micro-batch from the routers' ``[S*B]`` rows.
+
+        Position ``s`` holds the routing of the token at ``s``, the one that predicts label
+        ``s``; RSPO needs every MoE layer and token here (no pipeline or sequence split).
+        """
+        batch, seq = mb.layout.tokens.shape
+        rows = self.controller.router_logprobs(mb.microbatch_id)
+        return rows.reshape(seq, batch, *rows.shape[1:]).transpose(0, 1)
+
     def _logprob_step(self, inputs: dict, model):
         logits = self._forward(inputs, model)
         mb: TrainMicroBatch = inputs["batch"]
 
         def collect(logits_BSV):
             mb.old_logp = token_logprobs(logits_BSV, mb.labels).detach()
+            if self.loss_config.rspo:
+                mb.router_logp_old = self._router_logp_grid(mb)
             entropy = token_entropy(logits_BSV)
             mask = mb.loss_mask
             value = float(entropy[mask].mean()) if mask.any() else 0.0
@@ -174,6 +188,10 @@ class PolicyActor:
             if mb.old_logp is None:
                 raise RuntimeError(f"micro-batch {mb.microbatch_id} has no old log-probs; run "
                                    "the old-log-prob pass first")
+            rspo = self.loss_config.rspo
+            if rspo and mb.router_logp_old is None:
+                raise RuntimeError(f"micro-batch {mb.microbatch_id} has no old router log-probs "
+                                   "(RSPO); the old-log-prob pass must run with RSPO on")
             loss_inputs = PolicyLossInputs(
                 logp=token_logprobs(logits_BSV, mb.labels),
                 old_logp=mb.old_logp,
@@ -181,6 +199,8 @@ class PolicyActor:
                 mask=mb.loss_mask,
                 rollout_logp=mb.rollout_logp if (self.loss_config.tis
                                                  or self.loss_config.icepop) else None,
+                router_logp_cur=self._router_logp_grid(mb) if rspo else None,
+                router_logp_old=mb.router_logp_old if rspo else None,
             )
             loss, metrics = policy_loss(loss_inputs, self.loss_config, self._normalizer)
             return loss, {k: float(v) for k, v in metrics.items()}

@@ -180,6 +180,8 @@ class RLLoop:
                 sums.setdefault(key, []).append(value)
                 if key.startswith("routing/"):
                     metrics[f"{key}/ministep{m + 1}"] = value
+                elif key.startswith("rspo_"):
+                    metrics[f"train/{key}/ministep{m + 1}"] = value
             if m == window - 1 and _is_rank0():
                 metrics.update(_per_layer_metrics(result.routing))
         for key, values in sums.items():

@@ -23,6 +23,8 @@ class TrainMicroBatch:
         advantages: ``[B, S]`` the label's sample advantage (0 off the mask).
         rollout_logp: ``[B, S]`` the engine's log-prob of the label (0 off the mask).
         old_logp: ``[B, S]`` filled by the old-log-prob pass.
+        router_logp_old: ``[B, S, L, K]`` old-pass router log-probs at the dispatched routes,
+            filled by the old-log-prob pass when RSPO is on.
     """
 
     microbatch_id: int
@@ -32,6 +34,7 @@ class TrainMicroBatch:
     advantages: torch.Tensor
     rollout_logp: torch.Tensor
     old_logp: torch.Tensor | None = None
+    router_logp_old: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         return {"microbatch_id": self.microbatch_id, "tokens": self.layout.tokens,

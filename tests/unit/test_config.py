@@ -19,7 +19,11 @@ def test_flags_and_yaml_sections_with_flags_winning(tmp_path):
     (["--routing-method", "r4"], "--routing-method must be one of none, r2, r3, pr2, pr2-engine"),
     (["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
     (["--off-policy-window", "3"], "does not split into --off-policy-window 3"),
-    (["--rspo"], "--rspo is not wired into the trainer yet"),
+    (["--rspo", "--routing-method", "none"], "--rspo needs the mini-steps to replay the old routes"),
+    (["--rspo", "--routing-method", "r2", "--pipeline-model-parallel-size", "2"],
+     "--rspo needs --pipeline-model-parallel-size 1"),
+    (["--rspo", "--routing-method", "r3", "--tensor-model-parallel-size", "2",
+      "--sequence-parallel"], "--rspo cannot be used with --sequence-parallel"),
     (["--rollout-engine", "sglang"], "needs --sglang-urls"),
 ])
 def test_bad_settings_name_the_problem(argv, message):
@@ -32,3 +36,9 @@ def test_unknown_yaml_setting_is_refused(tmp_path):
     path.write_text("learning_rate: 1.0\n")
     with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
         parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("method", ["r2", "r3", "pr2", "pr2-engine"])
+def test_rspo_is_accepted_with_replayed_routes(method):
+    cfg = parse_config(["--rspo", "--rspo-gamma-min", "0.7", "--routing-method", method])
+    assert cfg.algo.rspo and cfg.algo.rspo_gamma_min == 0.7
