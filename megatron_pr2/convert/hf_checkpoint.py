@@ -12,6 +12,7 @@ import torch
 
 from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
+from megatron_pr2.models.hf_config import load_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -22,24 +23,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.ind
 
 
 def read_hf_config(hf_dir: str) -> dict:
-    """``config.json`` of an HF checkpoint dir, with transformers-5 field aliases normalised."""
+    """``config.json`` of an HF checkpoint dir (aliases resolved by ``load_hf_config``)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"no config.json in {hf_dir}")
-    with open(path, encoding="utf-8") as handle:
-        return normalise_hf_config(json.load(handle))
-
-
-def normalise_hf_config(config: dict) -> dict:
-    """Copy of an HF config dict with field aliases resolved.
-
-    transformers >= 5 saves Qwen3-MoE's ``num_experts`` under its attribute-map name
-    ``num_local_experts``; the Hub's configs use ``num_experts``.
-    """
-    config = dict(config)
-    if "num_experts" not in config and "num_local_experts" in config:
-        config["num_experts"] = config["num_local_experts"]
-    return config
+    return load_hf_config(path)
 
 
 class HfCheckpoint:

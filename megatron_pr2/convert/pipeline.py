@@ -32,7 +32,6 @@ from megatron_pr2.convert.hf_checkpoint import (
     HfCheckpoint,
     HfShardWriter,
     copy_hf_assets,
-    normalise_hf_config,
     plan_shards,
 )
 from megatron_pr2.convert.layout import ParallelLayout, dist_key
@@ -178,8 +177,7 @@ def read_megatron_hf_config(megatron_dir: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"no {HF_CONFIG_NAME} in {megatron_dir}; pass the model's HF "
                               "config (--hf-config)")
-    with open(path, encoding="utf-8") as handle:
-        return normalise_hf_config(json.load(handle))
+    return load_hf_config(path)
 
 
 def _check_megatron_tensors(adapter: StateDictAdapter, metadata: dict, predictive_gate: bool,
@@ -280,7 +278,7 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
     if hf_config is None:
         config = read_megatron_hf_config(megatron_dir)
     else:
-        config = normalise_hf_config(load_hf_config(hf_config))
+        config = load_hf_config(hf_config)
     adapter = adapter_for(config)
     metadata = read_tensor_metadata(megatron_dir)
     _check_megatron_tensors(adapter, metadata, predictive_gate, megatron_dir)

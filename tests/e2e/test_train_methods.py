@@ -8,7 +8,8 @@ from tests.multiproc import run_distributed
 ZERO_DEV_STEP1 = "routing/zero_deviation_ratio/ministep1"
 
 
-def _train_worker(rank, method, layout, out_dir):
+def _train_worker(rank, method, layout, out_dir, overrides=None):
+    """Train 2 iterations; ``overrides`` maps ``"section.field"`` to a value (applied last)."""
     from megatron_pr2.config import RunConfig
     from megatron_pr2.train import run_training
     from megatron_pr2.training.metrics_log import read_jsonl
@@ -28,6 +29,9 @@ def _train_worker(rank, method, layout, out_dir):
     cfg.train.log_jsonl = f"{out_dir}/metrics.jsonl"
     for key, value in layout.items():
         setattr(cfg.parallel, key, value)
+    for path, value in (overrides or {}).items():
+        section, field = path.split(".")
+        setattr(getattr(cfg, section), field, value)
     run_training(cfg.validate())
     return read_jsonl(cfg.train.log_jsonl) if rank == 0 else None
 

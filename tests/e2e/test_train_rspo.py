@@ -2,38 +2,26 @@
 
 import pytest
 
+from tests.e2e.test_train_methods import _train_worker
 from tests.multiproc import run_distributed
 
 GAMMA = "train/rspo_gamma_mean"
 
 
-def _rspo_worker(rank, method, out_dir):
-    from megatron_pr2.config import RunConfig
-    from megatron_pr2.train import run_training
-    from megatron_pr2.training.metrics_log import read_jsonl
-
-    cfg = RunConfig()
-    cfg.algo.routing_method = method
-    cfg.algo.rspo = True
-    cfg.algo.rspo_gamma_min = 0.8
-    cfg.algo.off_policy_window = 2
-    cfg.rollout.rollout_batch_prompts = 4
-    cfg.rollout.n_samples_per_prompt = 2
-    cfg.rollout.max_new_tokens = 6
-    cfg.train.train_iters = 2
-    cfg.train.micro_batch_size = 2
-    cfg.train.lr = 1e-2  # large enough that the routers move within one rollout batch
+RSPO_RUN = {
+    "algo.rspo": True,
+    "algo.rspo_gamma_min": 0.8,
+    "train.lr": 1e-2,  # large enough that the routers move within one rollout batch
     # one-digit problems and a short warm-up: some rewards > 0, so the policy gradient is not 0
-    cfg.task.task_min_len = cfg.task.task_max_len = 1
-    cfg.train.warmup_sft_steps = 40
-    cfg.train.warmup_sft_lr = 3e-3
-    cfg.train.log_jsonl = f"{out_dir}/metrics.jsonl"
-    run_training(cfg.validate())
-    return read_jsonl(cfg.train.log_jsonl) if rank == 0 else None
+    "task.task_min_len": 1,
+    "task.task_max_len": 1,
+    "train.warmup_sft_steps": 40,
+    "train.warmup_sft_lr": 3e-3,
+}
 
 
 def test_rspo_gamma_is_one_at_ministep1_and_logged(tmp_path):
-    records = run_distributed(_rspo_worker, 1, "r2", str(tmp_path))[0]
+    records = run_distributed(_train_worker, 1, "r2", {}, str(tmp_path), RSPO_RUN)[0]
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         for key in (GAMMA, "train/rspo_gamma_below_min_fraction", f"{GAMMA}/ministep1",
