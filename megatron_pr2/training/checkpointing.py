@@ -16,6 +16,8 @@ import shutil
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_pr2.training.model_setup import unwrap_ddp
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -25,13 +27,8 @@ def _iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _unwrap(chunk):
-    """The GPTModel inside a DDP wrapper (whose state-dict keys gain a ``module.`` prefix)."""
-    return getattr(chunk, "module", chunk)
-
-
 def _sharded_state(model, optimizer, is_loading: bool = False) -> dict:
-    state = {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+    state = {f"model{i}": unwrap_ddp(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
     model_state = {}
     for chunk_state in state.values():
         model_state.update(chunk_state)
@@ -99,7 +96,7 @@ def load_checkpoint(root: str, iteration: int, model, optimizer) -> dict:
                                 "same number of ranks?")
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
     for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+        unwrap_ddp(chunk).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     logger.info("resumed from %s", directory)

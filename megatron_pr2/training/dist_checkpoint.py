@@ -1,5 +1,7 @@
 """Model weights in Megatron-Core's distributed checkpoint format (``torch_dist``).
 
+Load them with :func:`megatron_pr2.convert.load_megatron_checkpoint` (any layout).
+
 The format stores every tensor under its global key with its global shape, so a checkpoint
 written under one parallel layout (TP/PP/EP/VPP) loads under any other: resharding happens on
 load. Saving model chunks under ``chunk{i}`` keeps virtual-pipeline chunks apart in the returned
@@ -14,29 +16,17 @@ import tempfile
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_pr2.training.model_setup import unwrap_ddp
+
 
 def _sharded_state_dict(chunks) -> dict:
-    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+    return {f"chunk{i}": unwrap_ddp(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def save_model_checkpoint(chunks, directory: str | os.PathLike) -> None:
     """Collectively save this rank's model chunks into ``directory`` (created if missing)."""
     os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(chunks), str(directory))
-
-
-def load_model_checkpoint(chunks, directory: str | os.PathLike, strict: bool = True) -> None:
-    """Collectively load weights saved by :func:`save_model_checkpoint` under any layout."""
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
-        raise FileNotFoundError(f"{directory} is not a Megatron distributed checkpoint "
-                                "(no metadata.json / .metadata)")
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(directory))
-    for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state[f"chunk{i}"], strict=strict)
 
 
 def read_full_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

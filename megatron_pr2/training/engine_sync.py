@@ -19,14 +19,9 @@ import torch
 
 from megatron_pr2.convert import adapter_for, model_state_for_export
 from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
+from megatron_pr2.training.model_setup import unwrap_ddp
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def sync_weights(model, engine, hf_config: dict, predictive_gate: bool, scratch_dir: str | None = None):
@@ -35,7 +30,7 @@ def sync_weights(model, engine, hf_config: dict, predictive_gate: bool, scratch_
     if world == 1:
         if len(model) != 1:
             raise ValueError("in-memory weight sync expects one model chunk")
-        state = model_state_for_export(_unwrap(model[0]))
+        state = model_state_for_export(unwrap_ddp(model[0]))
         tensors = adapter_for(hf_config).to_hf(state.items(), predictive_gate=predictive_gate)
         engine.update_weights(tensors)
         return

@@ -30,6 +30,11 @@ def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False):
     return wrapped
 
 
+def unwrap_ddp(chunk):
+    """The model inside a DDP wrapper (whose state-dict keys gain a ``module.`` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
 def build_optimizer(wrapped_chunks, lr: float, *, optimizer: str = "adam",
                     weight_decay: float = 0.0, clip_grad: float | None = None,
                     config_overrides: dict | None = None, **optimizer_fields):

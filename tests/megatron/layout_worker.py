@@ -16,7 +16,8 @@ from megatron.core import parallel_state
 from megatron_pr2.models import build_model_chunks
 from megatron_pr2.models.presets import preset
 from megatron_pr2.platform import ParallelConfig, destroy_model_parallel, initialize_model_parallel
-from megatron_pr2.training.dist_checkpoint import load_model_checkpoint, save_model_checkpoint
+from megatron_pr2.convert import load_megatron_checkpoint
+from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
 
@@ -67,7 +68,7 @@ def train_step(rank: int, family: str, layout: dict, init_dir: str, out_dir: str
     parallel = ParallelConfig(**layout)
     initialize_model_parallel(parallel, seed=4321)
     spec, config, chunks = build_model_chunks(model_config(family), parallel)
-    load_model_checkpoint(chunks, init_dir)
+    load_megatron_checkpoint(chunks, init_dir)
     model = wrap_with_ddp(chunks, config)
     # SGD: the post-step weights are then an exact function of the reduced gradients (Adam
     # would amplify fp32 noise on near-zero gradients into full-size steps).
