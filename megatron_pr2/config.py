@@ -16,8 +16,7 @@ from typing import Any
 import yaml
 
 from megatron_pr2.platform.distributed import ParallelConfig
-
-ROUTING_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine")
+from megatron_pr2.routing.methods import ROUTING_METHODS, routing_method
 
 
 @dataclasses.dataclass
@@ -71,7 +70,7 @@ class RolloutArgs:
 class AlgoArgs:
     """RL algorithm: routing method, policy loss and its options, off-policy window."""
 
-    routing_method: str = "pr2"  # none | r2 | r3 | pr2 | pr2-engine
+    routing_method: str = "pr2"  # a name of megatron_pr2.routing.methods.ROUTING_METHODS
     policy_loss: str = "ppo_clip"  # ppo_clip | gspo
     clip_eps_low: float | None = None
     clip_eps_high: float | None = None
@@ -86,7 +85,7 @@ class AlgoArgs:
     normalize_advantage_std: bool = True
 
     def validate(self) -> None:
-        _choice("routing_method", self.routing_method, ROUTING_METHODS)
+        _choice("routing_method", self.routing_method, tuple(ROUTING_METHODS))
         _choice("policy_loss", self.policy_loss, ("ppo_clip", "gspo"))
         _positive("off_policy_window", self.off_policy_window)
 
@@ -186,10 +185,11 @@ class RunConfig:
         the loss rank must see every MoE layer and token of its micro-batch."""
         if not self.algo.rspo:
             return
-        if self.algo.routing_method == "none":
+        if not routing_method(self.algo.routing_method).replays:
+            replaying = ", ".join(m.name for m in ROUTING_METHODS.values() if m.replays)
             raise ValueError(
                 "--rspo needs the mini-steps to replay the old routes: use --routing-method "
-                "r2, r3, pr2 or pr2-engine, not none (live routing changes the routes)")
+                f"{replaying}, not {self.algo.routing_method} (live routing changes the routes)")
         if self.parallel.pipeline_model_parallel_size != 1:
             raise ValueError(
                 "--rspo needs --pipeline-model-parallel-size 1: the loss (on the last stage) "

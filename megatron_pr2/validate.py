@@ -30,12 +30,12 @@ from urllib.parse import urlsplit
 import yaml
 
 from megatron_pr2.config import RunConfig, build_parser, parse_config
+from megatron_pr2.routing.methods import routing_method
 
 GIB = 1024**3
 # The trainer keeps fp32 parameters, fp32 gradients and Adam's two fp32 moments and does not use
 # Megatron's distributed optimizer (megatron_pr2/training/model_setup.py): 16 bytes per parameter.
 OPTIMIZER_STATE_BYTES_PER_PARAM = 16
-PREDICTOR_METHODS = ("pr2", "pr2-engine")
 TP_FLAG = "--tensor-model-parallel-size"
 
 
@@ -490,7 +490,7 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Layout) -> None:
 
 def _add_memory(report: Report, cfg: RunConfig, spec, layout: Layout, batch: BatchPlan,
                 gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
-    with_predictor = cfg.algo.routing_method in PREDICTOR_METHODS
+    with_predictor = routing_method(cfg.algo.routing_method).trains_predictor
     params = estimate_params(spec, layout, with_predictor)
     states = params.optimizer_state_gib_per_gpu
     predictor = (f" incl. {params.predictor_per_gpu / 1e6:.1f}M PR2 predictor"

@@ -1,10 +1,12 @@
 """Device backends and process-group set-up."""
 
 from megatron_pr2.platform.cpu import CpuBackendError, cpu_backend_enabled, enable_cpu_backend
+from megatron_pr2.platform.device import compute_device, to_device
 from megatron_pr2.platform.distributed import (
     ParallelConfig,
     default_device,
     destroy_model_parallel,
+    host_group,
     init_process_group,
     initialize_model_parallel,
     seed_model_parallel,
@@ -12,11 +14,14 @@ from megatron_pr2.platform.distributed import (
 
 __all__ = [
     "CpuBackendError",
+    "compute_device",
+    "to_device",
     "ParallelConfig",
     "cpu_backend_enabled",
     "default_device",
     "destroy_model_parallel",
     "enable_cpu_backend",
+    "host_group",
     "init_process_group",
     "initialize_model_parallel",
     "seed_model_parallel",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.platform.cpu import CpuRNGStatesTracker, enable_cpu_backend
+from megatron_pr2.platform.device import set_compute_device
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    distributed_timeout_minutes: int = 10  # every process group, the host group included
 
     def model_parallel_size(self) -> int:
         return (
@@ -41,6 +44,8 @@ class ParallelConfig:
                      "expert_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.distributed_timeout_minutes < 1:
+            raise ValueError("--distributed-timeout-minutes must be >= 1")
         if self.virtual_pipeline_model_parallel_size not in (None, 1) \
                 and self.pipeline_model_parallel_size < 2:
             raise ValueError("--virtual-pipeline-model-parallel-size needs "
@@ -80,31 +85,44 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_process_group(device: str | None = None) -> None:
+_host_group: dist.ProcessGroup | None = None
+
+
+def init_process_group(device: str | None = None, timeout_minutes: int = 10) -> None:
     """Initialise ``torch.distributed`` from torchrun's environment, or as a 1-process group.
 
     On CPU this also enables the CPU backend and uses gloo; on CUDA it uses NCCL and sets the
-    local device.
+    local device. Every group gets ``timeout_minutes``; a gloo group over all ranks
+    (:func:`host_group`) is created beside the default one for host-side waits.
     """
+    global _host_group
     device = device or default_device()
     if device == "cpu":
         enable_cpu_backend()
-    elif device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but CUDA is not available")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "gloo" if device == "cpu" else "nccl"
-    dist.init_process_group(backend=backend)
-    logger.info("process group: backend=%s rank=%d world=%d", backend, dist.get_rank(),
-                dist.get_world_size())
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but CUDA is not available")
+    set_compute_device(device)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "gloo" if device == "cpu" else "nccl"
+        dist.init_process_group(backend=backend, timeout=timeout)
+        logger.info("process group: backend=%s rank=%d world=%d timeout=%d min", backend,
+                    dist.get_rank(), dist.get_world_size(), timeout_minutes)
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def host_group() -> dist.ProcessGroup:
+    """A gloo group over every rank: waits while one rank works alone (rollout, conversion)
+    and exchanges of host objects go here, never through NCCL."""
+    if _host_group is None:
+        raise RuntimeError("no host group: the process group was not initialised by "
+                           "megatron_pr2.platform.init_process_group")
+    return _host_group
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
@@ -112,7 +130,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
     """Set up the process group, Megatron's parallel state and the model-parallel RNG."""
     from megatron.core import parallel_state
 
-    init_process_group(device)
+    init_process_group(device, parallel.distributed_timeout_minutes)
     parallel.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -123,6 +141,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_model_parallel(seed)
 
@@ -143,6 +162,8 @@ def destroy_model_parallel() -> None:
     """Tear down Megatron's parallel state and the process group."""
     from megatron.core import parallel_state
 
+    global _host_group
+    _host_group = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

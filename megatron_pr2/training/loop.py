@@ -1,16 +1,6 @@
 """The RL loop: rollout -> reward -> advantages -> old-log-prob pass -> mini-steps -> weight sync.
 
-Routing per method (DESIGN section 2):
-
-============  ======================  ====================================  ===================
-method        old-log-prob pass       mini-steps replay                     engine gate
-============  ======================  ====================================  ===================
-none          live                    live                                  ``W_r``
-r2            record (live route)     the recorded route                    ``W_r``
-r3            replay engine routes    the engine's routes                   ``W_r``
-pr2           predict TopK(p+hW_p)    the predicted route (+ predictor loss) ``W_r``
-pr2-engine    replay engine routes    the engine's (predictive) routes      ``W_r + W_p``
-============  ======================  ====================================  ===================
+What each routing method does in each phase is read from :mod:`megatron_pr2.routing.methods`.
 """
 
 from __future__ import annotations
@@ -26,6 +16,7 @@ from megatron_pr2.rl.advantages import grpo_advantages
 from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import build_route_plan, model_layer_numbers, shard_for_dp
 from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
 from megatron_pr2.training.actor import subplan
 from megatron_pr2.training.components import Components
@@ -35,10 +26,6 @@ from megatron_pr2.training.rollout_batch import build_train_microbatches
 from megatron_pr2.training.rollout_source import RolloutSource
 
 logger = logging.getLogger(__name__)
-
-OLD_PASS_MODE = {"none": "live", "r2": "record", "r3": "replay", "pr2": "predict",
-                 "pr2-engine": "replay"}
-USES_ENGINE_ROUTES = ("r3", "pr2-engine")
 
 
 def _is_rank0() -> bool:
@@ -79,7 +66,7 @@ class RLLoop:
         self.parts = parts
         self.cfg = parts.cfg
         self.source = source
-        self.method = self.cfg.algo.routing_method
+        self.method = routing_method(self.cfg.algo.routing_method)
         self.start_iteration = 0
         self.route_layout = RouteLayout.from_hf_config(parts.spec)
 
@@ -112,19 +99,15 @@ class RLLoop:
                                      normalize_std=self.cfg.algo.normalize_advantage_std)
         microbatches = self._microbatches(samples, advantages)
         engine_plan = self._engine_plan(microbatches, samples)
-        old = self.parts.actor.logprob_pass(microbatches, OLD_PASS_MODE[self.method], engine_plan,
-                                            record_predictor_inputs=self._trains_predictor)
+        old = self.parts.actor.logprob_pass(microbatches, self.method.old_pass_mode, engine_plan,
+                                            record_predictor_inputs=self.method.trains_predictor)
         metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
                    old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
-        replay_plan = None if self.method == "none" else (
-            engine_plan if self.method in USES_ENGINE_ROUTES else old.routing.routes)
+        replay_plan = {None: None, "engine": engine_plan,
+                       "old_pass": old.routing.routes}[self.method.replay_source]
         metrics.update(self._ministeps(microbatches, replay_plan))
         self._sync_weights()
         return metrics
-
-    @property
-    def _trains_predictor(self) -> bool:
-        return self.method in ("pr2", "pr2-engine")
 
     # ----------------------------------------------------------------------------- phases
     def _microbatches(self, samples, advantages):
@@ -144,7 +127,7 @@ class RLLoop:
                                         int(self.parts.hf_config.get("pad_token_id") or 0))
 
     def _engine_plan(self, microbatches, samples):
-        if self.method not in USES_ENGINE_ROUTES:
+        if not self.method.uses_engine_routes:
             return None
         return build_route_plan([mb.layout for mb in microbatches], samples, self.route_layout,
                                 layer_numbers=model_layer_numbers(self.parts.model),
@@ -168,7 +151,7 @@ class RLLoop:
         window = self.cfg.algo.off_policy_window
         per_step = len(microbatches) // window
         mode = "live" if replay_plan is None else "replay"
-        train_predictor = self._trains_predictor
+        train_predictor = self.method.trains_predictor
         metrics, sums = {}, {}
         for m in range(window):
             chunk = microbatches[m * per_step:(m + 1) * per_step]
@@ -193,7 +176,7 @@ class RLLoop:
 
     def _sync_weights(self) -> None:
         sync_weights(self.parts.model, self.source.engine, self.parts.hf_config,
-                     predictive_gate=self.method == "pr2-engine",
+                     predictive_gate=self.method.predictive_engine_gate,
                      scratch_dir=self.cfg.train.save)
 
     # ----------------------------------------------------------------------------- state
@@ -231,5 +214,5 @@ class RLLoop:
                  "loss": metrics.get("train/policy_loss"),
                  "s": metrics.get("time/iteration_s")}
         text = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
-        logger.info("[%s] iteration %d/%d %s", self.method, iteration,
+        logger.info("[%s] iteration %d/%d %s", self.method.name, iteration,
                     self.cfg.train.train_iters, text)

@@ -1,0 +1,69 @@
+"""What each routing method means: one frozen table that config, the RL loop, validate and
+compare all read (docs/method.md explains the methods).
+
+Adding a method = one row here + its implementation (a new old-pass mode or replay source).
+This module is pure Python: no torch, no Megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingMethod:
+    """One routing method of the trainer.
+
+    Attributes:
+        name: the ``--routing-method`` value.
+        old_pass_mode: router mode in the old-log-prob pass (``live`` | ``record`` | ``replay``
+            | ``predict``).
+        replay_source: where the mini-steps' routes come from: ``None`` (route live),
+            ``"old_pass"`` (the routes recorded/predicted in the old-log-prob pass) or
+            ``"engine"`` (the rollout engine's routes, R3 transport).
+        trains_predictor: the PR2 evolution predictor is trained (and must be built, saved,
+            counted in memory estimates).
+        predictive_engine_gate: weight sync writes ``W_r + W_p^T`` as the engine's gate.
+        summary: one line for tables and ``--help``.
+    """
+
+    name: str
+    old_pass_mode: str
+    replay_source: str | None
+    trains_predictor: bool
+    predictive_engine_gate: bool
+    summary: str
+
+    @property
+    def uses_engine_routes(self) -> bool:
+        return self.replay_source == "engine"
+
+    @property
+    def replays(self) -> bool:
+        """The mini-steps replay a fixed route (anything but live routing)."""
+        return self.replay_source is not None
+
+
+_TABLE = (
+    RoutingMethod("none", "live", None, False, False,
+                  "live top-k everywhere (no replay)"),
+    RoutingMethod("r2", "record", "old_pass", False, False,
+                  "record the old policy's live route, replay it in the mini-steps"),
+    RoutingMethod("r3", "replay", "engine", False, False,
+                  "replay the rollout engine's routes in every trainer forward"),
+    RoutingMethod("pr2", "predict", "old_pass", True, False,
+                  "route with TopK(p_old + h_old W_p), replay it; train W_p from mini-step 2"),
+    RoutingMethod("pr2-engine", "replay", "engine", True, True,
+                  "engine routes with the predictive gate W_r + W_p^T; replay them (R3 transport)"),
+)
+
+ROUTING_METHODS: dict[str, RoutingMethod] = {m.name: m for m in _TABLE}
+
+
+def routing_method(name: str) -> RoutingMethod:
+    """The table row for ``name``; a ``ValueError`` naming the choices otherwise."""
+    try:
+        return ROUTING_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown routing method {name!r}: choose one of "
+                         f"{', '.join(ROUTING_METHODS)}") from None
