@@ -1,4 +1,4 @@
-"""megatron_pr2.validate: layout, batch and parameter arithmetic against independent references.
+"""megatron_pr2.launch (validate): layout, batch and parameter arithmetic against independent references.
 
 References: parameter counts of the Hugging Face model built on the meta device (no memory),
 per-rank counts re-derived from HF parameter names, Megatron-Core's own layer-offset functions,
@@ -17,22 +17,20 @@ import torch
 import transformers
 
 from megatron_pr2.config import ParallelArgs, parse_config
-from megatron_pr2.validate import (
+from megatron_pr2.launch.batch import plan_batch
+from megatron_pr2.launch.checks import runtime_problems
+from megatron_pr2.launch.memory import estimate_params, predictor_host_gib_per_gpu
+from megatron_pr2.launch.parsing import check_flags, load_model_spec
+from megatron_pr2.launch.placement import (
     Layout,
-    ValidationError,
-    check_flags,
-    estimate_params,
     layout_problems,
-    load_model_spec,
     model_division_problems,
-    parse_sglang_urls,
-    plan_batch,
     plan_layout,
-    predictor_host_gib_per_gpu,
-    runtime_problems,
     stage_layers,
-    validate,
 )
+from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.launch.urls import parse_sglang_urls
+from megatron_pr2.launch.validate import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QWEN3_30B = os.path.join(REPO, "examples", "pr2", "configs", "qwen3_30b_a3b_config.json")
