@@ -7,10 +7,10 @@ import importlib.util
 import os
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.placement import Layout
+from megatron_pr2.launch.placement import Placement
 
 
-def config_problems(cfg: RunConfig, spec, layout: Layout) -> list[str]:
+def config_problems(cfg: RunConfig, spec, layout: Placement) -> list[str]:
     """Settings that contradict each other or the model."""
     problems = []
     if cfg.model.transformer_impl == "transformer_engine" and cfg.model.device == "cpu":
@@ -23,8 +23,6 @@ def config_problems(cfg: RunConfig, spec, layout: Layout) -> list[str]:
                  ("moe_intermediate_size / ETP", spec.moe_ffn_hidden_size // max(layout.etp, 1)))
         problems += [f"FP8 GEMMs need {name} divisible by 16, got {size}"
                      for name, size in sizes if size % 16]
-    if cfg.train.save_interval and not cfg.train.save:
-        problems.append("--save-interval needs --save DIR")
     return problems
 
 

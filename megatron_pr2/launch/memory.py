@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.batch import BatchPlan
-from megatron_pr2.launch.placement import Layout, stage_layers
+from megatron_pr2.launch.placement import Placement
+from megatron_pr2.models.pipeline_stages import rank_layer_numbers
+from megatron_pr2.training.batch_plan import BatchPlan
 
 GIB = 1024**3
 # The trainer keeps fp32 parameters, fp32 gradients and Adam's two fp32 moments and does not use
@@ -36,6 +37,11 @@ class _LayerParams:
     predictor: int  # PR2 evolution predictor (E x d): whole on every rank
 
 
+def _stage_layer_indices(spec, layout: Placement, pp_rank: int) -> list[int]:
+    """0-based indices of the decoder layers pipeline rank ``pp_rank`` holds."""
+    return [n - 1 for n in rank_layer_numbers(spec.num_layers, layout.pp, pp_rank, layout.vpp)]
+
+
 def _layer_params(spec, layer: int) -> _LayerParams:
     d, hd = spec.hidden_size, spec.head_dim
     q_width, kv_width = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
@@ -52,7 +58,7 @@ def _layer_params(spec, layer: int) -> _LayerParams:
     return _LayerParams(attention + shared, norms + router + shared_gate, experts, router)
 
 
-def estimate_params(spec, layout: Layout, with_predictor: bool) -> ParamEstimate:
+def estimate_params(spec, layout: Placement, with_predictor: bool) -> ParamEstimate:
     """Count parameters from the HF config: in total and on the fullest GPU of ``layout``."""
     d = spec.hidden_size
     layers = [_layer_params(spec, i) for i in range(spec.num_layers)]
@@ -63,7 +69,7 @@ def estimate_params(spec, layout: Layout, with_predictor: bool) -> ParamEstimate
     active = total - all_experts * (spec.num_experts - spec.top_k) // spec.num_experts
     per_gpu = predictor = 0
     for rank in range(layout.pp):
-        held = [layers[i] for i in stage_layers(spec.num_layers, layout.pp, layout.vpp, rank)]
+        held = [layers[i] for i in _stage_layer_indices(spec, layout, rank)]
         count = sum(p.tp_split // layout.tp + p.replicated + p.experts // (layout.ep * layout.etp)
                     for p in held)
         if rank == 0:
@@ -77,7 +83,7 @@ def estimate_params(spec, layout: Layout, with_predictor: bool) -> ParamEstimate
     return ParamEstimate(total, active, per_gpu, predictor)
 
 
-def predictor_host_gib_per_gpu(spec, layout: Layout, batch: BatchPlan, cfg: RunConfig,
+def predictor_host_gib_per_gpu(spec, layout: Placement, batch: BatchPlan, cfg: RunConfig,
                                prompt_tokens: int) -> float:
     """Pinned host memory for one rollout batch's recorded ``h_old, p_old`` (fp32), per GPU.
 
@@ -88,7 +94,7 @@ def predictor_host_gib_per_gpu(spec, layout: Layout, batch: BatchPlan, cfg: RunC
     if layout.sequence_parallel:
         tokens //= layout.tp
     moe_layers = max(sum(spec.moe_layer_pattern[i]
-                         for i in stage_layers(spec.num_layers, layout.pp, layout.vpp, rank))
+                         for i in _stage_layer_indices(spec, layout, rank))
                      for rank in range(layout.pp))
     row_bytes = 4 * (spec.hidden_size + spec.num_experts)
     return tokens * cfg.predictor.predictor_sample_ratio * moe_layers * row_bytes / GIB

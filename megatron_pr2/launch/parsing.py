@@ -3,14 +3,17 @@ failure as a :class:`~megatron_pr2.launch.problems.ValidationError`."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import warnings
 from collections.abc import Sequence
 
 import yaml
 
-from megatron_pr2.config import RunConfig, build_parser, parse_config
+from megatron_pr2.config import RunConfig, build_parser, known_flags, parse_config
 from megatron_pr2.launch.problems import ValidationError
+
+_HELP = "see python -m megatron_pr2.train --help"
 
 
 def check_flags(train_argv: Sequence[str]) -> None:
@@ -20,19 +23,20 @@ def check_flags(train_argv: Sequence[str]) -> None:
         ValidationError: an unknown flag (with the closest known one) or a value of the wrong
             type, in argparse's words but without its usage text.
     """
-    parser = build_parser()
-    # argparse has no public list of its option strings
-    known = [opt for action in parser._actions for opt in action.option_strings]
+    try:
+        _, unknown = build_parser(exit_on_error=False).parse_known_args(list(train_argv))
+    except argparse.ArgumentError as err:
+        raise ValidationError([f"{err}; {_HELP}"]) from err
+    if unknown:
+        raise ValidationError([f"unrecognized arguments: {' '.join(unknown)}"
+                               f"{_closest_flags(unknown)}; {_HELP}"])
 
-    def fail(message: str):
-        flags = [arg.split("=")[0] for arg in train_argv if arg.startswith("--")]
-        hints = [match for flag in flags if flag not in known
-                 for match in difflib.get_close_matches(flag, known, n=1)]
-        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-        raise ValidationError([f"{message}{hint}; see python -m megatron_pr2.train --help"])
 
-    parser.error = fail
-    parser.parse_args(list(train_argv))
+def _closest_flags(unknown: Sequence[str]) -> str:
+    known = known_flags()
+    flags = [arg.split("=")[0] for arg in unknown if arg.startswith("--")]
+    hints = [match for flag in flags for match in difflib.get_close_matches(flag, known, n=1)]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def load_config(train_argv: Sequence[str]) -> RunConfig:
@@ -61,12 +65,10 @@ def load_model_spec(hf_config: str):
         ValidationError: the config is missing, malformed or unsupported.
     """
     import_models_quietly()
-    from megatron_pr2.models.hf_config import load_hf_config, parse_hf_config
-    from megatron_pr2.models.presets import PRESETS
+    from megatron_pr2.models.hf_config import parse_hf_config, resolve_hf_config
 
     try:
-        raw = dict(PRESETS[hf_config]) if hf_config in PRESETS else load_hf_config(hf_config)
-        return parse_hf_config(raw)
+        return parse_hf_config(resolve_hf_config(hf_config))
     except KeyError as err:
         raise ValidationError([f"--hf-config {hf_config}: missing field {err}"]) from err
     except (OSError, ValueError) as err:  # UnsupportedConfigError and JSON errors are ValueErrors

@@ -1,5 +1,5 @@
-"""A parallel layout placed on a world of GPUs: sizes, world divisibility, model divisibility
-and which layers each pipeline stage holds."""
+"""A parallel configuration placed on a world of GPUs: its sizes, world divisibility and model
+divisibility."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import dataclasses
 from megatron_pr2.launch.parsing import import_models_quietly
 from megatron_pr2.launch.problems import ValidationError
 
-TP_FLAG = "--tensor-model-parallel-size"
-
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class Placement:
     """A parallel layout placed on a world of GPUs."""
 
     world_size: int
@@ -35,7 +33,7 @@ class Layout:
         return self.world_size // (self.etp * self.ep * self.pp)
 
     @classmethod
-    def of(cls, parallel, world_size: int) -> Layout:
+    def of(cls, parallel, world_size: int) -> Placement:
         """The layout of ``parallel`` (a ``ParallelArgs``) on ``world_size`` GPUs, unchecked."""
         return cls(world_size=world_size, tp=parallel.tensor_model_parallel_size,
                    pp=parallel.pipeline_model_parallel_size,
@@ -46,7 +44,7 @@ class Layout:
                    sequence_parallel=parallel.sequence_parallel)
 
 
-def layout_problems(parallel, world_size: int) -> list[str]:
+def placement_problems(parallel, world_size: int) -> list[str]:
     """Why ``parallel`` (a ``ParallelArgs``) cannot be placed on ``world_size`` GPUs (if so)."""
     import_models_quietly()
     from megatron_pr2.platform.distributed import ParallelConfig
@@ -65,45 +63,26 @@ def layout_problems(parallel, world_size: int) -> list[str]:
     return []
 
 
-def plan_layout(parallel, world_size: int) -> Layout:
+def plan_placement(parallel, world_size: int) -> Placement:
     """The checked layout of ``parallel`` on ``world_size`` GPUs.
 
     Raises:
         ValidationError: the world is empty, or not divisible by the model-parallel sizes.
     """
-    problems = layout_problems(parallel, world_size)
+    problems = placement_problems(parallel, world_size)
     if problems:
         raise ValidationError(problems)
-    return Layout.of(parallel, world_size)
+    return Placement.of(parallel, world_size)
 
 
-def model_division_problems(spec, layout: Layout) -> list[str]:
-    """Every way ``layout`` fails to split the model ``spec`` (a ``QwenMoeSpec``) evenly.
+def model_division_problems(spec, placement: Placement) -> list[str]:
+    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSpec``) evenly.
 
-    Sizes below 1 are skipped here (:func:`layout_problems` names them).
+    The builder's own rule (:func:`megatron_pr2.models.divisibility.division_problems`); sizes
+    below 1 are skipped here (:func:`placement_problems` names them).
     """
-    checks = [
-        (spec.num_attention_heads, "num_attention_heads", layout.tp, TP_FLAG),
-        (spec.num_key_value_heads, "num_key_value_heads", layout.tp, TP_FLAG),
-        (spec.vocab_size, "vocab_size", layout.tp, TP_FLAG),
-        (spec.num_experts, "num_experts", layout.ep, "--expert-model-parallel-size"),
-        (spec.moe_ffn_hidden_size, "moe_intermediate_size", layout.etp,
-         "--expert-tensor-parallel-size"),
-        (spec.num_layers, "num_hidden_layers", layout.pp * layout.vpp,
-         "--pipeline-model-parallel-size x --virtual-pipeline-model-parallel-size"),
-    ]
-    if not all(spec.moe_layer_pattern):
-        checks.append((spec.ffn_hidden_size, "intermediate_size (dense layers)", layout.tp,
-                       TP_FLAG))
-    if spec.shared_expert_intermediate_size:
-        checks.append((spec.shared_expert_intermediate_size, "shared_expert_intermediate_size",
-                       layout.tp, TP_FLAG))
-    return [f"{name}={value} is not divisible by {flag} = {size}"
-            for value, name, size, flag in checks if size >= 1 and value % size]
+    import_models_quietly()
+    from megatron_pr2.models.divisibility import division_problems
 
-
-def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int) -> list[int]:
-    """Global layer indices held by ``pp_rank`` (Megatron's even split, interleaved over VPP)."""
-    per_chunk = num_layers // (pp * vpp)
-    return [chunk * pp * per_chunk + pp_rank * per_chunk + i
-            for chunk in range(vpp) for i in range(per_chunk)]
+    return division_problems(spec, tp=placement.tp, pp=placement.pp, ep=placement.ep,
+                             etp=placement.etp, vpp=placement.vpp)

@@ -14,9 +14,15 @@ class ValidationError(ValueError):
 
 
 def collect(problems: list[str], check, *args):
-    """``check(*args)``, adding its problems to ``problems`` instead of raising."""
+    """``check(*args)``, adding its problems to ``problems`` instead of raising.
+
+    A :class:`ValidationError` adds each of its problems; another ``ValueError`` (the trainer's
+    own checks raise those) adds its message.
+    """
     try:
         return check(*args)
     except ValidationError as err:
         problems.extend(err.problems)
-        return None
+    except ValueError as err:
+        problems.append(str(err))
+    return None

@@ -24,7 +24,6 @@ import sys
 from collections.abc import Sequence
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.batch import BatchPlan, plan_batch
 from megatron_pr2.launch.checks import (
     config_problems,
     input_paths,
@@ -38,13 +37,14 @@ from megatron_pr2.launch.memory import (
 )
 from megatron_pr2.launch.parsing import load_config, load_model_spec
 from megatron_pr2.launch.placement import (
-    Layout,
-    layout_problems,
+    Placement,
     model_division_problems,
+    placement_problems,
 )
 from megatron_pr2.launch.problems import ValidationError, collect
 from megatron_pr2.launch.urls import parse_sglang_urls
 from megatron_pr2.routing.methods import routing_method
+from megatron_pr2.training.batch_plan import BatchPlan, plan_batch
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def _summary_lines(spec, layout: Layout, batch: BatchPlan, cfg: RunConfig) -> list[str]:
+def _summary_lines(spec, layout: Placement, batch: BatchPlan, cfg: RunConfig) -> list[str]:
     per_chunk = spec.num_layers // (layout.pp * layout.vpp)
     chunks = f" ({layout.vpp} chunks of {per_chunk})" if layout.vpp > 1 else ""
     rollout = cfg.rollout
@@ -79,7 +79,7 @@ def _summary_lines(spec, layout: Layout, batch: BatchPlan, cfg: RunConfig) -> li
     ]
 
 
-def _add_rollout(report: Report, cfg: RunConfig, layout: Layout) -> None:
+def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
     if cfg.rollout.rollout_engine != "sglang":
         report.lines.append("rollout engine: in-process (on rank 0)")
         if cfg.rollout.sglang_urls:
@@ -97,7 +97,7 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Layout) -> None:
                             "on node 0, which SGLang servers on other hosts cannot read")
 
 
-def _add_memory(report: Report, cfg: RunConfig, spec, layout: Layout, batch: BatchPlan,
+def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,
                 gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
     with_predictor = routing_method(cfg.algo.routing_method).trains_predictor
     params = estimate_params(spec, layout, with_predictor)
@@ -157,11 +157,11 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
     cfg = load_config(train_argv)
     spec = load_model_spec(cfg.model.hf_config)
     world = nnodes * gpus_per_node
-    layout = Layout.of(cfg.parallel, world)
-    world_problems = layout_problems(cfg.parallel, world)
+    layout = Placement.of(cfg.parallel, world)
+    world_problems = placement_problems(cfg.parallel, world)
     problems = [*world_problems, *model_division_problems(spec, layout),
                 *config_problems(cfg, spec, layout), *package_problems(cfg)]
-    batch = None if world_problems else collect(problems, plan_batch, cfg, layout)
+    batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
     if cfg.rollout.rollout_engine == "sglang":
         collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)
     if problems:

@@ -8,7 +8,12 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config, to_transformer_config
+from megatron_pr2.models.divisibility import division_problems
+from megatron_pr2.models.hf_config import (
+    QwenMoeSpec,
+    parse_hf_config,
+    to_transformer_config,
+)
 from megatron_pr2.models.spec import decoder_block_spec
 
 
@@ -72,16 +77,9 @@ def build_model(hf_config, parallel=None, options: ModelOptions | None = None):
 
 
 def _check_divisibility(spec: QwenMoeSpec, config) -> None:
-    tp = config.tensor_model_parallel_size
-    ep = config.expert_model_parallel_size
-    pp = config.pipeline_model_parallel_size
-    checks = [
-        (spec.num_attention_heads % tp, f"num_attention_heads={spec.num_attention_heads}", "TP", tp),
-        (spec.num_key_value_heads % tp, f"num_key_value_heads={spec.num_key_value_heads}", "TP", tp),
-        (spec.vocab_size % tp, f"vocab_size={spec.vocab_size}", "TP", tp),
-        (spec.num_experts % ep, f"num_experts={spec.num_experts}", "EP", ep),
-        (spec.num_layers % pp, f"num_layers={spec.num_layers}", "PP", pp),
-    ]
-    for remainder, what, name, size in checks:
-        if remainder:
-            raise ValueError(f"{what} is not divisible by {name}={size}")
+    problems = division_problems(
+        spec, tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
+        ep=config.expert_model_parallel_size, etp=config.expert_tensor_parallel_size,
+        vpp=config.virtual_pipeline_model_parallel_size or 1)
+    if problems:
+        raise ValueError("; ".join(problems))

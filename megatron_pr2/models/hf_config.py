@@ -75,6 +75,15 @@ def load_hf_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str
     return config
 
 
+def resolve_hf_config(name_or_path: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """An embedded preset name (``megatron_pr2.models.presets``), else :func:`load_hf_config`."""
+    from megatron_pr2.models.presets import PRESETS
+
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        return load_hf_config(PRESETS[name_or_path])
+    return load_hf_config(name_or_path)
+
+
 def _architecture(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")

@@ -39,7 +39,6 @@ from megatron_pr2.rollout.engine import (
 from megatron_pr2.rollout.route_codec import (
     RouteLayout,
     decode_routed_experts,
-    hf_config_dict,
 )
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 
@@ -259,7 +258,7 @@ class SGLangClient:
     def for_hf_config(cls, addresses: Sequence[str], hf_config, **kwargs) -> SGLangClient:
         from megatron_pr2.models.hf_config import parse_hf_config
 
-        spec = parse_hf_config(hf_config_dict(hf_config))
+        spec = parse_hf_config(hf_config)
         return cls(addresses, RouteLayout.from_hf_config(spec), vocab_size=spec.vocab_size, **kwargs)
 
     # -- transport ---------------------------------------------------------------------------
