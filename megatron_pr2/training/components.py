@@ -84,7 +84,7 @@ def build_components(cfg: RunConfig) -> Components:
     spec = parse_hf_config(hf_config)
     _, config, chunks = build_model_chunks(spec, parallel, _model_options(cfg))
     if cfg.model.load:
-        from megatron_pr2.convert import load_megatron_checkpoint
+        from megatron_pr2.convert.loading import load_megatron_checkpoint
 
         load_megatron_checkpoint(chunks, cfg.model.load)
     model = wrap_with_ddp(chunks, config)

@@ -17,7 +17,8 @@ import tempfile
 
 import torch
 
-from megatron_pr2.convert import adapter_for, model_state_for_export
+from megatron_pr2.convert.loading import model_state_for_export
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
 from megatron_pr2.training.model_setup import unwrap_ddp
 

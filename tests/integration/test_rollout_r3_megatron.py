@@ -11,11 +11,9 @@ order (the negative control) does not.
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.convert import (
-    ParallelLayout,
-    hf_to_megatron,
-    load_megatron_checkpoint,
-)
+from megatron_pr2.convert.layout import ParallelLayout
+from megatron_pr2.convert.loading import load_megatron_checkpoint
+from megatron_pr2.convert.pipeline import hf_to_megatron
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.pipeline_stages import stage_layer_numbers
