@@ -6,7 +6,7 @@ the next address with backoff, within a bounded budget; 4xx answers and malforme
 retried. When some prompts still fail, :class:`PartialRolloutError` carries every sample already
 collected (prompt order) and the failed prompt indices, so a caller can resubmit only those.
 
-Every answer is checked against the wire contract (DESIGN.md sections 4, 5): ``output_ids``
+Every answer is checked against the wire contract (docs/platform.md): ``output_ids``
 present, integer and in the vocabulary; one log-prob per output token naming the same token;
 ``meta_info["routed_experts"]`` decoding to exactly ``[seqlen - 1 - start_len, layers, top_k]``
 with valid, non-repeating expert ids (see :mod:`megatron_pr2.rollout.route_codec`); the server's
