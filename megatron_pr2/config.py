@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from megatron_pr2.platform.distributed import ParallelConfig
+from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.routing.methods import ROUTING_METHODS, routing_method
 from megatron_pr2.training.batch_plan import plan_batch
 
@@ -76,12 +77,12 @@ class AlgoArgs:
     clip_eps_low: float | None = None
     clip_eps_high: float | None = None
     tis: bool = False
-    tis_cap: float = 2.0
+    tis_cap: float = PolicyLossConfig.tis_cap  # the loss options' defaults are the loss's own
     icepop: bool = False
-    icepop_low: float = 0.5
-    icepop_high: float = 5.0
+    icepop_low: float = PolicyLossConfig.icepop_low
+    icepop_high: float = PolicyLossConfig.icepop_high
     rspo: bool = False
-    rspo_gamma_min: float = 0.8
+    rspo_gamma_min: float = PolicyLossConfig.rspo_gamma_min
     off_policy_window: int = 4  # optimizer mini-steps per rollout batch
     normalize_advantage_std: bool = True
 

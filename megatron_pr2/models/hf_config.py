@@ -224,12 +224,7 @@ def to_transformer_config(spec: QwenMoeSpec, parallel=None, **overrides):
         moe_shared_expert_overlap=False,
         moe_grouped_gemm=False,
         params_dtype=torch.float32,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
+        **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=torch.float32,
     )

@@ -34,6 +34,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_timeout_minutes: int = 10  # every process group, the host group included
 
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The parallel sizes under the keyword names Megatron-Core's ``TransformerConfig`` and
+        ``initialize_model_parallel`` both take."""
+        names = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "virtual_pipeline_model_parallel_size", "context_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size")
+        return {name: getattr(self, name) for name in names}
+
     def model_parallel_size(self) -> int:
         return (
             self.tensor_model_parallel_size
@@ -139,12 +147,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        **parallel.megatron_sizes(),
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_model_parallel(seed)
