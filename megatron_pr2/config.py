@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from megatron_pr2.platform.distributed import ParallelConfig
+from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.routing.methods import ROUTING_METHODS, routing_method
+from megatron_pr2.training.batch_plan import plan_batch
 
 
 @dataclasses.dataclass
@@ -75,12 +77,12 @@ class AlgoArgs:
     clip_eps_low: float | None = None
     clip_eps_high: float | None = None
     tis: bool = False
-    tis_cap: float = 2.0
+    tis_cap: float = PolicyLossConfig.tis_cap  # the loss options' defaults are the loss's own
     icepop: bool = False
-    icepop_low: float = 0.5
-    icepop_high: float = 5.0
+    icepop_low: float = PolicyLossConfig.icepop_low
+    icepop_high: float = PolicyLossConfig.icepop_high
     rspo: bool = False
-    rspo_gamma_min: float = 0.8
+    rspo_gamma_min: float = PolicyLossConfig.rspo_gamma_min
     off_policy_window: int = 4  # optimizer mini-steps per rollout batch
     normalize_advantage_std: bool = True
 
@@ -161,23 +163,16 @@ class RunConfig:
     train: TrainArgs = dataclasses.field(default_factory=TrainArgs)
     task: TaskArgs = dataclasses.field(default_factory=TaskArgs)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Check every section and the cross-section rules; return self."""
         for section in _sections(self):
             section.validate()
         if self.parallel.context_parallel_size != 1:
             raise ValueError("--context-parallel-size > 1 is not supported by the RL trainer yet")
-        samples = self.rollout.rollout_batch_prompts * self.rollout.n_samples_per_prompt
-        if samples % self.algo.off_policy_window:
-            raise ValueError(
-                f"a rollout batch of {samples} samples (--rollout-batch-prompts x "
-                f"--n-samples-per-prompt) does not split into --off-policy-window "
-                f"{self.algo.off_policy_window} mini-batches"
-            )
+        plan_batch(self, dp=1)  # what every data-parallel size needs; the loop checks its own DP
+        if self.train.save_interval and not self.train.save:
+            raise ValueError("--save-interval needs --save DIR")
         self._validate_rspo()
-        if self.algo.routing_method == "pr2-engine" and self.rollout.rollout_engine == "inprocess" \
-                and self.rollout.rollout_dtype not in ("bf16", "fp32"):
-            raise ValueError("unsupported rollout dtype for pr2-engine")
         return self
 
     def _validate_rspo(self) -> None:
@@ -226,18 +221,24 @@ def _field_type(section_cls, field: dataclasses.Field):
     return args[0] if args else hint
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field, plus ``--config``."""
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field, plus ``--config``.
+
+    Args:
+        exit_on_error: as argparse's; ``False`` raises ``argparse.ArgumentError`` for a value
+            of the wrong type instead of exiting.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m megatron_pr2.train",
         description="GRPO-family RL for Qwen-MoE on Megatron-Core with none/R2/R3/PR2 routing.",
+        exit_on_error=exit_on_error,
     )
     parser.add_argument("--config", help="YAML file setting any of the fields below")
     for section in dataclasses.fields(RunConfig):
         group = parser.add_argument_group(section.name)
         section_cls = section.default_factory
         for field in dataclasses.fields(section_cls):
-            flag = "--" + field.name.replace("_", "-")
+            flag = _flag(field.name)
             kind = _field_type(section_cls, field)
             if kind is bool:
                 group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
@@ -246,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(flag, dest=field.name, type=kind, default=None,
                                    help=f"default: {field.default}")
     return parser
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def known_flags() -> list[str]:
+    """Every flag :func:`build_parser` accepts (``--no-X`` forms of switches included)."""
+    flags = ["--config"]
+    for section in dataclasses.fields(RunConfig):
+        section_cls = section.default_factory
+        for field in dataclasses.fields(section_cls):
+            flags.append(_flag(field.name))
+            if _field_type(section_cls, field) is bool:
+                flags.append("--no-" + field.name.replace("_", "-"))
+    return flags
 
 
 def _section_of_field() -> dict[str, str]:

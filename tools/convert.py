@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_megatron(args) -> int:
-    from megatron_pr2.convert import ParallelLayout, hf_to_megatron
+    from megatron_pr2.convert.layout import ParallelLayout
+    from megatron_pr2.convert.pipeline import hf_to_megatron
 
     layout = ParallelLayout(args.tp, args.pp, args.ep, args.etp)
     stats = hf_to_megatron(args.hf_dir, args.out, layout, DTYPES.get(args.dtype))
@@ -84,7 +85,7 @@ def _hf_to_megatron(args) -> int:
 
 
 def _megatron_to_hf(args) -> int:
-    from megatron_pr2.convert import megatron_to_hf
+    from megatron_pr2.convert.pipeline import megatron_to_hf
 
     stats = megatron_to_hf(args.megatron_dir, args.out, predictive_gate=args.predictive_gate,
                            hf_config=args.hf_config, dtype=DTYPES.get(args.dtype),
@@ -97,11 +98,15 @@ def _megatron_to_hf(args) -> int:
 def _verify(args) -> int:
     import transformers
 
-    from megatron_pr2.convert import load_megatron_checkpoint
     from megatron_pr2.convert.hf_checkpoint import read_hf_config
+    from megatron_pr2.convert.loading import load_megatron_checkpoint
     from megatron_pr2.convert.verify import compare_models
     from megatron_pr2.models import build_model
-    from megatron_pr2.platform import ParallelConfig, default_device, initialize_model_parallel
+    from megatron_pr2.platform import (
+        ParallelConfig,
+        default_device,
+        initialize_model_parallel,
+    )
 
     device = default_device()
     initialize_model_parallel(ParallelConfig(), seed=args.seed, device=device)
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     # Deprecation chatter of torch.distributed.checkpoint / Megatron-Core, not about this run.
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(torch|megatron)\.")
-    from megatron_pr2.convert import ConversionError
+    from megatron_pr2.convert.errors import ConversionError
     from megatron_pr2.models import UnsupportedConfigError
 
     commands = {"hf-to-megatron": _hf_to_megatron, "megatron-to-hf": _megatron_to_hf,

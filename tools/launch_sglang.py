@@ -5,7 +5,7 @@ Run it with that venv's interpreter, e.g.::
     .venv-sglang/bin/python tools/launch_sglang.py --model-path /tmp/tiny --port 30000 \\
         --max-lifetime 600
 
-The CPU shims (DESIGN.md section 5) are applied at import time of this file, not under
+The CPU shims (docs/platform.md) are applied at import time of this file, not under
 ``__main__``: SGLang starts its scheduler and detokenizer with the ``spawn`` start method, and
 spawned children re-import this file as ``__mp_main__`` before running, so they get the shims too.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build SGLang's own virtual environment for running it on CPU (DESIGN.md section 5).
+# Build SGLang's own virtual environment for running it on CPU (docs/platform.md).
 #
 # SGLang pins a torch and transformers that differ from the trainer's, so it lives in a separate
 # venv and runs as a separate process (started by tools/launch_sglang.py). What works on CPU:

@@ -14,8 +14,11 @@ import dataclasses
 import re
 
 from megatron_pr2.convert.errors import ConversionError
+from megatron_pr2.models.divisibility import division_problems
 from megatron_pr2.models.hf_config import QwenMoeSpec
 
+# tools/convert.py names the sizes --tp --pp --ep --etp.
+_CONVERT_FLAGS = {"tp": "--tp", "pp": "--pp", "vpp": "--vpp", "ep": "--ep", "etp": "--etp"}
 _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)$")
 
 
@@ -45,26 +48,9 @@ class ParallelLayout:
         for name, size in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp)):
             if size < 1:
                 raise ConversionError(f"{name} must be >= 1, got {size}")
-        has_dense = not all(spec.moe_layer_pattern)
-        checks = [
-            ("num_attention_heads", spec.num_attention_heads, "--tp", tp),
-            ("num_key_value_heads", spec.num_key_value_heads, "--tp", tp),
-            ("vocab_size", spec.vocab_size, "--tp", tp),
-            ("num_hidden_layers", spec.num_layers, "--pp", pp),
-            ("num_experts", spec.num_experts, "--ep", ep),
-            ("moe_intermediate_size", spec.moe_ffn_hidden_size, "--etp", etp),
-        ]
-        if has_dense:
-            checks.append(("intermediate_size", spec.ffn_hidden_size, "--tp", tp))
-        if spec.shared_expert_intermediate_size:
-            checks.append(("shared_expert_intermediate_size",
-                           spec.shared_expert_intermediate_size, "--tp", tp))
-        for field, value, flag, size in checks:
-            if value % size:
-                raise ConversionError(
-                    f"the layout does not divide the model: {field}={value} is not divisible "
-                    f"by {flag}={size}"
-                )
+        problems = division_problems(spec, tp=tp, pp=pp, ep=ep, etp=etp, flags=_CONVERT_FLAGS)
+        if problems:
+            raise ConversionError(f"the layout does not divide the model: {problems[0]}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.pipeline_parallel.utils import (
+    is_pp_first_stage,
+    is_pp_last_stage,
+    is_vp_first_stage,
+    is_vp_last_stage,
+)
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config, to_transformer_config
+from megatron_pr2.models.divisibility import division_problems
+from megatron_pr2.models.hf_config import (
+    QwenMoeSpec,
+    parse_hf_config,
+    to_transformer_config,
+)
 from megatron_pr2.models.spec import decoder_block_spec
 
 
@@ -19,6 +30,8 @@ class ModelOptions:
     router_class: type = TopKRouter
     use_transformer_engine: bool = False
     config_overrides: dict = dataclasses.field(default_factory=dict)
+    # Megatron's process groups for the model; None: those initialize_model_parallel set up.
+    pg_collection: ProcessGroupCollection | None = None
 
 
 def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = None):
@@ -27,9 +40,9 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
     Args:
         hf_config: path to an HF checkpoint dir / ``config.json``, a dict, or a parsed
             :class:`QwenMoeSpec`.
-        parallel: :class:`megatron_pr2.platform.ParallelConfig`; Megatron's parallel state
-            must already be initialised with the same layout.
-        options: router class, TransformerEngine, extra ``TransformerConfig`` fields.
+        parallel: :class:`megatron_pr2.platform.ParallelConfig`; the process groups (given in
+            ``options`` or Megatron's initialised parallel state) must have the same sizes.
+        options: router class, TransformerEngine, extra ``TransformerConfig`` fields, groups.
 
     Returns:
         ``(spec, config, chunks)``: the parsed HF spec, the ``TransformerConfig`` and a list of
@@ -40,7 +53,8 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
     config = to_transformer_config(spec, parallel, **options.config_overrides)
     _check_divisibility(spec, config)
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    groups = options.pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+    pp_rank = groups.pp.rank()
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
@@ -51,14 +65,13 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
             transformer_layer_spec=block,
             vocab_size=spec.vocab_size,
             max_sequence_length=spec.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                               vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                               vp_stage=stage),
+            pre_process=is_pp_first_stage(groups.pp) and is_vp_first_stage(stage, vpp),
+            post_process=is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp),
             share_embeddings_and_output_weights=spec.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=int(spec.rope_theta),
             vp_stage=stage,
+            pg_collection=groups,
         ))
     return spec, config, chunks
 
@@ -72,16 +85,9 @@ def build_model(hf_config, parallel=None, options: ModelOptions | None = None):
 
 
 def _check_divisibility(spec: QwenMoeSpec, config) -> None:
-    tp = config.tensor_model_parallel_size
-    ep = config.expert_model_parallel_size
-    pp = config.pipeline_model_parallel_size
-    checks = [
-        (spec.num_attention_heads % tp, f"num_attention_heads={spec.num_attention_heads}", "TP", tp),
-        (spec.num_key_value_heads % tp, f"num_key_value_heads={spec.num_key_value_heads}", "TP", tp),
-        (spec.vocab_size % tp, f"vocab_size={spec.vocab_size}", "TP", tp),
-        (spec.num_experts % ep, f"num_experts={spec.num_experts}", "EP", ep),
-        (spec.num_layers % pp, f"num_layers={spec.num_layers}", "PP", pp),
-    ]
-    for remainder, what, name, size in checks:
-        if remainder:
-            raise ValueError(f"{what} is not divisible by {name}={size}")
+    problems = division_problems(
+        spec, tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
+        ep=config.expert_model_parallel_size, etp=config.expert_tensor_parallel_size,
+        vpp=config.virtual_pipeline_model_parallel_size or 1)
+    if problems:
+        raise ValueError("; ".join(problems))

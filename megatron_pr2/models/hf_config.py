@@ -75,6 +75,15 @@ def load_hf_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str
     return config
 
 
+def resolve_hf_config(name_or_path: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """An embedded preset name (``megatron_pr2.models.presets``), else :func:`load_hf_config`."""
+    from megatron_pr2.models.presets import PRESETS
+
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        return load_hf_config(PRESETS[name_or_path])
+    return load_hf_config(name_or_path)
+
+
 def _architecture(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
@@ -215,12 +224,7 @@ def to_transformer_config(spec: QwenMoeSpec, parallel=None, **overrides):
         moe_shared_expert_overlap=False,
         moe_grouped_gemm=False,
         params_dtype=torch.float32,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
+        **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=torch.float32,
     )

@@ -5,7 +5,8 @@ Megatron-Core assumes CUDA in a handful of places (device placement through
 ``device="cuda"`` in factory calls, TransformerEngine's GEMM in the router).
 :func:`enable_cpu_backend` adapts exactly those places and nothing else. It must be
 called explicitly, and it refuses to run on a machine where CUDA is available, so it
-can never change the behaviour of a GPU run.
+can never change the behaviour of a GPU run. Every adaptation is recorded and
+:func:`disable_cpu_backend` undoes them all (:func:`cpu_backend` scopes them to a block).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 _ENABLED = False
 _DEVICE_MODE: TorchFunctionMode | None = None
+_MISSING = object()
+_PATCHES: list[tuple[object, str, object]] = []  # (owner, attribute, original value)
 
 
 class CpuBackendError(RuntimeError):
@@ -98,20 +101,27 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(original)
 
 
+def _patch(owner, name: str, value) -> None:
+    """Set ``owner.name = value``, remembering the original for :func:`disable_cpu_backend`."""
+    _PATCHES.append((owner, name, owner.__dict__.get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
 def _install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _patch(mp_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
+    _patch(mp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 
 
 def _patch_torch_cuda() -> None:
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    _patch(torch.cuda, "current_device", lambda: "cpu")
+    _patch(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     # Seed the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all.
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _patch(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+    _patch(torch.cuda, "get_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _patch(torch.cuda, "set_rng_state",
+           lambda state, *args, **kwargs: torch.set_rng_state(state))
 
 
 def _patch_megatron() -> None:
@@ -119,9 +129,10 @@ def _patch_megatron() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     # Without TransformerEngine this name is never bound in 0.16.1 (NameError on use).
-    moe_utils.te_general_gemm = None
-    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _patch(moe_utils, "te_general_gemm", None)
+    _patch(mp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
+    _patch(mp_random, "_set_cuda_rng_state",
+           lambda state, *args, **kwargs: torch.set_rng_state(state))
 
 
 def _patch_recompute_backward() -> None:
@@ -134,7 +145,7 @@ def _patch_recompute_backward() -> None:
         with _CudaToCpuDeviceMode():
             return original(ctx, *grads)
 
-    CheckpointFunction.backward = staticmethod(backward)
+    _patch(CheckpointFunction, "backward", staticmethod(backward))
 
 
 def enable_cpu_backend() -> None:
@@ -159,6 +170,38 @@ def enable_cpu_backend() -> None:
     _DEVICE_MODE.__enter__()
     _ENABLED = True
     logger.info("Megatron-Core CPU backend enabled (gloo, CPU RNG tracker).")
+
+
+def disable_cpu_backend() -> None:
+    """Undo :func:`enable_cpu_backend`: leave the device mode, restore every patched name.
+
+    Idempotent. The device mode must be the innermost torch-function mode still active.
+    """
+    global _ENABLED, _DEVICE_MODE
+    if not _ENABLED:
+        return
+    _DEVICE_MODE.__exit__(None, None, None)
+    _DEVICE_MODE = None
+    for owner, name, original in reversed(_PATCHES):
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _PATCHES.clear()
+    _ENABLED = False
+    logger.info("Megatron-Core CPU backend disabled.")
+
+
+@contextlib.contextmanager
+def cpu_backend():
+    """The CPU backend for the duration of a block (left on if it was on before)."""
+    was_enabled = _ENABLED
+    enable_cpu_backend()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            disable_cpu_backend()
 
 
 def cpu_backend_enabled() -> bool:

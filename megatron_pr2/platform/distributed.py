@@ -11,7 +11,11 @@ import socket
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.platform.cpu import CpuRNGStatesTracker, enable_cpu_backend
+from megatron_pr2.platform.cpu import (
+    CpuBackendError,
+    cpu_backend_enabled,
+    enable_cpu_backend,
+)
 from megatron_pr2.platform.device import set_compute_device
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,14 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     distributed_timeout_minutes: int = 10  # every process group, the host group included
+
+    def megatron_sizes(self) -> dict[str, int | None]:
+        """The parallel sizes under the keyword names Megatron-Core's ``TransformerConfig`` and
+        ``initialize_model_parallel`` both take."""
+        names = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "virtual_pipeline_model_parallel_size", "context_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size")
+        return {name: getattr(self, name) for name in names}
 
     def model_parallel_size(self) -> int:
         return (
@@ -135,26 +147,27 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        **parallel.megatron_sizes(),
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_model_parallel(seed)
 
 
 def seed_model_parallel(seed: int) -> None:
-    """Seed the default and model-parallel RNG states (CPU or CUDA)."""
-    from megatron.core import tensor_parallel
-    from megatron.core.tensor_parallel import random as mp_random
+    """Seed the default and model-parallel RNG states (CPU or CUDA).
 
+    On a machine without CUDA the CPU backend must be on (it installs the CPU RNG tracker
+    that Megatron's seeding resets and fills).
+
+    Raises:
+        CpuBackendError: no CUDA and the CPU backend is off.
+    """
+    from megatron.core import tensor_parallel
+
+    if not torch.cuda.is_available() and not cpu_backend_enabled():
+        raise CpuBackendError("seed_model_parallel() on a machine without CUDA needs the CPU "
+                              "backend: call enable_cpu_backend() (init_process_group does)")
     torch.manual_seed(seed)
-    if not torch.cuda.is_available():
-        mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

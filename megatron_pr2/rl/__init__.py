@@ -9,14 +9,13 @@ from megatron_pr2.rl.losses import (
     policy_loss,
     router_shift_weight,
 )
-from megatron_pr2.rl.mismatch import entropy_from_logits, mismatch_metrics
+from megatron_pr2.rl.mismatch import mismatch_metrics
 
 __all__ = [
     "POLICY_LOSSES",
     "PolicyLossConfig",
     "PolicyLossInputs",
     "broadcast_to_tokens",
-    "entropy_from_logits",
     "gather_router_logprobs",
     "grpo_advantages",
     "mismatch_metrics",

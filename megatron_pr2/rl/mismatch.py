@@ -36,11 +36,3 @@ def mismatch_metrics(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         "abs_logprob_diff": masked_mean(log_r.abs(), mask),
         "extreme_token_fraction": masked_mean((log_r.abs() > math.log(tau)).float(), mask),
     }
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy ``-sum_v p_v log p_v`` of ``softmax(logits)`` over the last dim: ``[..., V] -> [...]``.
-
-    ``-inf`` logits (masked vocabulary entries) contribute 0.
-    """
-    return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(dim=-1)

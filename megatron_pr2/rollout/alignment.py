@@ -274,21 +274,6 @@ def local_moe_layer_numbers(layer_numbers: Sequence[int] | None, layout: RouteLa
     return [n for n in layer_numbers if n in layout.moe_layer_numbers]
 
 
-def stage_layer_numbers(num_layers: int, pp_size: int = 1, pp_rank: int = 0,
-                        vp_size: int | None = None, vp_stage: int = 0) -> list[int]:
-    """Megatron's default (even) assignment of global layer numbers to a pipeline stage.
-
-    For uneven layouts read the numbers from the built model instead (each decoder layer's
-    ``layer_number``); see :func:`model_layer_numbers`.
-    """
-    chunks = pp_size * (vp_size or 1)
-    if num_layers % chunks:
-        raise ValueError(f"{num_layers} layers do not split evenly into {chunks} pipeline chunks")
-    per_chunk = num_layers // chunks
-    offset = vp_stage * (num_layers // (vp_size or 1)) + pp_rank * per_chunk
-    return list(range(offset + 1, offset + per_chunk + 1))
-
-
 def model_layer_numbers(model_chunks) -> list[int]:
     """Global layer numbers of the decoder layers of this rank's Megatron model chunks."""
     numbers = []
@@ -333,5 +318,5 @@ def route_bytes(plan: RoutePlan) -> int:
 __all__ = [
     "MicroBatch", "TokenParallel", "build_micro_batch", "build_micro_batches", "build_route_plan",
     "local_moe_layer_numbers", "model_layer_numbers", "route_bytes", "route_grid",
-    "router_token_index", "shard_for_dp", "stage_layer_numbers",
+    "router_token_index", "shard_for_dp",
 ]

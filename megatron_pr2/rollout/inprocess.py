@@ -24,7 +24,7 @@ import torch
 
 from megatron_pr2.rollout.engine import EngineHealth
 from megatron_pr2.rollout.hf_weights import load_hf_named_tensors
-from megatron_pr2.rollout.route_codec import RouteLayout, hf_config_dict
+from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,9 @@ class InProcessEngine:
 
     def __init__(self, hf_config: dict, *, dtype: torch.dtype = torch.float32,
                  model: torch.nn.Module | None = None, max_batch_size: int = 16, seed: int = 0):
-        self.hf_config = hf_config_dict(hf_config)
+        from megatron_pr2.models.hf_config import load_hf_config
+
+        self.hf_config = load_hf_config(hf_config)
         self.layout = RouteLayout.from_hf_config(self.hf_config)
         self.model = (model if model is not None else build_hf_model(self.hf_config, dtype)).to(dtype).eval()
         self.dtype = dtype
@@ -162,7 +164,7 @@ class InProcessEngine:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return cls(hf_config_dict(path), dtype=dtype, model=model, **kwargs)
+        return cls(path, dtype=dtype, model=model, **kwargs)
 
     def health(self) -> EngineHealth:
         return EngineHealth({self.name: True})

@@ -55,7 +55,7 @@ class RouteLayout:
         if isinstance(hf_config, QwenMoeSpec):
             spec = hf_config
         else:
-            spec = parse_hf_config(hf_config_dict(hf_config))
+            spec = parse_hf_config(hf_config)
         return cls(spec.num_layers, tuple(spec.moe_layer_indices), spec.top_k, spec.num_experts)
 
     @property
@@ -70,13 +70,6 @@ class RouteLayout:
     @property
     def compact_dtype(self) -> torch.dtype:
         return compact_route_dtype(self.num_experts)
-
-
-def hf_config_dict(path_or_dict) -> dict:
-    """An HF config as a dict, with transformers-5 aliases resolved (see ``load_hf_config``)."""
-    from megatron_pr2.models.hf_config import load_hf_config
-
-    return load_hf_config(path_or_dict)
 
 
 def decode_wire_routes(payload, num_rows: int, num_layers: int, top_k: int) -> np.ndarray:

@@ -6,7 +6,7 @@ the next address with backoff, within a bounded budget; 4xx answers and malforme
 retried. When some prompts still fail, :class:`PartialRolloutError` carries every sample already
 collected (prompt order) and the failed prompt indices, so a caller can resubmit only those.
 
-Every answer is checked against the wire contract (DESIGN.md sections 4, 5): ``output_ids``
+Every answer is checked against the wire contract (docs/platform.md): ``output_ids``
 present, integer and in the vocabulary; one log-prob per output token naming the same token;
 ``meta_info["routed_experts"]`` decoding to exactly ``[seqlen - 1 - start_len, layers, top_k]``
 with valid, non-repeating expert ids (see :mod:`megatron_pr2.rollout.route_codec`); the server's
@@ -39,7 +39,6 @@ from megatron_pr2.rollout.engine import (
 from megatron_pr2.rollout.route_codec import (
     RouteLayout,
     decode_routed_experts,
-    hf_config_dict,
 )
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 
@@ -259,7 +258,7 @@ class SGLangClient:
     def for_hf_config(cls, addresses: Sequence[str], hf_config, **kwargs) -> SGLangClient:
         from megatron_pr2.models.hf_config import parse_hf_config
 
-        spec = parse_hf_config(hf_config_dict(hf_config))
+        spec = parse_hf_config(hf_config)
         return cls(addresses, RouteLayout.from_hf_config(spec), vocab_size=spec.vocab_size, **kwargs)
 
     # -- transport ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Routing metrics: pure torch functions and a per-layer accumulator (DESIGN sec. 2, Metrics).
+"""Routing metrics: pure torch functions and a per-layer accumulator (docs/method.md, Metrics).
 
 - zero-deviation ratio: fraction of tokens whose replayed expert set equals the current
   router's own top-k set;

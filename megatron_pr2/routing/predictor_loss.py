@@ -1,4 +1,4 @@
-"""Evolution-predictor losses: pure math, one function per variant (DESIGN sec. 2).
+"""Evolution-predictor losses: pure math, one function per variant (docs/method.md, PR2).
 
 All functions take, for ``n`` sampled tokens of one MoE layer, the current router logits
 ``logits_cur_TE`` (``p_cur``), the logits recorded in the predictive pass ``logits_old_TE``

@@ -20,8 +20,11 @@ from megatron_pr2.routing.route_plan import RoutePlan
 class RoutingMode(str, enum.Enum):
     """How a router chooses experts.
 
-    - ``live``: ``TopK`` of the current scores (Megatron's own routing).
-    - ``record``: live, and remember the route (R2's old-log-prob pass).
+    - ``live``: ``TopK`` of the current scores (Megatron's own routing). With a micro-batch id
+      set, the dispatched route is remembered (as in every mode).
+    - ``record``: exactly ``live``, except that settings which would make a replayed route differ
+      from the recorded one (token dropping, fused top-k, ...) are refused up front (R2's
+      old-log-prob pass, whose routes the mini-steps replay).
     - ``replay``: dispatch to the route plan's experts (R2/R3), gates from current scores.
     - ``predict``: route with ``TopK(p + h W_p)``, remember it and (subsampled) ``h, p`` (PR2).
     """

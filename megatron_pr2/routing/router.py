@@ -23,13 +23,18 @@ import logging
 import zlib
 
 import torch
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, apply_random_logits
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_pr2.rl.losses import gather_router_logprobs
 from megatron_pr2.routing.metrics import predictor_stats
 from megatron_pr2.routing.predictor import EvolutionPredictor, PredictorConfig
 from megatron_pr2.routing.predictor_loss import predictor_loss
-from megatron_pr2.routing.replay_state import PredictorSample, RouterReplayState, RoutingMode
+from megatron_pr2.routing.replay_state import (
+    PredictorSample,
+    RouterReplayState,
+    RoutingMode,
+)
 from megatron_pr2.routing.route_plan import LayerRoutes, RoutePlan, compact_route_dtype
 from megatron_pr2.routing.route_selector import RouteRequest, RouteSelector
 
@@ -162,33 +167,50 @@ class PR2Router(TopKRouter):
             if refused:
                 raise ValueError(f"routing mode {mode.value!r} cannot be used with {what}")
 
-    # ----------------------------------------------------------------------------- forward
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """Route ``input`` ``[S, B, H]`` (sequence-first; the local slice under SP)."""
+    # ----------------------------------------------------------------------------- seams
+    # Megatron's ``TopKRouter.forward`` runs jitter -> ``gating`` -> (forced load balancing) ->
+    # ``routing``; this router overrides the two seams and leaves ``forward`` to Megatron, so
+    # steps a newer Megatron adds there still run.
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Megatron's gating ``p = h W_r^T``, keeping ``h`` for :meth:`routing` of this forward.
+
+        ``h`` (the jittered router input) is what predict mode and the predictor samples need;
+        :meth:`routing` takes it back (and clears it) in the same ``forward`` call.
+        """
+        self._gating_input = input
+        return super().gating(input)
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """Megatron's routing with this router's mode applied to the top-k selection.
+
+        Args:
+            logits: ``[S, B, E]`` router logits (the local slice under SP).
+            padding_mask: ``[S, B]`` bool, True at pad tokens (Megatron's convention); pad rows
+                are left out of the recorded predictor inputs and the routing metrics.
+        """
+        hidden, self._gating_input = getattr(self, "_gating_input", None), None
         state = self.replay_state
         mb = state.microbatch_id
         if state.mode is RoutingMode.LIVE and mb is None:
-            return super().forward(input, padding_mask=padding_mask)
+            return super().routing(logits, padding_mask=padding_mask)
         if mb is None:
             raise RuntimeError(
                 f"layer {self.layer_number}: routing mode {state.mode.value!r} needs a micro-batch "
                 "id; call RoutingController.set_microbatch(id) before each micro-batch forward"
             )
+        if hidden is None:
+            raise RuntimeError(f"layer {self.layer_number}: routing() runs inside forward(), "
+                               "after gating()")
         if state.mode is not RoutingMode.LIVE:
             self._refuse_unsupported_config(state.mode)
-        self._maintain_float32_expert_bias()
-        hidden = self.apply_input_jitter(input)
-        logits = self.gating(hidden)
-        if self.config.moe_router_force_load_balancing:  # live mode only (refused otherwise)
-            logits = apply_random_logits(logits)
         hidden_TH = hidden.reshape(-1, hidden.shape[-1])
-        logits_TE = logits.view(-1, self.num_experts)
-        pad_T = padding_mask.reshape(-1) if padding_mask is not None else None
+        logits_TE = logits.reshape(-1, self.num_experts)
+        pad_T = padding_mask.reshape(-1).bool() if padding_mask is not None else None
         revisit = mb in state.consumed
         request = self._route_request(hidden_TH, logits_TE, mb, revisit)
         self.route_selector.request = request
         try:
-            probs, routing_map = self.routing(logits, padding_mask=padding_mask)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         finally:
             self.route_selector.request = None
         if not revisit:
@@ -260,20 +282,19 @@ class PR2Router(TopKRouter):
         state = self.replay_state
         state.consumed[mb] = request.chosen_ids_TK.detach().to(compact_route_dtype(self.num_experts))
         if state.mode is RoutingMode.REPLAY:
-            valid = request.valid_T
+            valid = request.valid_T if pad_T is None else request.valid_T & ~pad_T
             state.metrics.add_replay(request.chosen_ids_TK[valid], request.live_ids_TK[valid])
         if state.record_predictor_inputs:
             state.predictor_samples[mb] = self._sample_predictor_inputs(hidden_TH, logits_TE, pad_T, mb)
         if state.capture_router_logprobs:
-            with torch.no_grad():
-                logp_TE = torch.log_softmax(logits_TE.detach().float(), dim=-1)
-                state.router_logprobs[mb] = logp_TE.gather(1, request.chosen_ids_TK.long())
+            state.router_logprobs[mb] = gather_router_logprobs(logits_TE.detach(),
+                                                               request.chosen_ids_TK)
 
     def _sample_predictor_inputs(self, hidden_TH, logits_TE, pad_T, mb: int) -> PredictorSample:
         cfg = self.replay_state.predictor_config
         rows = torch.arange(logits_TE.shape[0], device=logits_TE.device)
         if pad_T is not None:
-            rows = rows[~pad_T.bool()]
+            rows = rows[~pad_T]
         if cfg.sample_ratio < 1.0 and rows.numel():
             count = max(1, round(cfg.sample_ratio * rows.numel()))
             seed = zlib.crc32(f"{cfg.seed}/{self.layer_number}/{mb}".encode())
@@ -319,7 +340,7 @@ class PR2Router(TopKRouter):
                                         float(per_token.detach().mean()))
         if attach:
             if self.calculate_per_token_loss:  # as Megatron scales its aux losses
-                loss = loss * (int((~pad_T.bool()).sum()) if pad_T is not None else logits_TE.shape[0])
+                loss = loss * (int((~pad_T).sum()) if pad_T is not None else logits_TE.shape[0])
             probs = MoEAuxLossAutoScaler.apply(probs, loss)
             state.predictor_loss_attached.add(mb)
         return probs

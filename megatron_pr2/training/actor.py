@@ -12,6 +12,7 @@ from megatron_pr2.rl.losses import PolicyLossConfig, PolicyLossInputs, policy_lo
 from megatron_pr2.routing.controller import RoutingController, StepRouting
 from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.training.logprobs import token_entropy, token_logprobs
+from megatron_pr2.training.padding_mask import stage_padding_mask
 from megatron_pr2.training.rollout_batch import TrainMicroBatch
 from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
 
@@ -153,7 +154,8 @@ class PolicyActor:
 
     def _forward(self, inputs: dict, model):
         self.controller.set_microbatch(inputs["microbatch_id"])
-        return model(inputs["tokens"], inputs["positions"], None)
+        padding_mask = stage_padding_mask(inputs["padding_mask"], model)
+        return model(inputs["tokens"], inputs["positions"], None, padding_mask=padding_mask)
 
     def _router_logp_grid(self, mb: TrainMicroBatch) -> torch.Tensor:
         """``[B, S, L, K]`` router log-probs of a micro-batch from the routers' ``[S*B]`` rows.
@@ -173,7 +175,7 @@ class PolicyActor:
             mb.old_logp = token_logprobs(logits_BSV, mb.labels).detach()
             if self.loss_config.rspo:
                 mb.router_logp_old = self._router_logp_grid(mb)
-            entropy = token_entropy(logits_BSV)
+            entropy = token_entropy(logits_BSV, parallel_state.get_tensor_model_parallel_group())
             mask = mb.loss_mask
             value = float(entropy[mask].mean()) if mask.any() else 0.0
             return torch.zeros(()), {"entropy": value}

@@ -10,8 +10,7 @@ from megatron.core import parallel_state
 
 from megatron_pr2.config import RunConfig
 from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_config
-from megatron_pr2.models.hf_config import load_hf_config
-from megatron_pr2.models.presets import PRESETS
+from megatron_pr2.models.hf_config import resolve_hf_config
 from megatron_pr2.platform import initialize_model_parallel
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.rollout.alignment import TokenParallel
@@ -39,13 +38,6 @@ class Components:
     optimizer: object
     actor: PolicyActor
     token_parallel: TokenParallel
-
-
-def resolve_hf_config(name_or_path: str) -> dict:
-    """An embedded preset name, or an HF checkpoint directory / config.json path."""
-    if name_or_path in PRESETS:
-        return dict(PRESETS[name_or_path])
-    return load_hf_config(name_or_path)
 
 
 def loss_config(cfg: RunConfig) -> PolicyLossConfig:
@@ -92,7 +84,7 @@ def build_components(cfg: RunConfig) -> Components:
     spec = parse_hf_config(hf_config)
     _, config, chunks = build_model_chunks(spec, parallel, _model_options(cfg))
     if cfg.model.load:
-        from megatron_pr2.convert import load_megatron_checkpoint
+        from megatron_pr2.convert.loading import load_megatron_checkpoint
 
         load_megatron_checkpoint(chunks, cfg.model.load)
     model = wrap_with_ddp(chunks, config)

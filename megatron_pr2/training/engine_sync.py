@@ -17,7 +17,8 @@ import tempfile
 
 import torch
 
-from megatron_pr2.convert import adapter_for, model_state_for_export
+from megatron_pr2.convert.loading import model_state_for_export
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
 from megatron_pr2.training.model_setup import unwrap_ddp
 
@@ -58,7 +59,7 @@ def _convert_in_subprocess(megatron_dir: str, hf_dir: str, hf_config: dict, pred
     config_path = os.path.join(os.path.dirname(megatron_dir), "weight_sync_hf_config.json")
     with open(config_path, "w", encoding="utf-8") as handle:
         json.dump(hf_config, handle)
-    code = ("import sys; from megatron_pr2.convert import megatron_to_hf; "
+    code = ("import sys; from megatron_pr2.convert.pipeline import megatron_to_hf; "
             "megatron_to_hf(sys.argv[1], sys.argv[2], predictive_gate=sys.argv[3] == '1', "
             "hf_config=sys.argv[4])")
     env = {k: v for k, v in os.environ.items()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 
 
 def token_logprobs(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -15,17 +15,23 @@ def token_logprobs(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def token_entropy(logits_BSV: torch.Tensor) -> torch.Tensor:
-    """Entropy of the full softmax per position, from vocab-sharded logits (no gradient)."""
-    group = parallel_state.get_tensor_model_parallel_group()
+def token_entropy(logits_BSV: torch.Tensor, group=None) -> torch.Tensor:
+    """Entropy ``-sum_v p_v log p_v`` of the softmax over the last dim (no gradient).
+
+    Args:
+        logits_BSV: ``[..., V]`` logits; this rank's vocabulary shard when ``group`` is given.
+        group: the tensor-parallel group the vocabulary is split over (None: the whole
+            vocabulary is here). ``-inf`` logits (masked entries) contribute 0.
+    """
+    group = group if group is not None and group.size() > 1 else None
     logits = logits_BSV.float()
     peak = logits.max(dim=-1, keepdim=True).values
-    if group.size() > 1:
+    if group is not None:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
     exp = torch.exp(logits - peak)
     partition = exp.sum(-1)
-    weighted = (exp * logits).sum(-1)
-    if group.size() > 1:
+    weighted = torch.where(exp > 0, exp * logits, 0.0).sum(-1)
+    if group is not None:
         torch.distributed.all_reduce(partition, group=group)
         torch.distributed.all_reduce(weighted, group=group)
     return torch.log(partition) + peak.squeeze(-1) - weighted / partition

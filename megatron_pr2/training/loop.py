@@ -19,6 +19,7 @@ from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
 from megatron_pr2.training.actor import subplan
+from megatron_pr2.training.batch_plan import plan_batch
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.engine_sync import sync_weights
 from megatron_pr2.training.metrics_log import MetricsLogger
@@ -112,16 +113,9 @@ class RLLoop:
     # ----------------------------------------------------------------------------- phases
     def _microbatches(self, samples, advantages):
         dp_size = parallel_state.get_data_parallel_world_size()
+        plan_batch(self.cfg, dp_size)
         indices = shard_for_dp(len(samples), dp_size, parallel_state.get_data_parallel_rank())
-        window = self.cfg.algo.off_policy_window
-        per_minibatch = len(indices) // window
         mbs = self.cfg.train.micro_batch_size
-        if len(indices) % window or per_minibatch % mbs:
-            raise ValueError(
-                f"each data-parallel rank holds {len(indices)} samples: they must split into "
-                f"--off-policy-window {window} mini-batches of whole micro-batches of "
-                f"--micro-batch-size {mbs}"
-            )
         return build_train_microbatches(samples, indices, advantages, mbs,
                                         self.parts.token_parallel,
                                         int(self.parts.hf_config.get("pad_token_id") or 0))
@@ -189,8 +183,6 @@ class RLLoop:
                 "python_rng": random.getstate(), "config": self.cfg.to_dict()}
 
     def _save(self, iteration: int) -> None:
-        if not self.cfg.train.save:
-            raise ValueError("--save-interval needs --save DIR")
         checkpointing.save_checkpoint(self.cfg.train.save, iteration, self.parts.model,
                                       self.parts.optimizer, self._trainer_state(iteration))
 

@@ -9,6 +9,7 @@ import torch
 
 from megatron_pr2.rollout.alignment import MicroBatch, TokenParallel, build_micro_batches
 from megatron_pr2.rollout.sample import Sample
+from megatron_pr2.training.padding_mask import pad_token_mask
 
 
 @dataclasses.dataclass
@@ -38,7 +39,8 @@ class TrainMicroBatch:
 
     def model_inputs(self) -> dict:
         return {"microbatch_id": self.microbatch_id, "tokens": self.layout.tokens,
-                "positions": self.layout.position_ids, "labels": self.labels, "batch": self}
+                "positions": self.layout.position_ids, "labels": self.labels, "batch": self,
+                "padding_mask": pad_token_mask(self.layout.sample_of)}
 
 
 def _shift_left(grid: torch.Tensor, fill) -> torch.Tensor:

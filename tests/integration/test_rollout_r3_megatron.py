@@ -11,13 +11,12 @@ order (the negative control) does not.
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.convert import (
-    ParallelLayout,
-    hf_to_megatron,
-    load_megatron_checkpoint,
-)
+from megatron_pr2.convert.layout import ParallelLayout
+from megatron_pr2.convert.loading import load_megatron_checkpoint
+from megatron_pr2.convert.pipeline import hf_to_megatron
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.models import ModelOptions, build_model
+from megatron_pr2.models.pipeline_stages import stage_layer_numbers
 from megatron_pr2.models.presets import preset
 from megatron_pr2.platform import ParallelConfig
 from megatron_pr2.rollout.alignment import (
@@ -25,7 +24,6 @@ from megatron_pr2.rollout.alignment import (
     build_micro_batches,
     build_route_plan,
     local_moe_layer_numbers,
-    stage_layer_numbers,
 )
 from megatron_pr2.rollout.inprocess import InProcessEngine
 from megatron_pr2.rollout.route_codec import RouteLayout

@@ -6,7 +6,8 @@ Reference: Megatron's own forward (logits and routes) on the same tokens.
 
 import torch
 
-from megatron_pr2.convert import adapter_for, model_state_for_export
+from megatron_pr2.convert.loading import model_state_for_export
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.verify import megatron_forward
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.presets import preset

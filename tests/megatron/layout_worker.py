@@ -13,10 +13,14 @@ import os
 import torch
 from megatron.core import parallel_state
 
+from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.models import build_model_chunks
 from megatron_pr2.models.presets import preset
-from megatron_pr2.platform import ParallelConfig, destroy_model_parallel, initialize_model_parallel
-from megatron_pr2.convert import load_megatron_checkpoint
+from megatron_pr2.platform import (
+    ParallelConfig,
+    destroy_model_parallel,
+    initialize_model_parallel,
+)
 from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule

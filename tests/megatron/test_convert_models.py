@@ -7,14 +7,13 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from megatron_pr2.convert import (
-    adapter_for,
-    hf_to_megatron,
+from megatron_pr2.convert.loading import (
     load_megatron_checkpoint,
-    megatron_to_hf,
     model_state_for_export,
 )
+from megatron_pr2.convert.pipeline import hf_to_megatron, megatron_to_hf
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.verify import hf_forward, megatron_forward
 from megatron_pr2.models import build_model
 from megatron_pr2.models.presets import preset

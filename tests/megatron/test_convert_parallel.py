@@ -8,15 +8,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from megatron_pr2.convert import (
+from megatron_pr2.convert.layout import (
     ParallelLayout,
-    adapter_for,
-    describe_megatron_checkpoint,
-    hf_to_megatron,
-    load_megatron_checkpoint,
+    global_megatron_name,
+    merge_tp_shards,
 )
-from megatron_pr2.convert.layout import global_megatron_name, merge_tp_shards
+from megatron_pr2.convert.loading import load_megatron_checkpoint
+from megatron_pr2.convert.pipeline import describe_megatron_checkpoint, hf_to_megatron
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.verify import hf_forward, megatron_forward
 from megatron_pr2.models import build_model
 from megatron_pr2.models.presets import preset
@@ -42,7 +42,9 @@ CONFIGS = {
 def _forward(model, tokens):
     """Full ``[B, S, V]`` logits on the last pipeline stage (None elsewhere)."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_tensor_model_parallel_region,
+    )
 
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     if not parallel_state.is_pipeline_first_stage():

@@ -5,7 +5,8 @@ import pytest
 import torch
 import transformers
 
-from megatron_pr2.convert import hf_to_megatron, load_megatron_checkpoint, megatron_to_hf
+from megatron_pr2.convert.loading import load_megatron_checkpoint
+from megatron_pr2.convert.pipeline import hf_to_megatron, megatron_to_hf
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.presets import preset
@@ -94,7 +95,7 @@ def test_without_the_flag_the_gate_is_the_router_weight(trainer_checkpoint):
 
 
 def test_predictive_gate_needs_predictor_weights(trainer_checkpoint):
-    from megatron_pr2.convert import ConversionError
+    from megatron_pr2.convert.errors import ConversionError
 
     _, _, root = trainer_checkpoint
     with pytest.raises(ConversionError, match="predictor.weight.*--predictive-gate needs the PR2 "

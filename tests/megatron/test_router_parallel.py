@@ -72,10 +72,13 @@ def train(parallel, ckpt_dir, rollouts, config_overrides=None) -> dict:
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_pr2.convert import load_megatron_checkpoint
+    from megatron_pr2.convert.loading import load_megatron_checkpoint
     from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.routing.controller import RoutingController
-    from megatron_pr2.routing.predictor import predictor_optimizer_overrides, set_group_lrs_to_max
+    from megatron_pr2.routing.predictor import (
+        predictor_optimizer_overrides,
+        set_group_lrs_to_max,
+    )
     from megatron_pr2.routing.router import PR2Router
     from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 
@@ -137,7 +140,7 @@ def _rank_main(rank, ckpt_dir, rollouts):
 def checkpoint(tmp_path_factory, megatron_single_process):
     import transformers
 
-    from megatron_pr2.convert import hf_to_megatron
+    from megatron_pr2.convert.pipeline import hf_to_megatron
 
     hf_dir = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ def test_flags_and_yaml_sections_with_flags_winning(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--routing-method", "r4"], "--routing-method must be one of none, r2, r3, pr2, pr2-engine"),
     (["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
-    (["--off-policy-window", "3"], "does not split into --off-policy-window 3"),
+    (["--off-policy-window", "3"], "--off-policy-window x --micro-batch-size = 1 x 3 x 4 = 12"),
     (["--rspo", "--routing-method", "none"], "--rspo needs the mini-steps to replay the old routes"),
     (["--rspo", "--routing-method", "r2", "--pipeline-model-parallel-size", "2"],
      "--rspo needs --pipeline-model-parallel-size 1"),

@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 
-from megatron_pr2.convert import PREDICTOR_SUFFIX, ConversionError, adapter_for
+from megatron_pr2.convert.adapter import PREDICTOR_SUFFIX
+from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.models import UnsupportedConfigError
 from megatron_pr2.models.presets import preset
 

@@ -69,9 +69,9 @@ def test_dry_run_names_every_impossible_layout_constraint(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     text = "\n".join(errors)
     assert "world size 16 is not divisible by TP*PP*CP = 3*2*1 = 6" in text
-    assert "num_attention_heads=32 is not divisible by --tensor-model-parallel-size = 3" in text
-    assert "num_key_value_heads=4 is not divisible by --tensor-model-parallel-size = 3" in text
-    assert "num_experts=128 is not divisible by --expert-model-parallel-size = 6" in text
+    assert "num_attention_heads=32 is not divisible by --tensor-model-parallel-size=3" in text
+    assert "num_key_value_heads=4 is not divisible by --tensor-model-parallel-size=3" in text
+    assert "num_experts=128 is not divisible by --expert-model-parallel-size=6" in text
     assert "dry run OK" not in result.stdout
 
 
@@ -85,7 +85,7 @@ def test_dry_run_uses_the_checkpoint_config_given_by_hf_ckpt(tmp_path):
     result = run(RECIPE, "--dry-run", HF_CKPT=str(ckpt), NNODES="1", OUTPUT=str(tmp_path))
     assert result.returncode != 0
     assert "world size 8 is not divisible by ETP*EP*PP = 16" in result.stderr
-    assert ("num_key_value_heads=2 is not divisible by --tensor-model-parallel-size = 4"
+    assert ("num_key_value_heads=2 is not divisible by --tensor-model-parallel-size=4"
             in result.stderr)
 
 

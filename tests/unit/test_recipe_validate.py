@@ -1,4 +1,4 @@
-"""megatron_pr2.validate: layout, batch and parameter arithmetic against independent references.
+"""megatron_pr2.launch (validate): layout, batch and parameter arithmetic against independent references.
 
 References: parameter counts of the Hugging Face model built on the meta device (no memory),
 per-rank counts re-derived from HF parameter names, Megatron-Core's own layer-offset functions,
@@ -17,22 +17,20 @@ import torch
 import transformers
 
 from megatron_pr2.config import ParallelArgs, parse_config
-from megatron_pr2.validate import (
-    Layout,
-    ValidationError,
-    check_flags,
-    estimate_params,
-    layout_problems,
-    load_model_spec,
+from megatron_pr2.launch.checks import runtime_problems
+from megatron_pr2.launch.memory import estimate_params, predictor_host_gib_per_gpu
+from megatron_pr2.launch.parsing import check_flags, load_model_spec
+from megatron_pr2.launch.placement import (
+    Placement,
     model_division_problems,
-    parse_sglang_urls,
-    plan_batch,
-    plan_layout,
-    predictor_host_gib_per_gpu,
-    runtime_problems,
-    stage_layers,
-    validate,
+    placement_problems,
+    plan_placement,
 )
+from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.launch.urls import parse_sglang_urls
+from megatron_pr2.launch.validate import validate
+from megatron_pr2.models.pipeline_stages import rank_layer_numbers
+from megatron_pr2.training.batch_plan import plan_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QWEN3_30B = os.path.join(REPO, "examples", "pr2", "configs", "qwen3_30b_a3b_config.json")
@@ -91,7 +89,7 @@ def _mixed_dense_config() -> dict:
     return config
 
 
-def _reference_rank_params(config: dict, layout: Layout, with_predictor: bool) -> int:
+def _reference_rank_params(config: dict, layout: Placement, with_predictor: bool) -> int:
     """Parameters on the fullest GPU, re-derived from HF parameter names and shapes.
 
     Layer ``i`` lives in virtual chunk ``i // per_chunk``, and chunk ``c`` on pipeline rank
@@ -124,14 +122,14 @@ def _reference_rank_params(config: dict, layout: Layout, with_predictor: bool) -
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "tiny-qwen3-moe", "tiny-qwen2-moe", "mixed"])
 def test_total_parameters_match_the_hf_model(name):
     config = _mixed_dense_config() if name == "mixed" else _config_dict(name)
-    estimate = estimate_params(load_model_spec_from(config), Layout.of(ParallelArgs(), 1), False)
+    estimate = estimate_params(load_model_spec_from(config), Placement.of(ParallelArgs(), 1), False)
     assert estimate.total == sum(_meta_parameters(config).values())
     assert estimate.per_gpu == estimate.total  # one GPU holds everything
 
 
 def test_qwen3_30b_a3b_totals_are_the_published_ones():
     spec = load_model_spec(QWEN3_30B)
-    estimate = estimate_params(spec, Layout.of(ParallelArgs(), 1), False)
+    estimate = estimate_params(spec, Placement.of(ParallelArgs(), 1), False)
     assert round(estimate.total / 1e9, 1) == 30.5  # "30.5B total"
     assert 3.3e9 <= estimate.active < 3.4e9  # "3.3B activated"
     # active = all but 120 of 128 experts in each of 48 layers (3 matrices of 2048 x 768)
@@ -148,7 +146,7 @@ def test_per_gpu_parameters_match_a_name_based_count(case, with_predictor):
         "qwen2-tp2-ep4": (_config_dict("tiny-qwen2-moe"),
                           ParallelArgs(2, 1, None, 4, 1, 1, True), 8),
     }[case]
-    layout = plan_layout(parallel, world)
+    layout = plan_placement(parallel, world)
     estimate = estimate_params(load_model_spec_from(config), layout, with_predictor)
     assert estimate.per_gpu == _reference_rank_params(config, layout, with_predictor)
 
@@ -160,14 +158,14 @@ def test_recipe_layout_fits_an_h100_by_hand():
                  + 128 * 2048 + 2 * 2048 + 2 * 128)
     stage0 = 24 * per_layer + 151936 * 2048 // 4
     stage1 = 24 * per_layer + 151936 * 2048 // 4 + 2048
-    estimate = estimate_params(load_model_spec(QWEN3_30B), plan_layout(RECIPE_LAYOUT, 16), False)
+    estimate = estimate_params(load_model_spec(QWEN3_30B), plan_placement(RECIPE_LAYOUT, 16), False)
     assert estimate.per_gpu == max(stage0, stage1)
     assert estimate.optimizer_state_gib_per_gpu == pytest.approx(16 * stage1 / 2**30)
     assert estimate.optimizer_state_gib_per_gpu < 80
 
 
 @pytest.mark.parametrize("pp,vpp", [(2, 1), (2, 2), (4, 3), (3, 2)])
-def test_stage_layers_match_megatron_layer_offsets(pp, vpp):
+def test_rank_layer_numbers_match_megatron_layer_offsets(pp, vpp):
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -183,14 +181,14 @@ def test_stage_layers_match_megatron_layer_offsets(pp, vpp):
             offset = get_transformer_layer_offset(config, vp_stage=stage, pp_rank=rank)
             count = get_num_layers_to_build(config, vp_stage=stage, pp_rank=rank)
             expected += list(range(offset, offset + count))
-        assert stage_layers(num_layers, pp, vpp, rank) == expected
+        assert [n - 1 for n in rank_layer_numbers(num_layers, pp, rank, vpp)] == expected
 
 
 def test_predictor_host_memory_by_hand():
     spec = load_model_spec(QWEN3_30B)
-    layout = plan_layout(RECIPE_LAYOUT, 16)
+    layout = plan_placement(RECIPE_LAYOUT, 16)
     cfg = parse_config(RECIPE_ARGS)
-    batch = plan_batch(cfg, layout)
+    batch = plan_batch(cfg, layout.dp)
     # 256 samples per DP rank x (512 + 4096) tokens / TP 4, x 0.1, x 24 layers x (2048 + 128) fp32
     expected = 256 * 4608 / 4 * 0.1 * 24 * (2048 + 128) * 4 / 2**30
     assert predictor_host_gib_per_gpu(spec, layout, batch, cfg, 512) == pytest.approx(expected)
@@ -198,7 +196,7 @@ def test_predictor_host_memory_by_hand():
 
 # ----------------------------------------------------------------------------------- layout
 def test_recipe_layout_sizes():
-    layout = plan_layout(RECIPE_LAYOUT, 32)
+    layout = plan_placement(RECIPE_LAYOUT, 32)
     assert (layout.dp, layout.expert_dp) == (32 // 8, 32 // 16)
 
 
@@ -211,14 +209,14 @@ def test_recipe_layout_sizes():
     (ParallelArgs(), 0, "world size must be >= 1"),
 ])
 def test_layout_problems_name_the_constraint(parallel, world, needle):
-    problems = layout_problems(parallel, world)
+    problems = placement_problems(parallel, world)
     assert any(needle in p for p in problems), problems
     with pytest.raises(ValidationError, match=re.escape(needle)):
-        plan_layout(parallel, world)
+        plan_placement(parallel, world)
 
 
 def test_layout_that_fits_has_no_problems():
-    assert layout_problems(RECIPE_LAYOUT, 16) == []
+    assert placement_problems(RECIPE_LAYOUT, 16) == []
 
 
 @pytest.mark.parametrize("tp,pp,vpp,ep,etp,expected", [
@@ -231,7 +229,7 @@ def test_layout_that_fits_has_no_problems():
     (1, 1, 1, 1, 5, ["moe_intermediate_size=768"]),
 ])
 def test_model_division_problems(tp, pp, vpp, ep, etp, expected):
-    layout = Layout(world_size=1, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, cp=1,
+    layout = Placement(world_size=1, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, cp=1,
                     sequence_parallel=tp > 1)
     problems = model_division_problems(load_model_spec(QWEN3_30B), layout)
     assert len(problems) == len(expected), problems
@@ -241,11 +239,11 @@ def test_model_division_problems(tp, pp, vpp, ep, etp, expected):
 
 def test_dense_and_shared_expert_widths_are_checked():
     spec = load_model_spec_from(_config_dict("tiny-qwen2-moe"))  # shared expert 48, dense none
-    layout = Layout(world_size=1, tp=32, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
+    layout = Placement(world_size=1, tp=32, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
     problems = " ".join(model_division_problems(spec, layout))
     assert "shared_expert_intermediate_size=48" in problems
     mixed = load_model_spec_from(_mixed_dense_config())  # dense intermediate_size 128
-    layout = Layout(world_size=1, tp=3, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
+    layout = Placement(world_size=1, tp=3, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
     assert any(p.startswith("intermediate_size (dense layers)=128")
                for p in model_division_problems(mixed, layout))
 
@@ -259,8 +257,8 @@ def test_batch_plan_matches_the_trainers_sharding():
     from megatron_pr2.rollout.alignment import shard_for_dp
 
     cfg = _cfg("--micro-batch-size", "2")
-    layout = plan_layout(RECIPE_LAYOUT, 32)  # DP 4
-    plan = plan_batch(cfg, layout)
+    layout = plan_placement(RECIPE_LAYOUT, 32)  # DP 4
+    plan = plan_batch(cfg, layout.dp)
     shares = [shard_for_dp(512, layout.dp, rank) for rank in range(layout.dp)]
     assert all(len(share) == plan.samples_per_dp_rank for share in shares)
     assert plan.samples_per_dp_rank == 128  # 64 prompts x 8 samples / DP 4
@@ -270,18 +268,20 @@ def test_batch_plan_matches_the_trainers_sharding():
 
 
 def test_batch_that_does_not_split_names_every_factor():
-    cfg = _cfg("--micro-batch-size", "3")
-    with pytest.raises(ValidationError) as err:
-        plan_batch(cfg, plan_layout(RECIPE_LAYOUT, 16))
+    cfg = _cfg("--micro-batch-size", "128")  # splits at DP 1, not at DP 2
+    with pytest.raises(ValueError) as err:
+        plan_batch(cfg, plan_placement(RECIPE_LAYOUT, 16).dp)
     assert "512 samples" in str(err.value)
-    assert "DP x --off-policy-window x --micro-batch-size = 2 x 4 x 3 = 24" in str(err.value)
+    assert "DP x --off-policy-window x --micro-batch-size = 2 x 4 x 128 = 1024" in str(err.value)
 
 
 def test_interleaved_schedule_needs_whole_groups_of_pp_microbatches():
-    vpp_layout = plan_layout(ParallelArgs(4, 2, 2, 8, 1, 1, True), 16)
-    assert plan_batch(_cfg("--micro-batch-size", "16"), vpp_layout).microbatches_per_ministep == 4
-    with pytest.raises(ValidationError, match="interleaved pipeline schedule"):
-        plan_batch(_cfg("--micro-batch-size", "64"), vpp_layout)  # 1 micro-batch per mini-step
+    vpp_layout = plan_placement(ParallelArgs(4, 2, 2, 8, 1, 1, True), 16)
+    vpp = ("--virtual-pipeline-model-parallel-size", "2")
+    assert plan_batch(_cfg(*vpp, "--micro-batch-size", "16"),
+                      vpp_layout.dp).microbatches_per_ministep == 4
+    with pytest.raises(ValueError, match="interleaved pipeline schedule"):
+        plan_batch(_cfg(*vpp, "--micro-batch-size", "64"), vpp_layout.dp)  # 1 per mini-step
 
 
 # ----------------------------------------------------------------------------------- rollout

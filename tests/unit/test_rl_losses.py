@@ -1,6 +1,6 @@
 """Policy losses against references written with plain Python loops and ``math``.
 
-Each reference recomputes the formula of DESIGN section 2 token by token; gradients are checked
+Each reference recomputes the formula of docs/method.md (Policy losses) token by token; gradients are checked
 against the hand-derived derivative of the active branch of the clipped objective.
 """
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_pr2.rl.mismatch import entropy_from_logits, mismatch_metrics
+from megatron_pr2.rl.mismatch import mismatch_metrics
+from megatron_pr2.training.logprobs import token_entropy
 
 
 def test_mismatch_metrics_match_hand_values():
@@ -36,9 +37,9 @@ def test_mismatch_rejects_bad_input():
         mismatch_metrics(torch.zeros(2), torch.zeros(2), torch.ones(2), tau=1.0)
 
 
-def test_entropy_from_logits_hand_values():
+def test_token_entropy_hand_values():
     logits = torch.tensor([[0.0, math.log(2.0), math.log(3.0)], [1.0, 1.0, float("-inf")]])
     p = [1 / 6, 2 / 6, 3 / 6]
     expected = [-sum(x * math.log(x) for x in p), math.log(2.0)]
-    assert entropy_from_logits(logits).tolist() == pytest.approx(expected, rel=1e-5)
-    assert entropy_from_logits(torch.zeros(64)).item() == pytest.approx(math.log(64), rel=1e-6)
+    assert token_entropy(logits).tolist() == pytest.approx(expected, rel=1e-5)
+    assert token_entropy(torch.zeros(64)).item() == pytest.approx(math.log(64), rel=1e-6)

@@ -10,6 +10,7 @@ for pipeline stages.
 import pytest
 import torch
 
+from megatron_pr2.models.pipeline_stages import stage_layer_numbers
 from megatron_pr2.rollout.alignment import (
     TokenParallel,
     build_micro_batch,
@@ -18,7 +19,6 @@ from megatron_pr2.rollout.alignment import (
     local_moe_layer_numbers,
     router_token_index,
     shard_for_dp,
-    stage_layer_numbers,
 )
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.rollout.sample import Sample

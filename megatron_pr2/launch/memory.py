@@ -1,0 +1,100 @@
+"""Parameter counts and memory estimates per GPU, from the HF config alone (no model is built)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_pr2.config import RunConfig
+from megatron_pr2.launch.placement import Placement
+from megatron_pr2.models.pipeline_stages import rank_layer_numbers
+from megatron_pr2.training.batch_plan import BatchPlan
+
+GIB = 1024**3
+# The trainer keeps fp32 parameters, fp32 gradients and Adam's two fp32 moments and does not use
+# Megatron's distributed optimizer (megatron_pr2/training/model_setup.py): 16 bytes per parameter.
+OPTIMIZER_STATE_BYTES_PER_PARAM = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamEstimate:
+    """Parameter counts: the whole model (as Hugging Face counts it) and the fullest GPU."""
+
+    total: int
+    active: int  # per token: everything but the unselected experts
+    per_gpu: int  # fullest pipeline stage, PR2 predictors included when used
+    predictor_per_gpu: int
+
+    @property
+    def optimizer_state_gib_per_gpu(self) -> float:
+        return self.per_gpu * OPTIMIZER_STATE_BYTES_PER_PARAM / GIB
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerParams:
+    tp_split: int  # attention, dense MLP, shared-expert linears: split over TP
+    replicated: int  # norms, router, shared-expert gate: whole on every rank
+    experts: int  # routed experts: split over EP x ETP
+    predictor: int  # PR2 evolution predictor (E x d): whole on every rank
+
+
+def _stage_layer_indices(spec, layout: Placement, pp_rank: int) -> list[int]:
+    """0-based indices of the decoder layers pipeline rank ``pp_rank`` holds."""
+    return [n - 1 for n in rank_layer_numbers(spec.num_layers, layout.pp, pp_rank, layout.vpp)]
+
+
+def _layer_params(spec, layer: int) -> _LayerParams:
+    d, hd = spec.hidden_size, spec.head_dim
+    q_width, kv_width = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
+    attention = 2 * d * q_width + 2 * d * kv_width  # q, o; k, v
+    if spec.qkv_bias:
+        attention += q_width + 2 * kv_width
+    norms = 2 * d + (2 * hd if spec.qk_layernorm else 0)
+    if not spec.moe_layer_pattern[layer]:
+        return _LayerParams(attention + 3 * d * spec.ffn_hidden_size, norms, 0, 0)
+    shared = 3 * d * spec.shared_expert_intermediate_size
+    shared_gate = d if spec.shared_expert_intermediate_size else 0
+    router = spec.num_experts * d
+    experts = spec.num_experts * 3 * d * spec.moe_ffn_hidden_size
+    return _LayerParams(attention + shared, norms + router + shared_gate, experts, router)
+
+
+def estimate_params(spec, layout: Placement, with_predictor: bool) -> ParamEstimate:
+    """Count parameters from the HF config: in total and on the fullest GPU of ``layout``."""
+    d = spec.hidden_size
+    layers = [_layer_params(spec, i) for i in range(spec.num_layers)]
+    embedding = spec.vocab_size * d
+    body = sum(p.tp_split + p.replicated + p.experts for p in layers)
+    total = embedding + (0 if spec.tie_word_embeddings else embedding) + d + body
+    all_experts = sum(p.experts for p in layers)
+    active = total - all_experts * (spec.num_experts - spec.top_k) // spec.num_experts
+    per_gpu = predictor = 0
+    for rank in range(layout.pp):
+        held = [layers[i] for i in _stage_layer_indices(spec, layout, rank)]
+        count = sum(p.tp_split // layout.tp + p.replicated + p.experts // (layout.ep * layout.etp)
+                    for p in held)
+        if rank == 0:
+            count += embedding // layout.tp
+        if rank == layout.pp - 1:  # output layer (a second copy when tied under PP) + final norm
+            tied_here = spec.tie_word_embeddings and layout.pp == 1
+            count += (0 if tied_here else embedding // layout.tp) + d
+        stage_predictor = sum(p.predictor for p in held) if with_predictor else 0
+        if count + stage_predictor > per_gpu:
+            per_gpu, predictor = count + stage_predictor, stage_predictor
+    return ParamEstimate(total, active, per_gpu, predictor)
+
+
+def predictor_host_gib_per_gpu(spec, layout: Placement, batch: BatchPlan, cfg: RunConfig,
+                               prompt_tokens: int) -> float:
+    """Pinned host memory for one rollout batch's recorded ``h_old, p_old`` (fp32), per GPU.
+
+    Upper bound: every sample at ``prompt_tokens + --max-new-tokens`` tokens; tokens split over
+    TP under sequence parallelism; the MoE layers of the fullest pipeline stage.
+    """
+    tokens = batch.samples_per_dp_rank * (prompt_tokens + cfg.rollout.max_new_tokens)
+    if layout.sequence_parallel:
+        tokens //= layout.tp
+    moe_layers = max(sum(spec.moe_layer_pattern[i]
+                         for i in _stage_layer_indices(spec, layout, rank))
+                     for rank in range(layout.pp))
+    row_bytes = 4 * (spec.hidden_size + spec.num_experts)
+    return tokens * cfg.predictor.predictor_sample_ratio * moe_layers * row_bytes / GIB

@@ -1,0 +1,223 @@
+"""Validate a whole training configuration for a cluster layout, without launching anything.
+
+``python -m megatron_pr2.launch.validate --nnodes 2 --gpus-per-node 8 [--check-runtime] -- <train flags>``
+(``--print-layout`` only parses the flags and prints ``TP PP EP ETP`` for shell scripts.)
+
+Everything after ``--`` is what ``python -m megatron_pr2.train`` would receive. The checks are
+arithmetic and parsing only (CPU, no model is built): the flags and the config parse, the HF
+config parses, the parallel layout fits the world and divides the model, the rollout batch
+splits into whole micro-batches on every data-parallel rank for every mini-step, the SGLang URLs
+are well formed, the optional packages the run uses are importable, and the weights, gradients
+and Adam states fit a GPU. ``--check-runtime`` adds what only the launch machine can tell (CUDA,
+GPU count, TransformerEngine, FP8 support, input files).
+
+It prints a summary (layout, data-parallel size, micro-batches per mini-step, parameters and
+memory per GPU) and exits 0, or prints one ``error: ...`` line per problem and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+
+from megatron_pr2.config import RunConfig
+from megatron_pr2.launch.checks import (
+    config_problems,
+    input_paths,
+    package_problems,
+    runtime_problems,
+)
+from megatron_pr2.launch.memory import (
+    OPTIMIZER_STATE_BYTES_PER_PARAM,
+    estimate_params,
+    predictor_host_gib_per_gpu,
+)
+from megatron_pr2.launch.parsing import load_config, load_model_spec
+from megatron_pr2.launch.placement import (
+    Placement,
+    model_division_problems,
+    placement_problems,
+)
+from megatron_pr2.launch.problems import ValidationError, collect
+from megatron_pr2.launch.urls import parse_sglang_urls
+from megatron_pr2.routing.methods import routing_method
+from megatron_pr2.training.batch_plan import BatchPlan, plan_batch
+
+
+@dataclasses.dataclass
+class Report:
+    """The outcome of a validation: summary lines and non-fatal notes."""
+
+    lines: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _summary_lines(spec, layout: Placement, batch: BatchPlan, cfg: RunConfig) -> list[str]:
+    per_chunk = spec.num_layers // (layout.pp * layout.vpp)
+    chunks = f" ({layout.vpp} chunks of {per_chunk})" if layout.vpp > 1 else ""
+    rollout = cfg.rollout
+    return [
+        (f"model: {spec.architecture}, {spec.num_layers} layers ({len(spec.moe_layer_indices)} "
+         f"MoE), {spec.num_experts} experts top-{spec.top_k}, hidden {spec.hidden_size}, "
+         f"vocab {spec.vocab_size}"),
+        f"world: {layout.world_size} GPUs",
+        (f"layout: TP={layout.tp} PP={layout.pp} VPP={layout.vpp} CP={layout.cp} EP={layout.ep} "
+         f"ETP={layout.etp} sequence_parallel={layout.sequence_parallel}"),
+        f"data parallel: DP={layout.dp} (dense), expert DP={layout.expert_dp}",
+        f"layers per pipeline stage: {spec.num_layers // layout.pp}{chunks}",
+        f"experts per EP rank: {spec.num_experts // layout.ep} of {spec.num_experts}",
+        (f"rollout batch: {batch.samples} samples ({rollout.rollout_batch_prompts} prompts x "
+         f"{rollout.n_samples_per_prompt}), {batch.samples_per_dp_rank} per DP rank"),
+        f"mini-steps per rollout batch (off-policy window): {batch.ministeps}",
+        (f"micro-batches per mini-step: {batch.microbatches_per_ministep} per DP rank "
+         f"(micro-batch size {cfg.train.micro_batch_size}, {batch.samples_per_ministep} samples)"),
+        (f"routing: {cfg.algo.routing_method}, loss {cfg.algo.policy_loss}, "
+         f"predictor LR x{cfg.predictor.predictor_lr_mult:g}"),
+    ]
+
+
+def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
+    if cfg.rollout.rollout_engine != "sglang":
+        report.lines.append("rollout engine: in-process (on rank 0)")
+        if cfg.rollout.sglang_urls:
+            report.notes.append("--sglang-urls is ignored by --rollout-engine inprocess")
+        return
+    urls = parse_sglang_urls(cfg.rollout.sglang_urls)
+    report.lines.append(f"rollout engine: SGLang, {len(urls)} server(s): {', '.join(urls)}")
+    if layout.world_size == 1:
+        return
+    if cfg.train.save:
+        report.lines.append(f"weight sync: {os.path.join(cfg.train.save, 'weight_sync_hf')} "
+                            "(must be readable by every SGLang server)")
+    else:
+        report.notes.append("--save is not set: weight sync goes through a temporary directory "
+                            "on node 0, which SGLang servers on other hosts cannot read")
+
+
+def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,
+                gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
+    with_predictor = routing_method(cfg.algo.routing_method).trains_predictor
+    params = estimate_params(spec, layout, with_predictor)
+    states = params.optimizer_state_gib_per_gpu
+    predictor = (f" incl. {params.predictor_per_gpu / 1e6:.1f}M PR2 predictor"
+                 if params.predictor_per_gpu else "")
+    report.lines += [
+        f"parameters: {params.total / 1e9:.2f}B total, {params.active / 1e9:.2f}B active per token",
+        f"parameters per GPU (fullest stage): {params.per_gpu / 1e9:.3f}B{predictor}",
+        (f"weights+grads+Adam per GPU: {states:.1f} GiB of {gpu_memory_gib:g} GiB (fp32, "
+         f"{OPTIMIZER_STATE_BYTES_PER_PARAM} B/param; activations not included)"),
+    ]
+    if states > gpu_memory_gib:
+        raise ValidationError([
+            (f"weights+grads+Adam need {states:.1f} GiB per GPU, more than the {gpu_memory_gib:g} "
+             "GiB of a GPU: raise TP/PP/EP or add nodes")])
+    if states > 0.75 * gpu_memory_gib:
+        report.notes.append("weights+grads+Adam use over 75% of GPU memory: little room is left "
+                            "for activations")
+    if with_predictor:
+        host = predictor_host_gib_per_gpu(spec, layout, batch, cfg, prompt_tokens)
+        report.lines.append(
+            f"PR2 recorded predictor inputs: <= {host:.1f} GiB pinned host memory per GPU, "
+            f"{host * gpus_per_node:.0f} GiB per node (--predictor-sample-ratio "
+            f"{cfg.predictor.predictor_sample_ratio:g}, {prompt_tokens}-token prompts assumed)")
+    if batch.microbatches_per_ministep < layout.pp:
+        report.notes.append(f"only {batch.microbatches_per_ministep} micro-batches per mini-step "
+                            f"for {layout.pp} pipeline stages: the pipeline will mostly idle")
+
+
+def _add_runtime(report: Report, cfg: RunConfig, gpus_per_node: int, check_runtime: bool) -> None:
+    if check_runtime:
+        problems = runtime_problems(cfg, gpus_per_node)
+        if problems:
+            raise ValidationError(problems)
+        report.lines.append("runtime: inputs, CUDA, GPUs, TransformerEngine and FP8 checked")
+        return
+    if cfg.model.transformer_impl == "transformer_engine":
+        fp8 = f" with FP8 {cfg.model.fp8_format}" if cfg.model.fp8_format else ""
+        report.lines.append(f"TransformerEngine{fp8}: required at launch (not checked in a dry "
+                            "run)")
+    report.notes += [f"{flag} {path} does not exist here (required at launch)"
+                     for flag, path in input_paths(cfg) if not os.path.exists(path)]
+
+
+def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
+             check_runtime: bool = False, gpu_memory_gib: float = 80.0,
+             prompt_tokens: int = 512) -> Report:
+    """Validate ``train_argv`` for ``nnodes x gpus_per_node`` GPUs; return the summary.
+
+    Raises:
+        ValidationError: one entry per problem found (unknown or mistyped flags included).
+    """
+    if nnodes < 1 or gpus_per_node < 1:
+        raise ValidationError([(f"NNODES ({nnodes}) and GPUS_PER_NODE ({gpus_per_node}) must be "
+                               ">= 1")])
+    cfg = load_config(train_argv)
+    spec = load_model_spec(cfg.model.hf_config)
+    world = nnodes * gpus_per_node
+    layout = Placement.of(cfg.parallel, world)
+    world_problems = placement_problems(cfg.parallel, world)
+    problems = [*world_problems, *model_division_problems(spec, layout),
+                *config_problems(cfg, spec, layout), *package_problems(cfg)]
+    batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
+    if cfg.rollout.rollout_engine == "sglang":
+        collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)
+    if problems:
+        raise ValidationError(problems)
+    report = Report(lines=_summary_lines(spec, layout, batch, cfg))
+    _add_rollout(report, cfg, layout)
+    _add_memory(report, cfg, spec, layout, batch, gpus_per_node, gpu_memory_gib, prompt_tokens)
+    _add_runtime(report, cfg, gpus_per_node, check_runtime)
+    return report
+
+
+# ----------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_pr2.launch.validate",
+        description="Validate a megatron_pr2.train configuration for a cluster layout (no "
+                    "launch). Training flags go after '--'.")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--print-layout", action="store_true",
+                        help="only parse the flags and print 'TP PP EP ETP' (for shell scripts)")
+    parser.add_argument("--check-runtime", action="store_true",
+                        help="also check input files, CUDA, GPU count, TransformerEngine and FP8")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    parser.add_argument("--prompt-tokens", type=int, default=512,
+                        help="prompt length assumed by the predictor memory estimate")
+    return parser
+
+
+def _print_layout(train_argv: Sequence[str]) -> None:
+    parallel = load_config(train_argv).parallel
+    print(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+          parallel.expert_model_parallel_size,
+          parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = _parser().parse_args(argv[:split])
+    train_argv = argv[split + 1:]
+    try:
+        if args.print_layout:
+            _print_layout(train_argv)
+            return 0
+        report = validate(train_argv, args.nnodes, args.gpus_per_node,
+                          check_runtime=args.check_runtime, gpu_memory_gib=args.gpu_memory_gib,
+                          prompt_tokens=args.prompt_tokens)
+    except ValidationError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print("\n".join([*report.lines, *(f"note: {note}" for note in report.notes),
+                     "configuration OK"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The dry run (``megatron_pr2.launch.validate``) and the trainer refuse the same bad
+configurations with the same message: each rule is written once and both call it.
+
+The trainer's side is reached through its own entry points: ``python -m megatron_pr2.train``'s
+``main`` (config rules), the model builder (model divisibility) and the RL loop's batch split
+(rules that depend on the data-parallel size, which only the launched world knows).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_pr2.config import parse_config
+from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.launch.validate import validate
+
+SMALL = ["--hf-config", "tiny-qwen3-moe", "--device", "cpu", "--rollout-batch-prompts", "4",
+         "--n-samples-per-prompt", "2", "--off-policy-window", "2", "--micro-batch-size", "2"]
+
+
+def _dry_run_problems(argv, gpus: int = 1) -> list[str]:
+    with pytest.raises(ValidationError) as err:
+        validate(argv, nnodes=1, gpus_per_node=gpus)
+    return err.value.problems
+
+
+def _trainer_error(argv, capsys) -> str:
+    from megatron_pr2.train import main
+
+    assert main(argv) == 2  # refused before anything is built
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0].removeprefix("error: ")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--save-interval", "2"], "--save-interval needs --save DIR"),
+    (["--off-policy-window", "3"], "DP x --off-policy-window x --micro-batch-size = 1 x 3 x 2"),
+    (["--micro-batch-size", "3"], "DP x --off-policy-window x --micro-batch-size = 1 x 2 x 3"),
+    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+      "--micro-batch-size", "1", "--rollout-batch-prompts", "3"], "interleaved pipeline"),
+])
+def test_config_rules_refused_alike(extra, needle, capsys):
+    argv = [*SMALL, *extra]
+    trainer = _trainer_error(argv, capsys)
+    assert needle in trainer
+    assert _dry_run_problems(argv, gpus=2) == [trainer]
+
+
+def test_model_divisibility_refused_alike():
+    from megatron_pr2.models import build_model_chunks
+    from megatron_pr2.models.hf_config import resolve_hf_config
+
+    argv = [*SMALL, "--expert-model-parallel-size", "3"]
+    cfg = parse_config(argv)
+    with pytest.raises(ValueError) as err:
+        build_model_chunks(resolve_hf_config(cfg.model.hf_config), cfg.parallel)
+    assert str(err.value) == "num_experts=8 is not divisible by --expert-model-parallel-size=3"
+    assert str(err.value) in _dry_run_problems(argv, gpus=3)
+
+
+def test_data_parallel_batch_split_refused_alike(monkeypatch):
+    from megatron_pr2.training import loop as loop_module
+
+    argv = [*SMALL, "--rollout-batch-prompts", "2"]  # 4 samples: 2 x 2 at DP 1, not at DP 2
+    loop = object.__new__(loop_module.RLLoop)
+    loop.cfg = parse_config(argv)
+    monkeypatch.setattr(loop_module.parallel_state, "get_data_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(loop_module.parallel_state, "get_data_parallel_rank", lambda: 0)
+    with pytest.raises(ValueError) as err:
+        loop._microbatches(samples=[None] * 4, advantages=None)
+    assert "= 2 x 2 x 2 = 8" in str(err.value)
+    assert _dry_run_problems(argv, gpus=2) == [str(err.value)]
