@@ -23,6 +23,7 @@ import shutil
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_pr2.training.checkpoint_verify import (
     CorruptCheckpointError,
@@ -145,7 +146,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, trainer_state: 
     error = None
     try:
         _write_staging(root, staging, model, optimizer, trainer_state)
-    except Exception as err:  # noqa: BLE001 -- every rank must reach the agreement below
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- all ranks must agree below
         error = err
     if _any_rank_failed(error is not None):
         _fail_save(root, staging, iteration, error)
@@ -219,6 +220,9 @@ def _candidates(root: str) -> list[int]:
         return on_disk[::-1]
     if latest is None:
         return []
+    if latest not in on_disk:
+        logger.warning("%s names iteration %d but %s is missing", os.path.join(root, LATEST),
+                       latest, _iter_dir(root, latest))
     return [i for i in on_disk if i <= latest][::-1] or [latest]
 
 
@@ -245,7 +249,7 @@ def _load_weights(directory: str, model, optimizer) -> str | None:
             unwrap_ddp(chunk).load_state_dict(loaded[f"model{i}"])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
-    except Exception as err:  # noqa: BLE001 -- an unreadable shard raises deep inside torch
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- raised deep inside torch
         reason = f"loading it failed ({type(err).__name__}: {str(err)[:300]})"
     if _any_rank_failed(reason is not None):
         return reason or "loading it failed on another rank"

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class SaveDirLock:
             os.fsync(handle.fileno())
         return True
 
-    def __enter__(self) -> SaveDirLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

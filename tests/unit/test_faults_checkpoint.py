@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
 from megatron_pr2.training import checkpointing
 from megatron_pr2.training.checkpoint_verify import (
@@ -48,7 +49,7 @@ def test_a_complete_checkpoint_verifies_and_its_state_loads_weights_only(tmp_pat
 
 
 @pytest.mark.parametrize("damage, named, why", [
-    (lambda d: _truncate(sorted(d.glob("*.distcp"))[0], 100), "__0_0.distcp", "is truncated"),
+    (lambda d: _truncate(min(d.glob("*.distcp")), 100), "__0_0.distcp", "is truncated"),
     (lambda d: (d / ".metadata").write_bytes(b"\x80\x04garbage"), ".metadata", "is garbled"),
     (lambda d: (d / "metadata.json").write_text("{not json"), "metadata.json", "is garbled"),
     (lambda d: os.remove(d / "common.pt"), "common.pt", "is missing"),
@@ -107,6 +108,16 @@ def test_disk_full_at_the_write_seam_is_named_and_cleaned_up(tmp_path, monkeypat
                               "the previous checkpoints are intact")
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", checkpointing.LATEST]
     verify_checkpoint(str(tmp_path / "iter_0000001"), 0)
+
+
+def test_a_torch_checkpoint_exception_from_a_full_disk_is_recognised(tmp_path, monkeypatch):
+    # torch's CheckpointException derives from BaseException and carries the worker's error text
+    failure = CheckpointException("write", {0: _wrap_exception(OSError(errno.ENOSPC, os.strerror(
+        errno.ENOSPC)))})
+    monkeypatch.setattr(checkpointing, "_write_staging", _fail_writing(failure))
+    with pytest.raises(CheckpointError, match="^no space left on device while saving iteration 2"):
+        checkpointing.save_checkpoint(str(tmp_path), 2, [torch.nn.Linear(2, 2)], None, {})
+    assert os.listdir(tmp_path) == []
 
 
 def test_other_save_failures_are_cleaned_up_and_named(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ def test_data_file_problems(tmp_path):
     good.write_text('{"prompt": "1+1", "answer": "2"}\n')
     (tmp_path / "d.csv").write_text("x")
     assert data_problems(str(good)) == []
-    assert data_problems(str(tmp_path / "none.jsonl")) == [f"--data-path {tmp_path}/none.jsonl: "
-                                                          "no such file"]
+    assert data_problems(str(tmp_path / "none.jsonl")) == [
+        f"--data-path {tmp_path}/none.jsonl: no such file"]
     assert data_problems(str(tmp_path)) == [f"--data-path {tmp_path}: not a file"]
     assert "unsupported format" in data_problems(str(tmp_path / "d.csv"))[0]
 
@@ -29,8 +29,8 @@ def test_tokenizer_paths_and_hub_ids(tmp_path):
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     assert tokenizer_problems(str(tmp_path / "tok")) == []
     assert tokenizer_problems("Qwen/Qwen3-30B-A3B") == []  # a Hub id is left to transformers
-    assert tokenizer_problems("/no/such/tokenizer") == ["--tokenizer /no/such/tokenizer: no such "
-                                                        "directory"]
+    assert tokenizer_problems("/no/such/tokenizer") == [
+        "--tokenizer /no/such/tokenizer: no such directory"]
     assert "holds none of tokenizer.json" in tokenizer_problems(str(tmp_path / "empty"))[0]
     assert "neither an existing directory nor a Hugging Face Hub id" in \
         tokenizer_problems("a/b/c")[0]
@@ -55,10 +55,10 @@ def test_train_reports_every_problem_before_building_anything(tmp_path, capsys):
                  "--log-jsonl", str(tmp_path)])
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
+    presets = ", ".join(sorted(PRESETS))
     assert lines == [
-        f"error: --hf-config {tmp_path}/config.json: neither an embedded preset "
-        f"({', '.join(sorted(PRESETS))})"
-        " nor an existing directory or file",
+        (f"error: --hf-config {tmp_path}/config.json: neither an embedded preset ({presets}) "
+         "nor an existing directory or file"),
         f"error: --data-path {tmp_path}/x.jsonl: no such file",
         f"error: --tokenizer {tmp_path}/tok: no such directory",
         f"error: --log-jsonl {tmp_path}: is a directory",

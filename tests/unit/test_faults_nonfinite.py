@@ -64,9 +64,8 @@ def test_guard_steps_skips_and_stops_after_n_in_a_row():
 
 
 def test_context_names_the_iteration_and_summary_names_the_metrics():
-    with pytest.raises(NonFiniteError, match=r"^iteration 7: boom"):
-        with nonfinite_context(7):
-            raise NonFiniteError("boom")
+    with pytest.raises(NonFiniteError, match=r"^iteration 7: boom"), nonfinite_context(7):
+        raise NonFiniteError("boom")
     text = nonfinite_summary({"train/grad_norm": math.nan, "a": 1.0,
                               "train/skipped_steps_in_a_row": 2.0,
                               "train/skipped_steps_total": 5.0})

@@ -61,8 +61,8 @@ def test_safe_changes_are_logged_and_others_warned(caplog):
     assert records["resume: --lr changed 0.0001 -> 0.0003 (applied)"] == logging.INFO
     assert records["resume: --save-interval changed 0 -> 5 (applied)"] == logging.INFO
     warned = [m for m, level in records.items() if level == logging.WARNING]
-    assert warned == ["resume: --temperature changed 1.0 -> 0.7 (applied; the resumed run is no "
-                      "longer the same experiment as the checkpoint's)"]
+    assert warned == [("resume: --temperature changed 1.0 -> 0.7 (applied; the resumed run is "
+                       "no longer the same experiment as the checkpoint's)")]
 
 
 def test_predictor_lr_mult_may_not_cross_one():
