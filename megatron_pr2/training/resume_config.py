@@ -30,7 +30,7 @@ REFUSED = {
 LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
           "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
           "expert_tensor_parallel_size", "context_parallel_size", "sequence_parallel")
-SAFE_SECTIONS_FIELDS = {
+SAFE_FIELDS = {
     "train.lr", "train.train_iters", "train.save_interval", "train.eval_interval",
     "train.eval_prompts", "train.tensorboard_dir", "train.log_jsonl", "train.keep_last",
     "train.max_consecutive_skips", "train.allow_resharding", "predictor.predictor_lr_mult",
@@ -87,7 +87,7 @@ def check_resume_config(saved: dict, current: dict, checkpoint: str,
             + "; ".join(refused) + ". Resume with the original values or use a new --save")
     for key, (before, after) in changes.items():
         flag = "--" + key.split(".", 1)[1].replace("_", "-")
-        if key in SAFE_SECTIONS_FIELDS or key.startswith("parallel."):
+        if key in SAFE_FIELDS or key.startswith("parallel."):
             logger.info("resume: %s changed %r -> %r (applied)", flag, before, after)
         else:
             logger.warning("resume: %s changed %r -> %r (applied; the resumed run is no longer "
