@@ -127,12 +127,18 @@ class TrainArgs:
     log_jsonl: str | None = None
     warmup_sft_steps: int = 0  # supervised warm-up steps before RL (embedded task only)
     warmup_sft_lr: float = 1e-3
+    keep_last: int = 0  # keep only the N newest checkpoints (0: all)
+    max_consecutive_skips: int = 8  # optimizer steps in a row with non-finite loss/grad -> stop
+    allow_resharding: bool = False  # resume under another parallel layout
 
     def validate(self) -> None:
         _positive("train_iters", self.train_iters)
         _positive("micro_batch_size", self.micro_batch_size)
+        _positive("max_consecutive_skips", self.max_consecutive_skips)
         if self.lr <= 0:
             raise ValueError("--lr must be > 0")
+        if self.keep_last < 0:
+            raise ValueError(f"--keep-last must be >= 0 (0 keeps all), got {self.keep_last}")
 
 
 @dataclasses.dataclass

@@ -7,11 +7,21 @@ Example (one CPU process, the embedded tiny Qwen3-MoE and digit task)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 
 from megatron_pr2.config import RunConfig, parse_config
+from megatron_pr2.input_checks import InputError, check_inputs
 from megatron_pr2.platform import destroy_model_parallel
+from megatron_pr2.training.checkpointing import CheckpointError
+from megatron_pr2.training.nonfinite import NonFiniteError
+from megatron_pr2.training.resume_config import ResumeConfigError
+from megatron_pr2.training.save_lock import SaveDirLock, SaveDirLockedError
+
+# Faults the trainer detects and explains: reported as one ``error:`` line, exit status 1.
+RUN_FAULTS = (CheckpointError, NonFiniteError, ResumeConfigError, SaveDirLockedError)
 
 logger = logging.getLogger("megatron_pr2.train")
 
@@ -23,19 +33,27 @@ def run_training(cfg: RunConfig) -> None:
     from megatron_pr2.training.rollout_source import RolloutSource, make_engine, make_prompts
     from megatron_pr2.training.warmup import sft_warmup
 
-    parts = build_components(cfg)
-    try:
-        prompts = make_prompts(cfg)
-        if cfg.train.warmup_sft_steps:
-            if cfg.task.task != "digits":
-                raise ValueError("--warmup-sft-steps is for the embedded digit task")
-            sft_warmup(parts.model, parts.actor.controller, prompts.task,
-                       cfg.train.warmup_sft_steps, cfg.train.warmup_sft_lr)
-        source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts)
-        RLLoop(parts, source).run()
-    finally:
-        parts.actor.controller.close()
-        destroy_model_parallel()
+    owns_save = bool(cfg.train.save) and _launch_rank() == 0
+    with SaveDirLock(cfg.train.save) if owns_save else contextlib.nullcontext():
+        parts = build_components(cfg)
+        try:
+            prompts = make_prompts(cfg)
+            if cfg.train.warmup_sft_steps:
+                if cfg.task.task != "digits":
+                    raise ValueError("--warmup-sft-steps is for the embedded digit task")
+                sft_warmup(parts.model, parts.actor.controller, prompts.task,
+                           cfg.train.warmup_sft_steps, cfg.train.warmup_sft_lr,
+                           max_consecutive_skips=cfg.train.max_consecutive_skips)
+            source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts)
+            RLLoop(parts, source).run()
+        finally:
+            parts.actor.controller.close()
+            destroy_model_parallel()
+
+
+def _launch_rank() -> int:
+    """This process's global rank as torchrun sets it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def configure_logging() -> None:
@@ -49,10 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         cfg = parse_config(argv)
+        check_inputs(cfg)
+    except InputError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except RUN_FAULTS as err:
+        logger.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

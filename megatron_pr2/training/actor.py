@@ -12,6 +12,7 @@ from megatron_pr2.rl.losses import PolicyLossConfig, PolicyLossInputs, policy_lo
 from megatron_pr2.routing.controller import RoutingController, StepRouting
 from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.training.logprobs import token_entropy, token_logprobs
+from megatron_pr2.training.nonfinite import NonFiniteGuard
 from megatron_pr2.training.padding_mask import stage_padding_mask
 from megatron_pr2.training.rollout_batch import TrainMicroBatch
 from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
@@ -67,14 +68,16 @@ class PolicyActor:
         optimizer: the Megatron optimizer over them.
         loss_config: the policy loss and its options.
         controller: the routing controller of the chunks.
+        nonfinite: skips steps with a non-finite loss or gradient (default: 8 in a row stop).
     """
 
     def __init__(self, model, optimizer, loss_config: PolicyLossConfig,
-                 controller: RoutingController):
+                 controller: RoutingController, nonfinite: NonFiniteGuard | None = None):
         self.model = model
         self.optimizer = optimizer
         self.loss_config = loss_config
         self.controller = controller
+        self.nonfinite = nonfinite or NonFiniteGuard()
 
     # ----------------------------------------------------------------------------- passes
     def logprob_pass(self, microbatches: Sequence[TrainMicroBatch], mode: str,
@@ -117,13 +120,15 @@ class PolicyActor:
             self.controller.abort_step()
             raise
         routing = self.controller.end_step()
-        success, grad_norm, _ = self.optimizer.step()
+        step = self.nonfinite.step(self.optimizer, self.model,
+                                   [o["policy_loss"] for o in outputs if "policy_loss" in o],
+                                   label="a mini-step")
         local = _mean_metrics(outputs)
         keys = sorted(local) if local else []
         keys = self._agree_on_keys(keys)
         metrics = _reduce_metrics(local, keys)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["update_skipped"] = float(not success)
+        metrics["grad_norm"] = step.grad_norm
+        metrics["update_skipped"] = float(not step.success)
         return PassResult(routing, metrics)
 
     # ----------------------------------------------------------------------------- internals

@@ -4,23 +4,59 @@ Layout: ``<save>/iter_0000012/`` holds the distributed checkpoint and one
 ``trainer_state_rank{r}.pt`` per rank; ``<save>/latest_checkpointed_iteration.txt`` names the
 newest complete one. A checkpoint is written under a temporary name and renamed when complete,
 and the ``latest`` file is replaced atomically afterwards, so a kill at any moment leaves the
-previous checkpoint intact.
+previous checkpoint intact. A failed save removes its temporary folder and says why (a full
+disk by name); non-finite weights are never saved; ``keep_last`` rotates old checkpoints.
+
+Resume verifies the newest checkpoint (:mod:`checkpoint_verify`) and falls back to the newest
+complete earlier one, naming the bad file; the config saved with it is compared with the new
+one (:mod:`resume_config`) before any weight is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
+import re
 import shutil
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from megatron_pr2.training.checkpoint_verify import (
+    CorruptCheckpointError,
+    load_trainer_state,
+    trainer_state_path,
+    verify_checkpoint,
+)
 from megatron_pr2.training.model_setup import unwrap_ddp
+from megatron_pr2.training.nonfinite import assert_finite_weights
+from megatron_pr2.training.resume_config import (
+    check_resume_config,
+    configured_learning_rates,
+    restore_learning_rates,
+)
 
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less free space than this is a full disk
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or no usable checkpoint could be loaded."""
+
+
+@dataclasses.dataclass
+class Resumed:
+    """What a resume loaded: this rank's trainer state and where it came from."""
+
+    state: dict
+    directory: str
+    iteration: int
 
 
 def _iter_dir(root: str, iteration: int) -> str:
@@ -46,33 +82,122 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, trainer_state: dict) -> str:
-    """Collectively save a complete checkpoint of ``iteration``; return its directory."""
-    final = _iter_dir(root, iteration)
-    staging = final + ".tmp"
+def _any_rank_failed(failed: bool) -> bool:
+    """True when ``failed`` on any rank, agreed on the gloo host group (every rank calls it)."""
+    if not torch.distributed.is_initialized():
+        return failed
+    from megatron_pr2.platform.distributed import host_group
+
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=host_group())
+    return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------- save
+def _is_disk_full(err: BaseException, root: str) -> bool:
+    """ENOSPC anywhere in the exception chain, or a write error with the disk (nearly) full
+    (torch's zip writer reports a full disk as "unexpected pos ...")."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(root).free < DISK_FULL_FREE_BYTES
+    except OSError:
+        return False
+
+
+def _write_staging(root: str, staging: str, model, optimizer, trainer_state: dict) -> None:
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer), staging)
-    torch.save(trainer_state, os.path.join(staging, f"trainer_state_rank{_rank()}.pt"))
-    _barrier()
+    torch.save(trainer_state, trainer_state_path(staging, _rank()))
+
+
+def _publish(root: str, staging: str, final: str, iteration: int) -> None:
+    """Rank 0: rename the complete staging folder and point ``latest`` at it."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    tmp = os.path.join(root, LATEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(str(iteration))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, trainer_state: dict,
+                    keep_last: int = 0) -> str:
+    """Collectively save a complete checkpoint of ``iteration``; return its directory.
+
+    Raises:
+        NonFiniteError: the weights are not finite (nothing is written).
+        CheckpointError: the save failed (its temporary folder is removed; a full disk is
+            named as such); earlier checkpoints are untouched.
+    """
+    assert_finite_weights(model, f"iteration {iteration}")
+    final = _iter_dir(root, iteration)
+    staging = final + ".tmp"
+    error = None
+    try:
+        _write_staging(root, staging, model, optimizer, trainer_state)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- all ranks must agree below
+        error = err
+    if _any_rank_failed(error is not None):
+        _fail_save(root, staging, iteration, error)
     if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        tmp = os.path.join(root, LATEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(str(iteration))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, os.path.join(root, LATEST))
+        try:
+            _publish(root, staging, final, iteration)
+        except OSError as err:
+            _fail_save(root, staging, iteration, err)
         logger.info("saved checkpoint %s", final)
+        if keep_last:
+            rotate_checkpoints(root, keep_last)
     _barrier()
     return final
 
 
+def _fail_save(root: str, staging: str, iteration: int, error: BaseException | None):
+    full = error is not None and _is_disk_full(error, root)
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    if full:
+        raise CheckpointError(f"no space left on device while saving iteration {iteration} to "
+                              f"{root}; the previous checkpoints are intact") from error
+    cause = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+    raise CheckpointError(f"saving iteration {iteration} to {root} failed ({cause}); the "
+                          "previous checkpoints are intact") from error
+
+
+def complete_iterations(root: str) -> list[int]:
+    """Iterations with a renamed (complete) checkpoint folder under ``root``, ascending."""
+    if not os.path.isdir(root):
+        return []
+    found = (_ITER_DIR.match(name) for name in os.listdir(root))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def rotate_checkpoints(root: str, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints (rank 0)."""
+    iterations = complete_iterations(root)
+    for iteration in iterations[:-keep_last]:
+        shutil.rmtree(_iter_dir(root, iteration), ignore_errors=True)
+        logger.info("removed old checkpoint %s (--keep-last %d)", _iter_dir(root, iteration),
+                    keep_last)
+
+
+# ----------------------------------------------------------------------------------- load
 def latest_iteration(root: str | None) -> int | None:
-    """The newest complete checkpoint's iteration under ``root``, or None."""
+    """The iteration named by ``root``'s ``latest`` file, or None when there is none.
+
+    Raises:
+        ValueError: the file does not hold an iteration number.
+    """
     if not root:
         return None
     path = os.path.join(root, LATEST)
@@ -85,19 +210,83 @@ def latest_iteration(root: str | None) -> int | None:
     return int(text)
 
 
-def load_checkpoint(root: str, iteration: int, model, optimizer) -> dict:
-    """Collectively load model and optimizer state; return this rank's trainer state."""
-    directory = _iter_dir(root, iteration)
-    if not dist_checkpointing.check_is_distributed_checkpoint(directory):
-        raise FileNotFoundError(f"checkpoint {directory} is missing or incomplete")
-    state_path = os.path.join(directory, f"trainer_state_rank{_rank()}.pt")
-    if not os.path.exists(state_path):
-        raise FileNotFoundError(f"{state_path} is missing: was the checkpoint written with the "
-                                "same number of ranks?")
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
-    for i, chunk in enumerate(model):
-        unwrap_ddp(chunk).load_state_dict(loaded[f"model{i}"])
+def _candidates(root: str) -> list[int]:
+    """Iterations to try, newest first: those up to ``latest`` (all, if it is unreadable)."""
+    on_disk = complete_iterations(root)
+    try:
+        latest = latest_iteration(root)
+    except ValueError as err:
+        logger.warning("%s; looking for checkpoint folders instead", err)
+        return on_disk[::-1]
+    if latest is None:
+        return []
+    if latest not in on_disk:
+        logger.warning("%s names iteration %d but %s is missing", os.path.join(root, LATEST),
+                       latest, _iter_dir(root, latest))
+    return [i for i in on_disk if i <= latest][::-1] or [latest]
+
+
+def _verified_state(directory: str) -> tuple[dict | None, str | None]:
+    """This rank's trainer state if every rank finds ``directory`` complete, else a reason."""
+    try:
+        verify_checkpoint(directory, _rank())
+        state, reason = load_trainer_state(directory, _rank()), None
+    except CorruptCheckpointError as err:
+        state, reason = None, str(err)
+    if _any_rank_failed(reason is not None) and reason is None:
+        reason = "a file of another rank is missing or damaged (see that rank's log)"
+    return (None, reason) if reason else (state, None)
+
+
+def _load_weights(directory: str, model, optimizer) -> str | None:
+    """Load model and optimizer state (collective); a reason string when it failed."""
+    configured = configured_learning_rates(optimizer) if optimizer is not None else None
+    reason = None
+    try:
+        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True),
+                                         directory)
+        for i, chunk in enumerate(model):
+            unwrap_ddp(chunk).load_state_dict(loaded[f"model{i}"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- raised deep inside torch
+        reason = f"loading it failed ({type(err).__name__}: {str(err)[:300]})"
+    if _any_rank_failed(reason is not None):
+        return reason or "loading it failed on another rank"
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
-    logger.info("resumed from %s", directory)
-    return torch.load(state_path, weights_only=False)
+        restore_learning_rates(optimizer, configured)
+    return None
+
+
+def resume(root: str | None, model, optimizer, config: dict,
+           allow_resharding: bool = False) -> Resumed | None:
+    """Load the newest usable checkpoint under ``root`` (collective); None when there is none.
+
+    A damaged checkpoint is skipped, with a warning naming the file, for the newest complete
+    earlier one. The saved config is compared with ``config`` before any weight is loaded.
+
+    Raises:
+        ResumeConfigError: ``config`` changes what the checkpoint's run is.
+        CheckpointError: checkpoints exist but none of them is usable.
+    """
+    candidates = _candidates(root) if root else []
+    skipped = []
+    for iteration in candidates:
+        directory = _iter_dir(root, iteration)
+        state, reason = _verified_state(directory)
+        if reason is None:
+            check_resume_config(state.get("config", {}), config, directory, allow_resharding)
+            reason = _load_weights(directory, model, optimizer)
+        if reason is None:
+            if skipped:
+                logger.warning("resumed from %s, an earlier checkpoint, because %s",
+                               directory, "; ".join(skipped))
+            logger.info("resumed from %s (iteration %d)", directory, iteration)
+            return Resumed(state, directory, iteration)
+        logger.warning("checkpoint %s is unusable: %s", directory, reason)
+        skipped.append(f"{directory} is unusable: {reason}")
+    if skipped:
+        raise CheckpointError(f"no usable checkpoint under {root}: " + "; ".join(skipped)
+                              + ". Move the directory away to start a new run")
+    return None
+

@@ -23,6 +23,7 @@ from megatron_pr2.routing.predictor import (
 from megatron_pr2.routing.router import PR2Router
 from megatron_pr2.training.actor import PolicyActor
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
+from megatron_pr2.training.nonfinite import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def build_components(cfg: RunConfig) -> Components:
                                 sample_ratio=cfg.predictor.predictor_sample_ratio,
                                 lr_mult=cfg.predictor.predictor_lr_mult, seed=cfg.train.seed)
     controller = RoutingController(model, predictor)
-    actor = PolicyActor(model, optimizer, loss_config(cfg), controller)
+    actor = PolicyActor(model, optimizer, loss_config(cfg), controller,
+                        nonfinite=NonFiniteGuard(cfg.train.max_consecutive_skips))
     token_parallel = TokenParallel(
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

@@ -39,7 +39,7 @@ def read_full_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "full.pt")
         dcp_to_torch_save(str(directory), path)
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
     return {k: v for k, v in _flatten(state).items() if isinstance(v, torch.Tensor)}
 
 

@@ -23,6 +23,7 @@ from megatron_pr2.training.batch_plan import plan_batch
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.engine_sync import sync_weights
 from megatron_pr2.training.metrics_log import MetricsLogger
+from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
 from megatron_pr2.training.rollout_batch import build_train_microbatches
 from megatron_pr2.training.rollout_source import RolloutSource
 
@@ -81,7 +82,8 @@ class RLLoop:
         try:
             for iteration in range(self.start_iteration + 1, self.cfg.train.train_iters + 1):
                 started = time.perf_counter()
-                metrics = self.iteration(iteration)
+                with nonfinite_context(iteration):
+                    metrics = self.iteration(iteration)
                 if self._due(self.cfg.train.eval_interval, iteration):
                     metrics.update(self.source.evaluate(self.cfg.train.eval_prompts))
                 metrics["time/iteration_s"] = time.perf_counter() - started
@@ -107,6 +109,7 @@ class RLLoop:
         replay_plan = {None: None, "engine": engine_plan,
                        "old_pass": old.routing.routes}[self.method.replay_source]
         metrics.update(self._ministeps(microbatches, replay_plan))
+        metrics.update({f"train/{k}": v for k, v in self.parts.actor.nonfinite.metrics().items()})
         self._sync_weights()
         return metrics
 
@@ -184,14 +187,15 @@ class RLLoop:
 
     def _save(self, iteration: int) -> None:
         checkpointing.save_checkpoint(self.cfg.train.save, iteration, self.parts.model,
-                                      self.parts.optimizer, self._trainer_state(iteration))
+                                      self.parts.optimizer, self._trainer_state(iteration),
+                                      keep_last=self.cfg.train.keep_last)
 
     def _maybe_resume(self) -> None:
-        latest = checkpointing.latest_iteration(self.cfg.train.save)
-        if latest is None:
+        resumed = checkpointing.resume(self.cfg.train.save, self.parts.model, self.parts.optimizer,
+                                       self.cfg.to_dict(), self.cfg.train.allow_resharding)
+        if resumed is None:
             return
-        state = checkpointing.load_checkpoint(self.cfg.train.save, latest, self.parts.model,
-                                              self.parts.optimizer)
+        state = resumed.state
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.start_iteration = int(state["iteration"])
@@ -206,5 +210,6 @@ class RLLoop:
                  "loss": metrics.get("train/policy_loss"),
                  "s": metrics.get("time/iteration_s")}
         text = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
+        text += nonfinite_summary(metrics)
         logger.info("[%s] iteration %d/%d %s", self.method.name, iteration,
                     self.cfg.train.train_iters, text)

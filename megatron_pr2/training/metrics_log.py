@@ -10,8 +10,15 @@ import os
 logger = logging.getLogger(__name__)
 
 
+NONFINITE_COUNT = "metrics/nonfinite_count"
+
+
 class MetricsLogger:
     """Writes each step's scalar metrics to TensorBoard and to a JSONL file.
+
+    Non-finite values are kept as such in the JSONL file (``NaN``/``Infinity``, which Python's
+    ``json`` reads back); TensorBoard cannot plot them, so it receives their count per step as
+    ``metrics/nonfinite_count`` (also in the JSONL), and a warning names them.
 
     Args:
         tensorboard_dir: TensorBoard log directory (None: off).
@@ -39,6 +46,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        nonfinite = sorted(k for k, v in clean.items() if not math.isfinite(v))
+        clean[NONFINITE_COUNT] = float(len(nonfinite))
+        if nonfinite:
+            logger.warning("step %d: non-finite metrics %s", step,
+                           ", ".join(f"{k}={clean[k]}" for k in nonfinite))
         if self._writer is not None:
             for key, value in clean.items():
                 if math.isfinite(value):

@@ -1,0 +1,118 @@
+"""Resuming under a new command line: which config changes are refused, which are applied.
+
+The trainer state of a checkpoint holds the run's config (``RunConfig.to_dict()``). On resume the
+new config is compared field by field with it:
+
+* refused (the run would be meaningless): the model, the routing method, and the parallel layout
+  (unless ``--allow-resharding``: Megatron's ``torch_dist`` format reshards on load), and the
+  predictor learning-rate multiplier crossing 1 (the predictor then joins or leaves another
+  optimizer parameter group, and the saved Adam state no longer matches);
+* applied and logged: everything else. Learning rates, intervals, logging and timeouts are the
+  intended use; any other change (batching, loss options, seeds ...) is applied with a warning
+  that the resumed run is no longer the same experiment.
+
+The learning rates the new config sets take effect through :func:`configured_learning_rates`
+and :func:`restore_learning_rates` around the optimizer-state load (which would otherwise bring
+back the checkpoint's rates).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+REFUSED = {
+    "model.hf_config": "the model",
+    "model.transformer_impl": "the model's modules",
+    "algo.routing_method": "the routing method",
+}
+LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+          "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+          "expert_tensor_parallel_size", "context_parallel_size", "sequence_parallel")
+SAFE_FIELDS = {
+    "train.lr", "train.train_iters", "train.save_interval", "train.eval_interval",
+    "train.eval_prompts", "train.tensorboard_dir", "train.log_jsonl", "train.keep_last",
+    "train.max_consecutive_skips", "train.allow_resharding", "predictor.predictor_lr_mult",
+    "rollout.rollout_timeout", "rollout.sglang_urls", "parallel.distributed_timeout_minutes",
+    "model.load", "model.device",
+}
+LR_KEYS = ("lr", "max_lr", "min_lr")
+
+
+class ResumeConfigError(ValueError):
+    """The new command line changes what the checkpoint's run is."""
+
+
+def _flatten(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, fields in config.items()
+            if isinstance(fields, dict) for key, value in fields.items()}
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{"section.field": (saved, current)}`` for every field both configs hold and differ."""
+    old, new = _flatten(saved), _flatten(current)
+    return {key: (old[key], new[key]) for key in sorted(old.keys() & new.keys())
+            if old[key] != new[key]}
+
+
+def _refusal(key: str, before, after, allow_resharding: bool) -> str | None:
+    section, field = key.split(".", 1)
+    if key in REFUSED:
+        return REFUSED[key]
+    if section == "parallel" and field in LAYOUT and not allow_resharding:
+        return "the parallel layout (pass --allow-resharding to reshard the checkpoint)"
+    if key == "predictor.predictor_lr_mult" and (before == 1.0) != (after == 1.0):
+        return "the optimizer's parameter groups (the predictor LR multiplier crosses 1)"
+    return None
+
+
+def check_resume_config(saved: dict, current: dict, checkpoint: str,
+                        allow_resharding: bool = False) -> dict[str, tuple]:
+    """Refuse meaningless changes (all listed in one error), log the others; return them.
+
+    Raises:
+        ResumeConfigError: the model, routing method or (without resharding) layout changed.
+    """
+    changes = config_changes(saved, current)
+    refused = []
+    for key, (before, after) in changes.items():
+        reason = _refusal(key, before, after, allow_resharding)
+        if reason:
+            refused.append(f"--{key.split('.', 1)[1].replace('_', '-')} {before!r} -> {after!r} "
+                           f"({reason})")
+    if refused:
+        raise ResumeConfigError(
+            f"cannot resume {checkpoint} with this command line; it changes: "
+            + "; ".join(refused) + ". Resume with the original values or use a new --save")
+    for key, (before, after) in changes.items():
+        flag = "--" + key.split(".", 1)[1].replace("_", "-")
+        if key in SAFE_FIELDS or key.startswith("parallel."):
+            logger.info("resume: %s changed %r -> %r (applied)", flag, before, after)
+        else:
+            logger.warning("resume: %s changed %r -> %r (applied; the resumed run is no longer "
+                           "the same experiment as the checkpoint's)", flag, before, after)
+    return changes
+
+
+def configured_learning_rates(optimizer) -> list[dict]:
+    """The learning rates of each parameter group as the current config built them."""
+    return [{k: group[k] for k in LR_KEYS if k in group} for group in optimizer.param_groups]
+
+
+def restore_learning_rates(optimizer, configured: list[dict]) -> None:
+    """Put the configured rates back after an optimizer-state load replaced them.
+
+    The one place where a resumed run's learning rates are decided (an LR scheduler's state
+    would be applied here instead).
+    """
+    groups = optimizer.param_groups
+    if len(groups) != len(configured):
+        raise ResumeConfigError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
+                                f"this run builds {len(configured)}")
+    for group, rates in zip(groups, configured):
+        changed = {k: (group.get(k), v) for k, v in rates.items() if group.get(k) != v}
+        group.update(rates)
+        if changed and "lr" in changed:
+            logger.info("resume: learning rate %g -> %g (from the command line)",
+                        changed["lr"][0], changed["lr"][1])
