@@ -108,6 +108,20 @@ def _moved(func, args, result, tag: str):
     return result
 
 
+def _untagged_move(args, result):
+    """A move to ``device=x.device`` (plain ``cpu`` here): where ``x`` lives is unknown, so a
+    device tensor stays one and anything else is untagged (a host tensor returned unchanged
+    becomes an untagged alias)."""
+    source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if source is not None and _TAGS.get(source) == DEVICE:
+        _tag(result, DEVICE)
+        return result
+    if result is source and _TAGS.get(source) == HOST:
+        result = result.view_as(result)
+    _tag(result, None)
+    return result
+
+
 def _inputs_tags(tensors) -> tuple[bool, list[torch.Tensor], bool]:
     has_device, host_tensors, has_untagged = False, [], False
     for tensor in tensors:
@@ -154,11 +168,11 @@ class _StrictDeviceMode(TorchFunctionMode):
             return _moved(func, args, result, DEVICE) if tensors else _tagged(result, DEVICE)
         if func is torch.Tensor.cpu:
             return _moved(func, args, result, HOST)
+        if target is not None and _is_plain_cpu(target):
+            return _untagged_move(args, result)
         if any(result is tensor for tensor in tensors):
             return result  # in place (or a no-op): the storage stays where it was
-        if target is not None and _is_plain_cpu(target):
-            _tag(result, None)  # e.g. device=x.device: where x is, unknown here
-        elif not tensors:
+        if not tensors:
             _tag(result, HOST)  # a factory without a device: host memory on every machine
         elif has_device:
             _tag(result, DEVICE)
