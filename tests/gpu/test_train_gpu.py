@@ -68,12 +68,21 @@ def _check_records(records: list[dict], method: str) -> None:
 @pytest.mark.parametrize("method", sorted(ROUTING_METHODS))
 def test_each_routing_method_trains_in_bf16(method, tmp_path):
     _require_flags("--bf16")
-    records = run_distributed(_train_worker, 1, _flags(str(tmp_path), method), timeout=300)[0]
+    records = run_distributed(_train_worker, 1, _flags(str(tmp_path), method))[0]
     _check_records(records, method)
     row = ROUTING_METHODS[method]
     if row.replay_source == "old_pass":
         # mini-step 1 runs the weights that chose the replayed route (PR2: zero predictor)
         assert records[0][ZERO_DEV_STEP1] == 1.0
+
+
+def test_h100_recipe_flags_train(tmp_path):
+    recipe = ["--use-distributed-optimizer", "--moe-token-dispatcher-type", "alltoall",
+              "--clip-grad", "1.0"]
+    _require_flags("--bf16", "--use-distributed-optimizer", "--moe-token-dispatcher-type")
+    records = run_distributed(_train_worker, 1, _flags(str(tmp_path), "pr2") + recipe)[0]
+    _check_records(records, "pr2")
+    assert records[0][ZERO_DEV_STEP1] == 1.0
 
 
 def test_torchrun_nccl_over_all_local_gpus(tmp_path):
@@ -114,7 +123,7 @@ def _placement_worker(rank, argv):
 
 def test_model_lives_on_the_gpu(tmp_path):
     argv = _flags(str(tmp_path), "pr2", bf16="--bf16" in _known_flags())
-    out = run_distributed(_placement_worker, 1, argv, timeout=300)[0]
+    out = run_distributed(_placement_worker, 1, argv)[0]
     assert out["device"] == "cuda:0"
     assert out["backend"] == "nccl"
     assert out["off_device"] == []  # norms and PR2 predictors included

@@ -3,6 +3,7 @@ forward and backward, and FP8 stays within tolerance of bf16 on the same weights
 
 import pytest
 
+from tests.gpu import test_train_gpu as trainer
 from tests.multiproc import run_distributed
 
 pytest.importorskip("transformer_engine", reason="TransformerEngine is not installed")
@@ -73,8 +74,8 @@ def _te_worker(rank, fp8_format):
 
     initialize_model_parallel(ParallelConfig(), seed=0, device="cuda")
     spec = parse_hf_config(preset("tiny-qwen3-moe"))
-    overrides = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
-                     moe_grouped_gemm=True)
+    overrides = {"bf16": True, "params_dtype": torch.bfloat16,
+                 "pipeline_dtype": torch.bfloat16, "moe_grouped_gemm": True}
     if fp8_format:
         overrides.update(fp8=fp8_format)
     _, config, chunks = build_model_chunks(spec, None, ModelOptions(
@@ -136,3 +137,20 @@ def test_te_fp8_within_tolerance_of_bf16(fp8_format):
     fp8, bf16 = run["fp8"]["logits"], run["bf16"]["logits"]
     error = float((fp8 - bf16).norm() / bf16.norm())
     assert 0.0 < error < FP8_TOLERANCE, f"FP8 vs bf16 relative logit error {error:.4f}"
+
+
+@pytest.mark.parametrize("fp8_format", [None, "hybrid"])
+def test_trainer_runs_the_te_spec(fp8_format, tmp_path):
+    te_flags = ["--transformer-impl", "transformer_engine", "--moe-grouped-gemm"]
+    trainer._require_flags("--bf16", "--transformer-impl", "--moe-grouped-gemm",
+                           *(["--fp8-format"] if fp8_format else []))
+    if fp8_format:
+        supported, reason = _fp8_support()
+        if not supported:
+            pytest.skip(f"FP8 is not supported on this GPU: {reason}")
+        te_flags += ["--fp8-format", fp8_format]
+    argv = trainer._flags(str(tmp_path), "pr2") + te_flags
+    records = run_distributed(trainer._train_worker, 1, argv)[0]
+    trainer._check_records(records, "pr2")
+    if not fp8_format:
+        assert records[0][trainer.ZERO_DEV_STEP1] == 1.0
