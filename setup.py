@@ -8,7 +8,7 @@ setup(
     description="Megatron-Core RL for MoE LLMs with Predictive Routing Replay (PR2), R2 and R3",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["megatron_pr2", "megatron_pr2.*"]),
     install_requires=[
         # torch: the CPU wheel (2.13.0) here, a CUDA build on GPU machines; tools/setup_env.sh

@@ -31,6 +31,7 @@ class ModelArgs:
     fp8_format: str | None = None  # e4m3 | hybrid (TransformerEngine only)
     recompute_granularity: str | None = None  # full | selective
     device: str | None = None  # cpu | cuda (default: cuda when available)
+    strict_device: bool = False  # CPU backend: refuse host tensors at the model/loss/collectives
 
     def validate(self) -> None:
         _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))
@@ -39,6 +40,9 @@ class ModelArgs:
         _choice("device", self.device, (None, "cpu", "cuda"))
         if self.fp8_format and self.transformer_impl != "transformer_engine":
             raise ValueError("--fp8-format needs --transformer-impl transformer_engine")
+        if self.strict_device and self.device == "cuda":
+            raise ValueError("--strict-device checks device placement under the CPU backend; "
+                             "it cannot be used with --device cuda")
 
 
 # The parallel section of the run config is the platform's layout dataclass itself.

@@ -21,6 +21,8 @@ from megatron_pr2.models.hf_config import (
     to_transformer_config,
 )
 from megatron_pr2.models.spec import decoder_block_spec
+from megatron_pr2.platform.device import module_to_device
+from megatron_pr2.platform.strict_device import guard_model_inputs
 
 
 @dataclasses.dataclass
@@ -46,7 +48,7 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
 
     Returns:
         ``(spec, config, chunks)``: the parsed HF spec, the ``TransformerConfig`` and a list of
-        ``GPTModel`` chunks.
+        ``GPTModel`` chunks, on the compute device.
     """
     options = options or ModelOptions()
     spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
@@ -60,7 +62,7 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
         stage = vp_stage if vpp > 1 else None
         block = decoder_block_spec(config, options.router_class, options.use_transformer_engine,
                                    vp_stage=stage, pp_rank=pp_rank)
-        chunks.append(GPTModel(
+        chunks.append(_on_device(GPTModel(
             config=config,
             transformer_layer_spec=block,
             vocab_size=spec.vocab_size,
@@ -72,8 +74,15 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
             rotary_base=int(spec.rope_theta),
             vp_stage=stage,
             pg_collection=groups,
-        ))
+        )))
     return spec, config, chunks
+
+
+def _on_device(chunk):
+    """``chunk`` moved to the compute device; in strict device mode its inputs are checked."""
+    module_to_device(chunk)
+    guard_model_inputs(chunk)
+    return chunk
 
 
 def build_model(hf_config, parallel=None, options: ModelOptions | None = None):

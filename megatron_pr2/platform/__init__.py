@@ -7,7 +7,12 @@ from megatron_pr2.platform.cpu import (
     disable_cpu_backend,
     enable_cpu_backend,
 )
-from megatron_pr2.platform.device import compute_device, to_device
+from megatron_pr2.platform.device import (
+    compute_device,
+    module_to_device,
+    to_device,
+    to_host,
+)
 from megatron_pr2.platform.distributed import (
     ParallelConfig,
     default_device,
@@ -17,10 +22,16 @@ from megatron_pr2.platform.distributed import (
     initialize_model_parallel,
     seed_model_parallel,
 )
+from megatron_pr2.platform.strict_device import (
+    StrictDeviceError,
+    guard_model_inputs,
+    strict_device_enabled,
+)
 
 __all__ = [
     "CpuBackendError",
     "ParallelConfig",
+    "StrictDeviceError",
     "compute_device",
     "cpu_backend",
     "cpu_backend_enabled",
@@ -28,9 +39,13 @@ __all__ = [
     "destroy_model_parallel",
     "disable_cpu_backend",
     "enable_cpu_backend",
+    "guard_model_inputs",
     "host_group",
     "init_process_group",
     "initialize_model_parallel",
+    "module_to_device",
     "seed_model_parallel",
+    "strict_device_enabled",
     "to_device",
+    "to_host",
 ]

@@ -180,6 +180,9 @@ def disable_cpu_backend() -> None:
     global _ENABLED, _DEVICE_MODE
     if not _ENABLED:
         return
+    from megatron_pr2.platform.strict_device import disable_strict_device_mode
+
+    disable_strict_device_mode()  # its mode sits above the device mode
     _DEVICE_MODE.__exit__(None, None, None)
     _DEVICE_MODE = None
     for owner, name, original in reversed(_PATCHES):

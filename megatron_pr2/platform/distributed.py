@@ -17,6 +17,10 @@ from megatron_pr2.platform.cpu import (
     enable_cpu_backend,
 )
 from megatron_pr2.platform.device import set_compute_device
+from megatron_pr2.platform.strict_device import (
+    StrictDeviceError,
+    enable_strict_device_mode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +104,25 @@ def _free_port() -> int:
 _host_group: dist.ProcessGroup | None = None
 
 
-def init_process_group(device: str | None = None, timeout_minutes: int = 10) -> None:
+def init_process_group(device: str | None = None, timeout_minutes: int = 10,
+                       strict_device: bool = False) -> None:
     """Initialise ``torch.distributed`` from torchrun's environment, or as a 1-process group.
 
     On CPU this also enables the CPU backend and uses gloo; on CUDA it uses NCCL and sets the
     local device. Every group gets ``timeout_minutes``; a gloo group over all ranks
     (:func:`host_group`) is created beside the default one for host-side waits.
+    ``strict_device`` turns on the CPU backend's strict device mode
+    (:mod:`megatron_pr2.platform.strict_device`).
     """
     global _host_group
     device = device or default_device()
+    if strict_device and device != "cpu":
+        raise StrictDeviceError("--strict-device checks device placement under the CPU backend; "
+                                "it cannot be used with --device cuda")
     if device == "cpu":
         enable_cpu_backend()
+        if strict_device:
+            enable_strict_device_mode()
     elif device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but CUDA is not available")
     set_compute_device(device)
@@ -138,11 +150,11 @@ def host_group() -> dist.ProcessGroup:
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
-                              device: str | None = None) -> None:
+                              device: str | None = None, strict_device: bool = False) -> None:
     """Set up the process group, Megatron's parallel state and the model-parallel RNG."""
     from megatron.core import parallel_state
 
-    init_process_group(device, parallel.distributed_timeout_minutes)
+    init_process_group(device, parallel.distributed_timeout_minutes, strict_device)
     parallel.validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

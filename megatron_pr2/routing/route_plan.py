@@ -90,10 +90,11 @@ class RoutePlan:
         return sorted({mb for mb, _ in self.routes})
 
     def select(self, microbatch_ids) -> RoutePlan:
-        """A plan with only the given micro-batch ids (e.g. one mini-step's share)."""
+        """A plan with only the given micro-batch ids (e.g. one mini-step's share). An empty plan
+        (a pipeline stage without MoE layers) selects to an empty plan."""
         wanted = set(microbatch_ids)
         missing = wanted - set(self.microbatch_ids())
-        if missing:
+        if missing and self.routes:
             raise KeyError(f"route plan has no micro-batches {sorted(missing)}")
         return RoutePlan({key: r for key, r in self.routes.items() if key[0] in wanted})
 

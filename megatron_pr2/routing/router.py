@@ -26,6 +26,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_pr2.platform.device import to_device, to_host
 from megatron_pr2.rl.losses import gather_router_logprobs
 from megatron_pr2.routing.metrics import predictor_stats
 from megatron_pr2.routing.predictor import EvolutionPredictor, PredictorConfig
@@ -301,9 +302,9 @@ class PR2Router(TopKRouter):
             pick = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed))
             rows = rows[pick[:count].sort().values.to(rows.device)]
         return PredictorSample(
-            token_rows=_to_storage(rows),
-            hidden_TH=_to_storage(hidden_TH.detach()[rows].float()),
-            logits_TE=_to_storage(logits_TE.detach()[rows].float()),
+            token_rows=to_host(rows),
+            hidden_TH=to_host(hidden_TH.detach()[rows].float()),  # d floats/token: off the GPU
+            logits_TE=to_host(logits_TE.detach()[rows].float()),
             num_rows=logits_TE.shape[0],
         )
 
@@ -328,10 +329,9 @@ class PR2Router(TopKRouter):
                 f"{sample.num_rows} tokens but this forward has {logits_TE.shape[0]}; micro-batch "
                 "ids must name the same tokens in the predict pass and the mini-steps"
             )
-        device = logits_TE.device
-        rows = sample.token_rows.to(device, non_blocking=True)
-        logits_old = sample.logits_TE.to(device, non_blocking=True)
-        delta = self.predictor(sample.hidden_TH.to(device, non_blocking=True))
+        rows = to_device(sample.token_rows)
+        logits_old = to_device(sample.logits_TE)
+        delta = self.predictor(to_device(sample.hidden_TH))
         logits_cur = logits_TE.detach()[rows]
         per_token = predictor_loss(state.predictor_config.loss, logits_cur, logits_old, delta)
         loss = per_token.sum() / (max(per_token.numel(), 1) * self._token_split_size())
@@ -349,10 +349,3 @@ class PR2Router(TopKRouter):
         """Ranks that each hold a slice of the tokens and sum ``W_p``'s gradient (TP under SP)."""
         return self.tp_group.size() if self.config.sequence_parallel else 1
 
-
-def _to_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """Keep recorded predictor inputs off the GPU (pinned host memory); a copy on CPU."""
-    if tensor.is_cuda:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-        return out.copy_(tensor, non_blocking=True)
-    return tensor.clone()

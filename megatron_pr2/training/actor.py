@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from collections.abc import Sequence
 
 import torch
 from megatron.core import parallel_state
 
+from megatron_pr2.platform.device import compute_device
 from megatron_pr2.rl.losses import PolicyLossConfig, PolicyLossInputs, policy_loss
 from megatron_pr2.routing.controller import RoutingController, StepRouting
 from megatron_pr2.routing.route_plan import RoutePlan
@@ -26,14 +28,6 @@ class PassResult:
     metrics: dict[str, float]
 
 
-def subplan(plan: RoutePlan | None, microbatch_ids: Sequence[int]) -> RoutePlan | None:
-    """The part of ``plan`` that names the given micro-batches."""
-    if plan is None:
-        return None
-    wanted = set(microbatch_ids)
-    return RoutePlan({key: routes for key, routes in plan.routes.items() if key[0] in wanted})
-
-
 def _shape(microbatches: Sequence[TrainMicroBatch]) -> tuple[int, int]:
     shapes = {tuple(mb.layout.tokens.shape) for mb in microbatches}
     if len(shapes) != 1:
@@ -41,18 +35,19 @@ def _shape(microbatches: Sequence[TrainMicroBatch]) -> tuple[int, int]:
     return shapes.pop()
 
 
-def _mean_metrics(items: list[dict]) -> dict[str, float]:
+def _mean_metrics(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-key mean over micro-batches of scalar device tensors (no host sync)."""
     keys = sorted({k for item in items for k in item})
-    means = {}
-    for key in keys:
-        values = [float(item[key]) for item in items if key in item]
-        means[key] = sum(values) / len(values)
-    return means
+    return {key: torch.stack([item[key].float() for item in items if key in item]).mean()
+            for key in keys}
 
 
-def _reduce_metrics(metrics: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
+def _reduce_metrics(metrics: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[str, float]:
     """Last-stage metrics made identical on every rank (mean over data-parallel ranks)."""
-    values = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
+    values = torch.zeros(len(keys), dtype=torch.float64, device=compute_device())
+    for index, key in enumerate(keys):
+        if key in metrics:
+            values[index] = metrics[key]
     values = broadcast_from_last_stage(values)
     group = parallel_state.get_data_parallel_group()
     torch.distributed.all_reduce(values, group=group)
@@ -100,7 +95,8 @@ class PolicyActor:
             self.controller.abort_step()
             raise
         routing = self.controller.end_step()
-        local = _mean_metrics(outputs)
+        _store_old_logprobs(microbatches, outputs)
+        local = _mean_metrics([out["metrics"] for out in outputs])
         return PassResult(routing, _reduce_metrics(local, ["entropy"]))
 
     def train_ministep(self, microbatches: Sequence[TrainMicroBatch], plan: RoutePlan | None,
@@ -111,11 +107,12 @@ class PolicyActor:
         self.optimizer.zero_grad()
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        self._normalizer = self._loss_normalizer(microbatches)
+        policy_step = functools.partial(self._policy_step,
+                                        normalizer=self._loss_normalizer(microbatches))
         self.controller.begin_step(mode, plan=plan, train_predictor=train_predictor,
                                    capture_router_logprobs=self.loss_config.rspo)
         try:
-            outputs = self._run(microbatches, self._policy_step, forward_only=False)
+            outputs = self._run(microbatches, policy_step, forward_only=False)
         except BaseException:
             self.controller.abort_step()
             raise
@@ -148,11 +145,10 @@ class PolicyActor:
 
     def _loss_normalizer(self, microbatches: Sequence[TrainMicroBatch]) -> float:
         """Per-micro-batch divisor that makes the summed loss a global mean (see module doc)."""
-        if self.loss_config.aggregation == "seq_mean":
-            local = sum(len(mb.layout.sample_indices) for mb in microbatches)
-        else:
-            local = sum(int(mb.loss_mask.sum()) for mb in microbatches)
-        count = torch.tensor([float(local)], dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64, device=compute_device())
+        for mb in microbatches:
+            count += (len(mb.layout.sample_indices) if self.loss_config.aggregation == "seq_mean"
+                      else mb.loss_mask.sum())
         group = parallel_state.get_data_parallel_group()
         torch.distributed.all_reduce(count, group=group)
         return max(float(count), 1.0) / (len(microbatches) * group.size())
@@ -177,25 +173,28 @@ class PolicyActor:
         mb: TrainMicroBatch = inputs["batch"]
 
         def collect(logits_BSV):
-            mb.old_logp = token_logprobs(logits_BSV, mb.labels).detach()
-            if self.loss_config.rspo:
-                mb.router_logp_old = self._router_logp_grid(mb)
-            entropy = token_entropy(logits_BSV, parallel_state.get_tensor_model_parallel_group())
             mask = mb.loss_mask
-            value = float(entropy[mask].mean()) if mask.any() else 0.0
-            return torch.zeros(()), {"entropy": value}
+            entropy = token_entropy(logits_BSV,
+                                    parallel_state.get_tensor_model_parallel_group())[mask]
+            out = {"microbatch_id": mb.microbatch_id,
+                   "old_logp": token_logprobs(logits_BSV, mb.labels).detach(),
+                   "metrics": {"entropy": entropy.mean() if entropy.numel()
+                               else logits_BSV.new_zeros(())}}
+            if self.loss_config.rspo:
+                out["router_logp_old"] = self._router_logp_grid(mb)
+            return logits_BSV.new_zeros(()), out
 
         return logits, collect
 
-    def _policy_step(self, inputs: dict, model):
+    def _policy_step(self, inputs: dict, model, normalizer: float):
         logits = self._forward(inputs, model)
         mb: TrainMicroBatch = inputs["batch"]
+        rspo = self.loss_config.rspo
 
-        def loss_func(logits_BSV):
+        def loss_func(logits_BSV):  # last pipeline stage only
             if mb.old_logp is None:
                 raise RuntimeError(f"micro-batch {mb.microbatch_id} has no old log-probs; run "
                                    "the old-log-prob pass first")
-            rspo = self.loss_config.rspo
             if rspo and mb.router_logp_old is None:
                 raise RuntimeError(f"micro-batch {mb.microbatch_id} has no old router log-probs "
                                    "(RSPO); the old-log-prob pass must run with RSPO on")
@@ -209,7 +208,17 @@ class PolicyActor:
                 router_logp_cur=self._router_logp_grid(mb) if rspo else None,
                 router_logp_old=mb.router_logp_old if rspo else None,
             )
-            loss, metrics = policy_loss(loss_inputs, self.loss_config, self._normalizer)
-            return loss, {k: float(v) for k, v in metrics.items()}
+            loss, metrics = policy_loss(loss_inputs, self.loss_config, normalizer)
+            return loss, {k: v.detach() for k, v in metrics.items()}
 
         return logits, loss_func
+
+
+def _store_old_logprobs(microbatches: Sequence[TrainMicroBatch], outputs: list[dict]) -> None:
+    """Give each micro-batch the old log-probs (and RSPO router log-probs) the pass computed
+    for it; only the last pipeline stage has outputs."""
+    by_id = {mb.microbatch_id: mb for mb in microbatches}
+    for out in outputs:
+        mb = by_id[out["microbatch_id"]]
+        mb.old_logp = out["old_logp"]
+        mb.router_logp_old = out.get("router_logp_old")

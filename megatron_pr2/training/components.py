@@ -80,7 +80,8 @@ def _optimizer(cfg: RunConfig, model):
 def build_components(cfg: RunConfig) -> Components:
     """Initialise the process groups and build model, optimizer and actor for ``cfg``."""
     parallel = cfg.parallel
-    initialize_model_parallel(parallel, seed=cfg.train.seed, device=cfg.model.device)
+    initialize_model_parallel(parallel, seed=cfg.train.seed, device=cfg.model.device,
+                              strict_device=cfg.model.strict_device)
     hf_config = resolve_hf_config(cfg.model.hf_config)
     spec = parse_hf_config(hf_config)
     _, config, chunks = build_model_chunks(spec, parallel, _model_options(cfg))

@@ -12,13 +12,17 @@ import time
 import torch
 from megatron.core import parallel_state
 
+from megatron_pr2.platform.device import compute_device
 from megatron_pr2.rl.advantages import grpo_advantages
 from megatron_pr2.rl.mismatch import mismatch_metrics
-from megatron_pr2.rollout.alignment import build_route_plan, model_layer_numbers, shard_for_dp
+from megatron_pr2.rollout.alignment import (
+    build_route_plan,
+    model_layer_numbers,
+    shard_for_dp,
+)
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
-from megatron_pr2.training.actor import subplan
 from megatron_pr2.training.batch_plan import plan_batch
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.engine_sync import sync_weights
@@ -41,7 +45,8 @@ def _layer_mean(step_routing, metric: str) -> float | None:
 
 def _allreduce_mean(value: float | None) -> float | None:
     """Mean over the ranks that measured ``value`` (None where no rank did)."""
-    pair = torch.tensor([value or 0.0, 1.0 if value is not None else 0.0], dtype=torch.float64)
+    pair = torch.tensor([value or 0.0, 1.0 if value is not None else 0.0], dtype=torch.float64,
+                        device=compute_device())
     torch.distributed.all_reduce(pair)
     return float(pair[0] / pair[1]) if pair[1] > 0 else None
 
@@ -152,7 +157,8 @@ class RLLoop:
         metrics, sums = {}, {}
         for m in range(window):
             chunk = microbatches[m * per_step:(m + 1) * per_step]
-            plan = subplan(replay_plan, [mb.microbatch_id for mb in chunk])
+            plan = None if replay_plan is None else \
+                replay_plan.select([mb.microbatch_id for mb in chunk])
             result = self.parts.actor.train_ministep(chunk, plan, mode,
                                                      train_predictor=train_predictor and m > 0)
             step_metrics = {**result.metrics, **_routing_metrics("routing", result.routing)}

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from megatron_pr2.rollout.alignment import MicroBatch, TokenParallel, build_micro_batches
+from megatron_pr2.platform.device import to_device
+from megatron_pr2.rollout.alignment import (
+    MicroBatch,
+    TokenParallel,
+    build_micro_batches,
+)
 from megatron_pr2.rollout.sample import Sample
 from megatron_pr2.training.padding_mask import pad_token_mask
 
@@ -18,7 +23,10 @@ class TrainMicroBatch:
 
     Attributes:
         microbatch_id: stable id within the rollout batch (route plans are keyed by it).
-        layout: the padded token grid with its sample bookkeeping.
+        layout: the padded token grid with its sample bookkeeping (host tensors).
+        tokens: ``[B, S]`` the layout's token ids, on the compute device (like every tensor
+            below: they feed the model and the loss).
+        position_ids: ``[B, S]`` the layout's positions.
         labels: ``[B, S]`` next tokens (pad id at the end of each row).
         loss_mask: ``[B, S]`` bool, True where the label is a response token.
         advantages: ``[B, S]`` the label's sample advantage (0 off the mask).
@@ -30,6 +38,8 @@ class TrainMicroBatch:
 
     microbatch_id: int
     layout: MicroBatch
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     advantages: torch.Tensor
@@ -38,9 +48,9 @@ class TrainMicroBatch:
     router_logp_old: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
-        return {"microbatch_id": self.microbatch_id, "tokens": self.layout.tokens,
-                "positions": self.layout.position_ids, "labels": self.labels, "batch": self,
-                "padding_mask": pad_token_mask(self.layout.sample_of)}
+        return {"microbatch_id": self.microbatch_id, "tokens": self.tokens,
+                "positions": self.position_ids, "labels": self.labels, "batch": self,
+                "padding_mask": to_device(pad_token_mask(self.layout.sample_of))}
 
 
 def _shift_left(grid: torch.Tensor, fill) -> torch.Tensor:
@@ -49,20 +59,26 @@ def _shift_left(grid: torch.Tensor, fill) -> torch.Tensor:
     return shifted
 
 
-def _label_rollout_logp(layout: MicroBatch, samples: Sequence[Sample], mask: torch.Tensor):
+def _label_rollout_logp(layout: MicroBatch, samples: Sequence[Sample],
+                        mask: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` the engine's log-prob of each masked position's label (0 elsewhere, and for
+    samples without rollout log-probs); one gather over the micro-batch's samples."""
+    chosen = [samples[i] for i in layout.sample_indices]
+    tables = [s.rollout_log_probs.float() if s.rollout_log_probs is not None
+              else torch.zeros(s.response_length) for s in chosen]
+    lengths = torch.tensor([t.numel() for t in tables])
+    starts = torch.cumsum(lengths, 0) - lengths - torch.tensor([s.prompt_length for s in chosen])
+    slot = _shift_left(layout.sample_of, -1)[mask]
+    label_position = _shift_left(layout.token_of, -1)[mask]
     out = torch.zeros(mask.shape, dtype=torch.float32)
-    next_sample = _shift_left(layout.sample_of, -1)
-    next_token = _shift_left(layout.token_of, -1)
-    for b, s in mask.nonzero().tolist():
-        sample = samples[layout.sample_indices[int(next_sample[b, s])]]
-        if sample.rollout_log_probs is not None:
-            out[b, s] = sample.rollout_log_probs[int(next_token[b, s]) - sample.prompt_length]
+    out[mask] = torch.cat(tables)[starts[slot] + label_position]
     return out
 
 
 def to_train_microbatch(layout: MicroBatch, samples: Sequence[Sample], advantages: torch.Tensor,
                         microbatch_id: int, pad_token_id: int) -> TrainMicroBatch:
-    """Next-token tensors of one padded micro-batch; ``advantages`` is per sample."""
+    """Next-token tensors of one padded micro-batch on the compute device; ``advantages`` is
+    per sample (host)."""
     if layout.layout != "bshd":
         raise ValueError("the RL trainer uses padded (bshd) micro-batches")
     labels = _shift_left(layout.tokens, pad_token_id)
@@ -70,8 +86,9 @@ def to_train_microbatch(layout: MicroBatch, samples: Sequence[Sample], advantage
     owner = _shift_left(layout.sample_of, -1).clamp(min=0)
     index = torch.tensor(layout.sample_indices)[owner]
     token_adv = torch.where(loss_mask, advantages[index], torch.zeros(()))
-    return TrainMicroBatch(microbatch_id, layout, labels, loss_mask, token_adv.float(),
-                           _label_rollout_logp(layout, samples, loss_mask))
+    rollout_logp = _label_rollout_logp(layout, samples, loss_mask)
+    return TrainMicroBatch(microbatch_id, layout, *(to_device(t) for t in (
+        layout.tokens, layout.position_ids, labels, loss_mask, token_adv.float(), rollout_logp)))
 
 
 def _pad_layout(layout: MicroBatch, width: int, pad_token_id: int) -> None:

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from megatron_pr2.platform.device import compute_device, to_device
 from megatron_pr2.tasks import CharTokenizer, DigitTask, sft_batch
 from megatron_pr2.training.model_setup import build_optimizer
 from megatron_pr2.training.nonfinite import NonFiniteGuard
@@ -42,11 +43,13 @@ def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_
     loss_value = float("nan")
     for step in range(steps):
         batch = sft_batch(tokenizer, task.problems(step * batch_size, batch_size, "warmup"))
-        positions = torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids)
-        micro = [{"tokens": batch.input_ids[i:i + micro_batch_size],
+        tokens, labels, loss_mask = (to_device(t) for t in
+                                     (batch.input_ids, batch.labels, batch.loss_mask))
+        positions = torch.arange(tokens.shape[1], device=compute_device()).expand_as(tokens)
+        micro = [{"tokens": tokens[i:i + micro_batch_size],
                   "positions": positions[i:i + micro_batch_size],
-                  "labels": batch.labels[i:i + micro_batch_size],
-                  "loss_mask": batch.loss_mask[i:i + micro_batch_size]}
+                  "labels": labels[i:i + micro_batch_size],
+                  "loss_mask": loss_mask[i:i + micro_batch_size]}
                  for i in range(0, batch_size, micro_batch_size)]
         for chunk in model:
             chunk.train()
@@ -56,7 +59,8 @@ def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_
                               micro_batch_size=micro_batch_size)
         guard.step(optimizer, model, [float(item["loss"]) for item in losses],
                    label=f"step {step + 1}")
-        local = torch.stack([item["loss"] for item in losses]).mean() if losses else torch.zeros(())
+        local = torch.stack([item["loss"] for item in losses]).mean() if losses else \
+            torch.zeros((), device=compute_device())
         loss_value = float(broadcast_from_last_stage(local))
         if (step + 1) % log_every == 0 or step + 1 == steps or guard.consecutive:
             logger.info("warm-up step %d/%d: answer loss %.4f", step + 1, steps, loss_value)

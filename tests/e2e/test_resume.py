@@ -8,10 +8,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 ARGS = ["--routing-method", "pr2", "--train-iters", "4", "--rollout-batch-prompts", "4",
         "--n-samples-per-prompt", "2", "--off-policy-window", "2", "--micro-batch-size", "2",
-        "--max-new-tokens", "6", "--save-interval", "1", "--lr", "1e-3", "--seed", "11"]
+        "--max-new-tokens", "6", "--save-interval", "1", "--lr", "1e-3", "--seed", "11",
+        # on CPU, strict device mode: a host tensor left off the device fails the run
+        *([] if torch.cuda.is_available() else ["--strict-device"])]
 
 
 def _command(save_dir, jsonl):

@@ -9,7 +9,13 @@ ZERO_DEV_STEP1 = "routing/zero_deviation_ratio/ministep1"
 
 
 def _train_worker(rank, method, layout, out_dir, overrides=None):
-    """Train 2 iterations; ``overrides`` maps ``"section.field"`` to a value (applied last)."""
+    """Train 2 iterations; ``overrides`` maps ``"section.field"`` to a value (applied last).
+
+    On CPU the run uses strict device mode: a host tensor reaching the model, a device
+    computation or a collective fails the test as it would fail on a GPU.
+    """
+    import torch
+
     from megatron_pr2.config import RunConfig
     from megatron_pr2.train import run_training
     from megatron_pr2.training.metrics_log import read_jsonl
@@ -27,6 +33,7 @@ def _train_worker(rank, method, layout, out_dir, overrides=None):
     cfg.train.eval_prompts = 4
     cfg.train.save = f"{out_dir}/ckpt"
     cfg.train.log_jsonl = f"{out_dir}/metrics.jsonl"
+    cfg.model.strict_device = not torch.cuda.is_available()
     for key, value in layout.items():
         setattr(cfg.parallel, key, value)
     for path, value in (overrides or {}).items():

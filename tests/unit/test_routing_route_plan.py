@@ -25,3 +25,8 @@ def test_select_keeps_only_requested_microbatches():
     assert sub.keys_for_layer(3) == [(0, 3), (2, 3)]
     with pytest.raises(KeyError, match=r"no micro-batches \[7\]"):
         plan.select([0, 7])
+
+
+def test_select_on_a_stage_without_moe_layers_is_empty():
+    # a pipeline stage with only dense layers records (and is given) no routes at all
+    assert RoutePlan().select([0, 1]).routes == {}
