@@ -13,7 +13,7 @@ import os
 import sys
 
 from megatron_pr2.config import RunConfig, parse_config
-from megatron_pr2.input_checks import InputError, check_inputs
+from megatron_pr2.launch.inputs import InputError, check_inputs
 from megatron_pr2.platform import destroy_model_parallel
 from megatron_pr2.training.checkpointing import CheckpointError
 from megatron_pr2.training.nonfinite import NonFiniteError

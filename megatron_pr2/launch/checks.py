@@ -4,9 +4,9 @@ machine can tell (inputs, CUDA, GPU count, TransformerEngine, FP8)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from megatron_pr2.config import RunConfig
+from megatron_pr2.launch.inputs import input_problems
 from megatron_pr2.launch.placement import Placement
 
 
@@ -46,21 +46,11 @@ def package_problems(cfg: RunConfig) -> list[str]:
             for pkg, flag in needs if not _importable(pkg)]
 
 
-def input_paths(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(flag, path) of every input file or directory the run reads (Hub names excluded)."""
-    paths = [("--load", cfg.model.load), ("--data-path", cfg.task.data_path)]
-    tokenizer = cfg.task.tokenizer
-    if tokenizer and (os.path.isabs(tokenizer) or tokenizer.startswith(".")):
-        paths.append(("--tokenizer", tokenizer))
-    return [(flag, path) for flag, path in paths if path]
-
-
 def runtime_problems(cfg: RunConfig, gpus_per_node: int) -> list[str]:
     """What only the launch machine can tell: inputs, CUDA, GPU count, TransformerEngine, FP8."""
     import torch
 
-    problems = [f"{flag} {path} does not exist" for flag, path in input_paths(cfg)
-                if not os.path.exists(path)]
+    problems = input_problems(cfg)
     if cfg.model.device == "cpu":
         return problems
     if not torch.cuda.is_available():

@@ -28,8 +28,8 @@ def check_flags(train_argv: Sequence[str]) -> None:
     except argparse.ArgumentError as err:
         raise ValidationError([f"{err}; {_HELP}"]) from err
     if unknown:
-        raise ValidationError([f"unrecognized arguments: {' '.join(unknown)}"
-                               f"{_closest_flags(unknown)}; {_HELP}"])
+        raise ValidationError([(f"unrecognized arguments: {' '.join(unknown)}"
+                                f"{_closest_flags(unknown)}; {_HELP}")])
 
 
 def _closest_flags(unknown: Sequence[str]) -> str:

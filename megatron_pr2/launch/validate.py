@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from megatron_pr2.config import RunConfig
 from megatron_pr2.launch.checks import (
     config_problems,
-    input_paths,
     package_problems,
     runtime_problems,
 )
+from megatron_pr2.launch.inputs import input_problems
 from megatron_pr2.launch.memory import (
     OPTIMIZER_STATE_BYTES_PER_PARAM,
     estimate_params,
@@ -139,8 +139,7 @@ def _add_runtime(report: Report, cfg: RunConfig, gpus_per_node: int, check_runti
         fp8 = f" with FP8 {cfg.model.fp8_format}" if cfg.model.fp8_format else ""
         report.lines.append(f"TransformerEngine{fp8}: required at launch (not checked in a dry "
                             "run)")
-    report.notes += [f"{flag} {path} does not exist here (required at launch)"
-                     for flag, path in input_paths(cfg) if not os.path.exists(path)]
+    report.notes += [f"{problem} here (checked at launch)" for problem in input_problems(cfg)]
 
 
 def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,

@@ -2,7 +2,7 @@
 
 import os
 
-from megatron_pr2.input_checks import (
+from megatron_pr2.launch.inputs import (
     data_problems,
     output_dir_problems,
     output_file_problems,

@@ -327,7 +327,7 @@ def test_validate_summarises_the_recipe():
     assert "micro-batches per mini-step: 64 per DP rank" in text
     assert "TransformerEngine: required at launch" in text
     assert "/out/ckpt/weight_sync_hf" in text
-    assert any("--data-path /data/x.jsonl does not exist here" in n for n in report.notes)
+    assert any("--data-path /data/x.jsonl: no such file here" in n for n in report.notes)
 
 
 def test_validate_reports_every_problem_at_once():
@@ -372,11 +372,12 @@ def test_validate_rejects_unknown_yaml_settings(tmp_path):
 def test_runtime_check_on_this_cpu_machine(tmp_path):
     cfg = _cfg()
     problems = runtime_problems(cfg, 8)
-    assert "--data-path /data/x.jsonl does not exist" in problems
+    assert "--data-path /data/x.jsonl: no such file" in problems
     if not torch.cuda.is_available():
         assert any(p.startswith("CUDA is not available") for p in problems)
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")
+    (tmp_path / "tokenizer.json").write_text("{}")
     cpu = parse_config(["--device", "cpu", "--task", "math", "--data-path", str(data),
                         "--tokenizer", str(tmp_path)])
     assert runtime_problems(cpu, 1) == []

@@ -3,6 +3,8 @@
 ``python -m megatron_pr2.train`` calls :func:`check_inputs` right after parsing its flags, so a
 missing data file, tokenizer or model config, or an output directory that cannot be written,
 is reported as ``error: ...`` lines (exit 2) instead of a traceback after the model is built.
+``python -m megatron_pr2.launch.validate`` applies the same :func:`input_problems`: as errors
+with ``--check-runtime`` (on the launch machine), as notes in a dry run.
 """
 
 from __future__ import annotations
@@ -106,9 +108,9 @@ def output_file_problems(flag: str, path: str | None) -> list[str]:
     return output_dir_problems(flag, os.path.dirname(os.path.abspath(path)))
 
 
-def check_inputs(cfg) -> None:
-    """Raise :class:`InputError` listing every unusable input or output of ``cfg``."""
-    problems = [
+def input_problems(cfg) -> list[str]:
+    """Every unusable input or output of ``cfg`` (a ``RunConfig``), one message each."""
+    return [
         *model_problems(cfg.model.hf_config, cfg.model.load),
         *data_problems(cfg.task.data_path),
         *tokenizer_problems(cfg.task.tokenizer),
@@ -116,5 +118,10 @@ def check_inputs(cfg) -> None:
         *output_dir_problems("--tensorboard-dir", cfg.train.tensorboard_dir),
         *output_file_problems("--log-jsonl", cfg.train.log_jsonl),
     ]
+
+
+def check_inputs(cfg) -> None:
+    """Raise :class:`InputError` listing every unusable input or output of ``cfg``."""
+    problems = input_problems(cfg)
     if problems:
         raise InputError(problems)
