@@ -51,9 +51,14 @@ class ScheduledOptimizer:
             self.scheduler.step(increment=1)
         return success, grad_norm, num_zeros
 
-    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False,
+                           metadata: dict | None = None):
+        """The optimizer's sharded state plus the scheduler's; the distributed optimizer's state
+        is laid out ``dp_reshardable`` (Megatron-LM's default; the older
+        ``fully_sharded_model_space`` default of Megatron-Core 0.16 cannot be saved)."""
+        metadata = {"distrib_optim_sharding_type": "dp_reshardable", **(metadata or {})}
         state = self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
-                                                  **kwargs)
+                                                  metadata=metadata)
         state[SCHEDULER_STATE_KEY] = self.scheduler.state_dict()
         return state
 

@@ -60,6 +60,7 @@ class OptimizerOptions:
     bf16: bool = False
     use_distributed_optimizer: bool = False
     adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
 
     def megatron_config(self) -> OptimizerConfig:
         return OptimizerConfig(
@@ -67,6 +68,7 @@ class OptimizerOptions:
             weight_decay=self.weight_decay, clip_grad=self.clip_grad, bf16=self.bf16,
             fp16=False, params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
             use_distributed_optimizer=self.use_distributed_optimizer, adam_beta2=self.adam_beta2,
+            adam_eps=self.adam_eps,
         )
 
 
