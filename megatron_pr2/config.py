@@ -29,6 +29,9 @@ class ModelArgs:
     load: str | None = None  # Megatron checkpoint to start from (tools/convert.py hf-to-megatron)
     transformer_impl: str = "local"  # local | transformer_engine
     fp8_format: str | None = None  # e4m3 | hybrid (TransformerEngine only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise (Megatron-LM names)
+    moe_token_dispatcher_type: str | None = None  # allgather | alltoall (default: alltoall if EP>1)
+    moe_grouped_gemm: bool = False  # grouped expert GEMMs (TransformerEngine GroupedLinear)
     recompute_granularity: str | None = None  # full | selective
     device: str | None = None  # cpu | cuda (default: cuda when available)
     strict_device: bool = False  # CPU backend: refuse host tensors at the model/loss/collectives
@@ -36,6 +39,9 @@ class ModelArgs:
     def validate(self) -> None:
         _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))
         _choice("fp8_format", self.fp8_format, (None, "e4m3", "hybrid"))
+        _choice("fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
+        _choice("moe_token_dispatcher_type", self.moe_token_dispatcher_type,
+                (None, "allgather", "alltoall"))
         _choice("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
         _choice("device", self.device, (None, "cpu", "cuda"))
         if self.fp8_format and self.transformer_impl != "transformer_engine":
@@ -43,6 +49,9 @@ class ModelArgs:
         if self.strict_device and self.device == "cuda":
             raise ValueError("--strict-device checks device placement under the CPU backend; "
                              "it cannot be used with --device cuda")
+        if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
+            raise ValueError("--moe-grouped-gemm needs --transformer-impl transformer_engine "
+                             "(TransformerEngine's GroupedLinear experts)")
 
 
 # The parallel section of the run config is the platform's layout dataclass itself.
@@ -119,9 +128,15 @@ class TrainArgs:
     train_iters: int = 20  # RL iterations (rollout batches)
     micro_batch_size: int = 4
     lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"  # constant | linear | cosine (OptimizerParamScheduler)
+    lr_warmup_iters: int = 0  # optimizer steps of linear warm-up from 0
+    lr_decay_iters: int | None = None  # optimizer steps to decay over (default: all of them)
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
-    clip_grad: float | None = None  # default: 1.0 on GPU, 0 (off) on CPU
+    clip_grad: float = 1.0  # global grad-norm clip (0 = off)
+    bf16: bool = False  # bf16 weights and compute (Float16Module), fp32 main params and grads
+    use_distributed_optimizer: bool = False  # shard optimizer state over data parallel ranks
     seed: int = 1234
     save: str | None = None
     save_interval: int = 0
@@ -143,6 +158,14 @@ class TrainArgs:
             raise ValueError("--lr must be > 0")
         if self.keep_last < 0:
             raise ValueError(f"--keep-last must be >= 0 (0 keeps all), got {self.keep_last}")
+        _choice("lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"--min-lr must be in [0, --lr={self.lr}], got {self.min_lr}")
+        if self.lr_warmup_iters < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.lr_warmup_iters:
+            raise ValueError(f"--lr-decay-iters ({self.lr_decay_iters}) must exceed "
+                             f"--lr-warmup-iters ({self.lr_warmup_iters})")
 
 
 @dataclasses.dataclass

@@ -10,9 +10,22 @@ from megatron_pr2.models.pipeline_stages import rank_layer_numbers
 from megatron_pr2.training.batch_plan import BatchPlan
 
 GIB = 1024**3
-# The trainer keeps fp32 parameters, fp32 gradients and Adam's two fp32 moments and does not use
-# Megatron's distributed optimizer (megatron_pr2/training/model_setup.py): 16 bytes per parameter.
+# fp32 parameters, fp32 gradients and Adam's two fp32 moments with Megatron's plain optimizer: 16
+# bytes per parameter (other precisions/optimizers: training_state_bytes_per_param).
 OPTIMIZER_STATE_BYTES_PER_PARAM = 16
+
+
+def training_state_bytes_per_param(bf16: bool, distributed_optimizer: bool,
+                                   data_parallel: int) -> float:
+    """Bytes per parameter of weights, grads and Adam state (``training/model_setup.py``).
+
+    bf16 (2 B) or fp32 (4 B) weights and the fp32 grad buffer (4 B) stay whole on every rank; the
+    fp32 main weights (bf16 only, 4 B) and Adam's two moments (8 B) are sharded over
+    ``data_parallel`` ranks by the distributed optimizer.
+    """
+    replicated = (2 if bf16 else 4) + 4
+    sharded = (4 if bf16 else 0) + 8
+    return replicated + sharded / (data_parallel if distributed_optimizer else 1)
 
 
 @dataclasses.dataclass(frozen=True)

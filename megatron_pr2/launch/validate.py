@@ -31,9 +31,10 @@ from megatron_pr2.launch.checks import (
 )
 from megatron_pr2.launch.inputs import input_problems
 from megatron_pr2.launch.memory import (
-    OPTIMIZER_STATE_BYTES_PER_PARAM,
+    GIB,
     estimate_params,
     predictor_host_gib_per_gpu,
+    training_state_bytes_per_param,
 )
 from megatron_pr2.launch.parsing import load_config, load_model_spec
 from megatron_pr2.launch.placement import (
@@ -101,14 +102,17 @@ def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: 
                 gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
     with_predictor = routing_method(cfg.algo.routing_method).trains_predictor
     params = estimate_params(spec, layout, with_predictor)
-    states = params.optimizer_state_gib_per_gpu
+    states, per_param = _training_state_gib(cfg, params, layout)
     predictor = (f" incl. {params.predictor_per_gpu / 1e6:.1f}M PR2 predictor"
                  if params.predictor_per_gpu else "")
+    precision = ("bf16 + fp32 main weights" if cfg.train.bf16 else "fp32") + (
+        ", distributed optimizer" if cfg.train.use_distributed_optimizer else "")
     report.lines += [
         f"parameters: {params.total / 1e9:.2f}B total, {params.active / 1e9:.2f}B active per token",
         f"parameters per GPU (fullest stage): {params.per_gpu / 1e9:.3f}B{predictor}",
-        (f"weights+grads+Adam per GPU: {states:.1f} GiB of {gpu_memory_gib:g} GiB (fp32, "
-         f"{OPTIMIZER_STATE_BYTES_PER_PARAM} B/param; activations not included)"),
+        (f"weights+grads+Adam per GPU: {states:.1f} GiB of {gpu_memory_gib:g} GiB ({precision}, "
+         f"{per_param:.1f} B/param; activations not included)"),
+        _memory_by_node_count(cfg, spec, with_predictor, gpus_per_node),
     ]
     if states > gpu_memory_gib:
         raise ValidationError([
@@ -126,6 +130,29 @@ def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: 
     if batch.microbatches_per_ministep < layout.pp:
         report.notes.append(f"only {batch.microbatches_per_ministep} micro-batches per mini-step "
                             f"for {layout.pp} pipeline stages: the pipeline will mostly idle")
+
+
+def _training_state_gib(cfg: RunConfig, params, layout: Placement) -> tuple[float, float]:
+    """Weights+grads+Adam GiB on the fullest GPU and bytes per parameter. The distributed
+    optimizer's sharding is counted over the expert data-parallel size (the smaller one, so an
+    upper bound for the dense part)."""
+    per_param = training_state_bytes_per_param(cfg.train.bf16, cfg.train.use_distributed_optimizer,
+                                               layout.expert_dp)
+    return params.per_gpu * per_param / GIB, per_param
+
+
+def _memory_by_node_count(cfg: RunConfig, spec, with_predictor: bool, gpus_per_node: int,
+                          node_counts=(2, 4)) -> str:
+    """Weights+grads+Adam per GPU of this precision and optimizer at 2 and 4 nodes."""
+    figures = []
+    for nodes in node_counts:
+        if placement_problems(cfg.parallel, nodes * gpus_per_node):
+            figures.append(f"{nodes} nodes: layout does not fit")
+            continue
+        layout = Placement.of(cfg.parallel, nodes * gpus_per_node)
+        gib, _ = _training_state_gib(cfg, estimate_params(spec, layout, with_predictor), layout)
+        figures.append(f"{nodes} nodes: {gib:.1f} GiB")
+    return "weights+grads+Adam per GPU by node count: " + ", ".join(figures)
 
 
 def _add_runtime(report: Report, cfg: RunConfig, gpus_per_node: int, check_runtime: bool) -> None:

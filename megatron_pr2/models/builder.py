@@ -20,6 +20,7 @@ from megatron_pr2.models.hf_config import (
     parse_hf_config,
     to_transformer_config,
 )
+from megatron_pr2.models.moe_options import check_routes_reach_experts
 from megatron_pr2.models.spec import decoder_block_spec
 from megatron_pr2.platform.device import module_to_device
 from megatron_pr2.platform.strict_device import guard_model_inputs
@@ -54,6 +55,7 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
     spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
     config = to_transformer_config(spec, parallel, **options.config_overrides)
     _check_divisibility(spec, config)
+    check_routes_reach_experts(config)
     vpp = config.virtual_pipeline_model_parallel_size or 1
     groups = options.pg_collection or ProcessGroupCollection.use_mpu_process_groups()
     pp_rank = groups.pp.rank()

@@ -55,11 +55,13 @@ def _norm(backend, use_transformer_engine: bool, for_qk: bool = False):
     return RMSNorm
 
 
-def _moe_spec(backend, use_transformer_engine: bool, router_class) -> ModuleSpec:
+def _moe_spec(backend, router_class, moe_grouped_gemm: bool) -> ModuleSpec:
+    """The MoE block; experts are grouped GEMMs (TE ``GroupedLinear``) only with
+    ``moe_grouped_gemm``, otherwise one MLP per local expert (``SequentialMLP``)."""
     dense_linears = MLPSubmodules(
         linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
     )
-    expert_module, expert_submodules = backend.grouped_mlp_modules(use_transformer_engine, False)
+    expert_module, expert_submodules = backend.grouped_mlp_modules(moe_grouped_gemm, False)
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
@@ -81,14 +83,16 @@ def _dense_mlp_spec(backend) -> ModuleSpec:
 
 
 def layer_spec(is_moe: bool, qk_layernorm: bool, router_class=TopKRouter,
-               use_transformer_engine: bool = False) -> ModuleSpec:
+               use_transformer_engine: bool = False, moe_grouped_gemm: bool = False) -> ModuleSpec:
     """One decoder layer: attention (+ optional q/k RMSNorm) and a dense MLP or an MoE block."""
+    if moe_grouped_gemm and not use_transformer_engine:
+        raise ValueError("moe_grouped_gemm needs the TransformerEngine spec "
+                         "(--transformer-impl transformer_engine)")
     backend = _backend(use_transformer_engine)
     norm = _norm(backend, use_transformer_engine)
     qk_norm = _norm(backend, use_transformer_engine, for_qk=True) if qk_layernorm else IdentityOp
-    mlp = _moe_spec(backend, use_transformer_engine, router_class) if is_moe else _dense_mlp_spec(
-        backend
-    )
+    mlp = (_moe_spec(backend, router_class, moe_grouped_gemm) if is_moe
+           else _dense_mlp_spec(backend))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -122,7 +126,8 @@ def decoder_block_spec(config, router_class=TopKRouter, use_transformer_engine: 
     if not isinstance(pattern, list):
         pattern = [int(i % pattern == 0) for i in range(config.num_layers)]
     all_layers = [
-        layer_spec(bool(is_moe), config.qk_layernorm, router_class, use_transformer_engine)
+        layer_spec(bool(is_moe), config.qk_layernorm, router_class, use_transformer_engine,
+                   config.moe_grouped_gemm)
         for is_moe in pattern
     ]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)

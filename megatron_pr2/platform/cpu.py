@@ -2,7 +2,9 @@
 
 Megatron-Core assumes CUDA in a handful of places (device placement through
 ``torch.cuda.current_device()``, the CUDA RNG tracker, ``torch.cuda.synchronize``,
-``device="cuda"`` in factory calls, TransformerEngine's GEMM in the router).
+``device="cuda"`` in factory calls, TransformerEngine's GEMM in the router, ``Tensor.type()``
+string checks for ``torch.cuda.*Tensor`` in the optimizers and gradient clipping, the alltoall
+dispatcher's device-to-host stream and event, and its split sizes moved to the host).
 :func:`enable_cpu_backend` adapts exactly those places and nothing else. It must be
 called explicitly, and it refuses to run on a machine where CUDA is available, so it
 can never change the behaviour of a GPU run. Every adaptation is recorded and
@@ -38,13 +40,18 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuDeviceMode(TorchFunctionMode):
-    """Maps ``device="cuda"`` (or ``torch.device("cuda")``) in tensor factory calls to CPU, and
-    ``Tensor.cuda()`` to the tensor itself."""
+    """Maps ``device="cuda"`` (or ``torch.device("cuda")``) in tensor factory calls to CPU,
+    ``Tensor.cuda()`` to the tensor itself, and ``Tensor.type()`` (no argument) to the CUDA type
+    name of the host tensor (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``), which is what
+    Megatron's optimizers and ``clip_grads`` check."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:  # e.g. tied embeddings across pipeline stages
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs["device"] = "cpu"
@@ -124,12 +131,63 @@ def _patch_torch_cuda() -> None:
            lambda state, *args, **kwargs: torch.set_rng_state(state))
 
 
+class _HostStream:
+    """A stand-in for ``torch.cuda.Stream`` on the host, where every operation is synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        del args, kwargs
+
+    def wait_stream(self, stream) -> None:
+        del stream
+
+    def record_event(self, event=None):
+        return event or _HostEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+
+class _HostEvent:
+    """A stand-in for ``torch.cuda.Event``: host work has always completed."""
+
+    def __init__(self, *args, **kwargs):
+        del args, kwargs
+
+    def record(self, stream=None) -> None:
+        del stream
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream=None) -> None:
+        del stream
+
+
+def _host_splits(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` for host tensors (the original skips non-CUDA
+    ones, leaving the alltoall dispatcher's split sizes as tensors where it expects numpy)."""
+    del record_stream
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_torch_cuda_streams() -> None:
+    # classes, so type annotations such as `torch.cuda.Stream | None` still work
+    _patch(torch.cuda, "Stream", _HostStream)
+    _patch(torch.cuda, "Event", _HostEvent)
+    _patch(torch.cuda, "current_stream", lambda *args, **kwargs: _HostStream())
+    _patch(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
+
+
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mp_random
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # Without TransformerEngine this name is never bound in 0.16.1 (NameError on use).
     _patch(moe_utils, "te_general_gemm", None)
+    _patch(moe_utils, "maybe_move_tensor_to_cpu", _host_splits)
+    _patch(token_dispatcher, "maybe_move_tensor_to_cpu", _host_splits)
     _patch(mp_random, "_get_cuda_rng_state", lambda *args, **kwargs: torch.get_rng_state())
     _patch(mp_random, "_set_cuda_rng_state",
            lambda state, *args, **kwargs: torch.set_rng_state(state))
@@ -163,6 +221,7 @@ def enable_cpu_backend() -> None:
             "adapts Megatron-Core for CPU-only machines. Use --device cuda."
         )
     _patch_torch_cuda()
+    _patch_torch_cuda_streams()
     _patch_megatron()
     _patch_recompute_backward()
     _install_rng_tracker()

@@ -37,6 +37,8 @@ class TokenParallel:
         tp_size, tp_rank: tensor-parallel group; tokens are split only with ``sequence_parallel``.
         sequence_parallel: each TP rank holds ``S_local / TP`` consecutive positions.
         cp_size, cp_rank: context-parallel group.
+        token_multiple: each rank's share of a sequence is padded to a multiple of this (16 or
+            32 for TransformerEngine's FP8 GEMMs, see ``models.moe_options.fp8_token_multiple``).
     """
 
     tp_size: int = 1
@@ -44,16 +46,20 @@ class TokenParallel:
     sequence_parallel: bool = False
     cp_size: int = 1
     cp_rank: int = 0
+    token_multiple: int = 1
 
     def __post_init__(self):
         if not 0 <= self.tp_rank < self.tp_size or not 0 <= self.cp_rank < self.cp_size:
             raise ValueError(f"ranks out of range in {self}")
+        if self.token_multiple < 1:
+            raise ValueError(f"token_multiple must be >= 1 in {self}")
 
     @property
     def sequence_multiple(self) -> int:
-        """Per-sequence padding multiple that keeps every CP chunk and SP slice whole."""
+        """Per-sequence padding multiple that keeps every CP chunk and SP slice whole and a
+        multiple of ``token_multiple`` tokens long."""
         cp = 2 * self.cp_size if self.cp_size > 1 else 1
-        return cp * (self.tp_size if self.sequence_parallel else 1)
+        return cp * (self.tp_size if self.sequence_parallel else 1) * self.token_multiple
 
 
 @dataclasses.dataclass

@@ -30,6 +30,8 @@ class PassResult:
 
 def _shape(microbatches: Sequence[TrainMicroBatch]) -> tuple[int, int]:
     shapes = {tuple(mb.layout.tokens.shape) for mb in microbatches}
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return max(shapes)  # no stage-to-stage tensors: each micro-batch keeps its own width
     if len(shapes) != 1:
         raise ValueError(f"micro-batches must share one shape for the schedule, got {shapes}")
     return shapes.pop()

@@ -11,18 +11,20 @@ from megatron.core import parallel_state
 from megatron_pr2.config import RunConfig
 from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_config
 from megatron_pr2.models.hf_config import resolve_hf_config
+from megatron_pr2.models.moe_options import (
+    fp8_token_multiple,
+    moe_overrides,
+    precision_overrides,
+)
 from megatron_pr2.platform import initialize_model_parallel
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.routing.controller import RoutingController
-from megatron_pr2.routing.predictor import (
-    PredictorConfig,
-    predictor_optimizer_overrides,
-    set_group_lrs_to_max,
-)
+from megatron_pr2.routing.predictor import PredictorConfig, predictor_optimizer_overrides
 from megatron_pr2.routing.router import PR2Router
 from megatron_pr2.training.actor import PolicyActor
-from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
+from megatron_pr2.training.lr_schedule import ScheduledOptimizer, build_param_scheduler
+from megatron_pr2.training.model_setup import OptimizerOptions, build_optimizer, wrap_with_ddp
 from megatron_pr2.training.nonfinite import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
@@ -58,23 +60,28 @@ def _model_options(cfg: RunConfig) -> ModelOptions:
             overrides.update(recompute_method="uniform", recompute_num_layers=1)
         else:
             overrides["recompute_modules"] = ["moe"]
-    if cfg.model.fp8_format:
-        overrides.update(fp8=cfg.model.fp8_format)
+    overrides.update(precision_overrides(cfg.train.bf16))
+    overrides.update(moe_overrides(cfg.model, cfg.parallel))
     return ModelOptions(router_class=PR2Router,
                         use_transformer_engine=cfg.model.transformer_impl == "transformer_engine",
                         config_overrides=overrides)
 
 
 def _optimizer(cfg: RunConfig, model):
-    from megatron.core.optimizer import OptimizerConfig
-
-    base = OptimizerConfig(optimizer="adam", lr=cfg.train.lr)
-    overrides = predictor_optimizer_overrides(base, cfg.predictor.predictor_lr_mult)
-    optimizer = build_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                clip_grad=cfg.train.clip_grad, adam_beta2=cfg.train.adam_beta2,
-                                config_overrides=overrides)
-    set_group_lrs_to_max(optimizer)
-    return optimizer
+    train = cfg.train
+    options = OptimizerOptions(lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+                               clip_grad=train.clip_grad, bf16=train.bf16,
+                               use_distributed_optimizer=train.use_distributed_optimizer,
+                               adam_beta2=train.adam_beta2)
+    overrides = predictor_optimizer_overrides(options.megatron_config(),
+                                              cfg.predictor.predictor_lr_mult)
+    optimizer = build_optimizer(model, options=options, config_overrides=overrides)
+    steps = train.train_iters * cfg.algo.off_policy_window
+    scheduler = build_param_scheduler(
+        optimizer, lr=train.lr, min_lr=train.min_lr, decay_style=train.lr_decay_style,
+        warmup_steps=train.lr_warmup_iters, decay_steps=train.lr_decay_iters or steps,
+        weight_decay=train.weight_decay)
+    return ScheduledOptimizer(optimizer, scheduler)
 
 
 def build_components(cfg: RunConfig) -> Components:
@@ -89,7 +96,8 @@ def build_components(cfg: RunConfig) -> Components:
         from megatron_pr2.convert.loading import load_megatron_checkpoint
 
         load_megatron_checkpoint(chunks, cfg.model.load)
-    model = wrap_with_ddp(chunks, config)
+    model = wrap_with_ddp(chunks, config,
+                          use_distributed_optimizer=cfg.train.use_distributed_optimizer)
     optimizer = _optimizer(cfg, model)
     predictor = PredictorConfig(loss=cfg.predictor.predictor_loss,
                                 sample_ratio=cfg.predictor.predictor_sample_ratio,
@@ -101,6 +109,7 @@ def build_components(cfg: RunConfig) -> Components:
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         sequence_parallel=parallel.sequence_parallel,
+        token_multiple=fp8_token_multiple(cfg.model.fp8_format, cfg.model.fp8_recipe),
     )
     logger.info("model: %s, %d layers (%d MoE), %d experts top-%d; %.2fM parameters on rank %d",
                 spec.architecture, spec.num_layers, len(spec.moe_layer_indices), spec.num_experts,

@@ -28,7 +28,10 @@ from megatron_pr2.training.components import Components
 from megatron_pr2.training.engine_sync import sync_weights
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
-from megatron_pr2.training.rollout_batch import build_train_microbatches
+from megatron_pr2.training.rollout_batch import (
+    build_train_microbatches,
+    needs_uniform_width,
+)
 from megatron_pr2.training.rollout_source import RolloutSource
 
 logger = logging.getLogger(__name__)
@@ -126,7 +129,8 @@ class RLLoop:
         mbs = self.cfg.train.micro_batch_size
         return build_train_microbatches(samples, indices, advantages, mbs,
                                         self.parts.token_parallel,
-                                        int(self.parts.hf_config.get("pad_token_id") or 0))
+                                        int(self.parts.hf_config.get("pad_token_id") or 0),
+                                        uniform_width=needs_uniform_width(self.parts.model[0].config))
 
     def _engine_plan(self, microbatches, samples):
         if not self.method.uses_engine_routes:

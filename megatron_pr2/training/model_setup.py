@@ -1,6 +1,8 @@
-"""Megatron-Core training wiring: DDP wrapping, the Megatron optimizer, gradient finalisation."""
+"""Megatron-Core training wiring: precision wrapper, DDP, the Megatron optimizer and its LR schedule."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from megatron.core.distributed import (
@@ -9,14 +11,23 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.module import Float16Module
 
 
-def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False):
-    """Wrap each model chunk in Megatron's DDP (contiguous grad buffers, bucketed reductions)."""
+def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False,
+                  use_distributed_optimizer: bool = False):
+    """Wrap each model chunk in Megatron's DDP (contiguous fp32 grad buffers, bucketed reductions).
+
+    With ``config.bf16`` each chunk is first wrapped in Megatron's ``Float16Module`` (bf16
+    weights and compute; the optimizer keeps fp32 main params). ``use_distributed_optimizer``
+    lays the grad buffer out for the sharded optimizer (reduce-scatter instead of all-reduce).
+    """
+    if config.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
@@ -31,26 +42,45 @@ def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False):
 
 
 def unwrap_ddp(chunk):
-    """The model inside a DDP wrapper (whose state-dict keys gain a ``module.`` prefix)."""
-    return getattr(chunk, "module", chunk)
+    """The ``GPTModel`` inside the DDP (and ``Float16Module``) wrappers of a chunk."""
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
 
 
-def build_optimizer(wrapped_chunks, lr: float, *, optimizer: str = "adam",
-                    weight_decay: float = 0.0, clip_grad: float | None = None,
-                    config_overrides: dict | None = None, **optimizer_fields):
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """Megatron-LM's optimizer flags (``--bf16``, ``--use-distributed-optimizer`` ...)."""
+
+    lr: float
+    optimizer: str = "adam"
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    bf16: bool = False
+    use_distributed_optimizer: bool = False
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def megatron_config(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            optimizer=self.optimizer, lr=self.lr, min_lr=self.min_lr,
+            weight_decay=self.weight_decay, clip_grad=self.clip_grad, bf16=self.bf16,
+            fp16=False, params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            use_distributed_optimizer=self.use_distributed_optimizer, adam_beta2=self.adam_beta2,
+            adam_eps=self.adam_eps,
+        )
+
+
+def build_optimizer(wrapped_chunks, lr: float | None = None, *, options: OptimizerOptions | None = None,
+                    config_overrides: dict | None = None, **option_fields):
     """Megatron's optimizer over the DDP-wrapped chunks.
 
-    ``clip_grad`` defaults to 0 (off) on CPU, where Megatron's clip kernel is CUDA-only, and to
-    1.0 on GPU. ``config_overrides`` is Megatron's per-parameter-group override mapping (used to
-    give the PR2 predictor its own learning rate).
+    Give either ``options`` or ``lr`` plus :class:`OptimizerOptions` fields. ``config_overrides``
+    is Megatron's per-parameter-group override mapping (the PR2 predictor's group, no weight
+    decay on norms and biases). Per-group LR and weight decay only take effect once an
+    ``OptimizerParamScheduler`` runs (see :func:`build_param_scheduler`).
     """
-    if clip_grad is None:
-        clip_grad = 1.0 if torch.cuda.is_available() else 0.0
-    if clip_grad and not torch.cuda.is_available():
-        raise ValueError("gradient clipping uses a CUDA kernel in Megatron-Core; set clip_grad=0 "
-                         "on CPU")
-    opt_config = OptimizerConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                                 clip_grad=clip_grad, bf16=False, fp16=False,
-                                 params_dtype=torch.float32, **optimizer_fields)
+    options = options or OptimizerOptions(lr=lr, **option_fields)
     kwargs = {"config_overrides": config_overrides} if config_overrides else {}
-    return get_megatron_optimizer(opt_config, wrapped_chunks, **kwargs)
+    return get_megatron_optimizer(options.megatron_config(), wrapped_chunks, **kwargs)

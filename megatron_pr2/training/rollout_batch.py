@@ -106,20 +106,35 @@ def _pad_layout(layout: MicroBatch, width: int, pad_token_id: int) -> None:
     layout.response_mask = pad(layout.response_mask, False)
 
 
+def needs_uniform_width(config) -> bool:
+    """Whether every micro-batch must have one width (a Megatron ``TransformerConfig``).
+
+    Megatron's pipeline schedule passes one tensor shape between stages, and the allgather
+    dispatcher gathers equal token counts from every expert-parallel rank (which hold different
+    data-parallel micro-batches). Otherwise (PP=1 and alltoall, or EP=1) each micro-batch is only
+    as wide as its own longest sample.
+    """
+    if config.pipeline_model_parallel_size > 1:
+        return True
+    return config.moe_token_dispatcher_type == "allgather" and config.expert_model_parallel_size > 1
+
+
 def build_train_microbatches(samples: Sequence[Sample], indices: Sequence[int],
                              advantages: torch.Tensor, micro_batch_size: int,
-                             parallel: TokenParallel, pad_token_id: int) -> list[TrainMicroBatch]:
+                             parallel: TokenParallel, pad_token_id: int,
+                             uniform_width: bool = True) -> list[TrainMicroBatch]:
     """This rank's micro-batches over ``samples[indices]``, ids ``0 .. n-1`` in order.
 
-    All are padded to the width of the longest sample of the whole rollout batch (every rank
-    holds all samples): Megatron's schedule passes one tensor shape between pipeline stages, and
-    the allgather token dispatcher needs equal token counts on every expert-parallel rank.
+    Each is padded to its own longest sample (rounded to ``parallel.sequence_multiple``), or with
+    ``uniform_width`` (see :func:`needs_uniform_width`) to the longest sample of the whole rollout
+    batch, which every rank holds, so all ranks agree on it.
     """
     layouts = build_micro_batches(samples, list(indices), micro_batch_size, "bshd", parallel,
                                   pad_token_id)
-    multiple = parallel.sequence_multiple
-    width = -(-max(s.total_length for s in samples) // multiple) * multiple
-    for layout in layouts:
-        _pad_layout(layout, width, pad_token_id)
+    if uniform_width:
+        multiple = parallel.sequence_multiple
+        width = -(-max(s.total_length for s in samples) // multiple) * multiple
+        for layout in layouts:
+            _pad_layout(layout, width, pad_token_id)
     return [to_train_microbatch(layout, samples, advantages, i, pad_token_id)
             for i, layout in enumerate(layouts)]

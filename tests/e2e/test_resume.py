@@ -1,4 +1,8 @@
-"""A run killed with SIGKILL and resumed logs the same metrics as an uninterrupted run."""
+"""A run killed with SIGKILL and resumed logs the same metrics as an uninterrupted run.
+
+Also with Megatron's distributed optimizer (its sharded optimizer state in the checkpoint) and a
+warm-up + cosine LR schedule (the scheduler's step count travels with the optimizer state).
+"""
 
 import json
 import os
@@ -17,8 +21,11 @@ ARGS = ["--routing-method", "pr2", "--train-iters", "4", "--rollout-batch-prompt
         *([] if torch.cuda.is_available() else ["--strict-device"])]
 
 
-def _command(save_dir, jsonl):
-    return [sys.executable, "-m", "megatron_pr2.train", *ARGS, "--save", str(save_dir),
+SHARDED = ["--use-distributed-optimizer", "--lr-warmup-iters", "3", "--lr-decay-style", "cosine"]
+
+
+def _command(save_dir, jsonl, extra=()):
+    return [sys.executable, "-m", "megatron_pr2.train", *ARGS, *extra, "--save", str(save_dir),
             "--log-jsonl", str(jsonl)]
 
 
@@ -32,13 +39,13 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _run(save_dir, jsonl):
-    subprocess.run(_command(save_dir, jsonl), check=True, env=_env(), timeout=600,
+def _run(save_dir, jsonl, extra=()):
+    subprocess.run(_command(save_dir, jsonl, extra), check=True, env=_env(), timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kill_after(save_dir, jsonl, lines: int):
-    proc = subprocess.Popen(_command(save_dir, jsonl), env=_env(), stdout=subprocess.DEVNULL,
+def _kill_after(save_dir, jsonl, lines: int, extra=()):
+    proc = subprocess.Popen(_command(save_dir, jsonl, extra), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -52,19 +59,23 @@ def _kill_after(save_dir, jsonl, lines: int):
         proc.wait(timeout=60)
 
 
-def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
-    _run(tmp_path / "ref_ckpt", tmp_path / "ref.jsonl")
+@pytest.mark.parametrize("extra", [[], pytest.param(SHARDED, marks=pytest.mark.xfail(
+    strict=True, reason="known bug: loading the distributed optimizer's dp_reshardable state "
+    "fails with an AssertionError inside Megatron's load (saving works)"))],
+    ids=["plain", "distributed_optimizer"])
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, extra):
+    _run(tmp_path / "ref_ckpt", tmp_path / "ref.jsonl", extra)
     reference = _records(tmp_path / "ref.jsonl")
     assert [r["step"] for r in reference] == [1, 2, 3, 4]
 
-    _kill_after(tmp_path / "ckpt", tmp_path / "run.jsonl", lines=2)
+    _kill_after(tmp_path / "ckpt", tmp_path / "run.jsonl", lines=2, extra=extra)
     survived = _records(tmp_path / "run.jsonl")
     latest = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 1, "no checkpoint was completed before the kill"
     # every step that finished and was checkpointed is still on disk, unchanged
     assert survived[:latest] == reference[:latest]
 
-    _run(tmp_path / "ckpt", tmp_path / "run.jsonl")
+    _run(tmp_path / "ckpt", tmp_path / "run.jsonl", extra)
     resumed = _records(tmp_path / "run.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for got, want in zip(resumed, reference):

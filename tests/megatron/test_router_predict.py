@@ -92,9 +92,11 @@ def _capture_router_inputs(model):
     return captured, handles
 
 
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 @pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-qwen2-moe"])
-def test_predictive_routes_are_topk_of_logits_plus_predictor(megatron_single_process, name):
-    config, model = build(name, seed=21)
+def test_predictive_routes_are_topk_of_logits_plus_predictor(megatron_single_process, name,
+                                                             dispatcher):
+    config, model = build(name, seed=21, moe_token_dispatcher_type=dispatcher)
     gen = torch.Generator().manual_seed(22)
     for layer in model.decoder.layers:
         layer.mlp.router.predictor.weight.data.normal_(0.0, 0.05, generator=gen)

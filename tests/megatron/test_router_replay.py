@@ -65,10 +65,11 @@ def hand_moe(mlp, x_SBH, routes, router_weight=None):
     return out.view_as(x_SBH), ids
 
 
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 @pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-qwen2-moe"])
 def test_replayed_moe_layer_equals_hand_forward_and_router_gets_its_gradient(
-        megatron_single_process, name):
-    config, model = build(name)
+        megatron_single_process, name, dispatcher):
+    config, model = build(name, moe_token_dispatcher_type=dispatcher)
     mlp = model.decoder.layers[1].mlp
     router = mlp.router
     x = torch.randn(S, B, config.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -94,10 +95,11 @@ def test_replayed_moe_layer_equals_hand_forward_and_router_gets_its_gradient(
     assert torch.equal(dispatched[routes.valid], routes.expert_ids.long()[routes.valid])
 
 
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 @pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-qwen2-moe"])
 def test_replayed_model_logits_equal_model_with_hand_computed_moe_layers(
-        megatron_single_process, name):
-    config, model = build(name, seed=3)
+        megatron_single_process, name, dispatcher):
+    config, model = build(name, seed=3, moe_token_dispatcher_type=dispatcher)
     tokens, positions = tokens_and_positions(seed=4)
     controller = RoutingController(model)
     plan = RoutePlan()

@@ -381,3 +381,16 @@ def test_runtime_check_on_this_cpu_machine(tmp_path):
     cpu = parse_config(["--device", "cpu", "--task", "math", "--data-path", str(data),
                         "--tokenizer", str(tmp_path)])
     assert runtime_problems(cpu, 1) == []
+
+
+@pytest.mark.parametrize("bf16, distributed, dp, expected", [
+    (False, False, 4, 4 + 4 + 8),  # fp32 weights, fp32 grads, Adam m + v
+    (True, False, 4, 2 + 4 + 4 + 8),  # bf16 weights, fp32 grads, fp32 main weights, Adam
+    (True, True, 4, 2 + 4 + (4 + 8) / 4),  # main weights + Adam sharded over 4 DP ranks
+    (False, True, 2, 4 + 4 + 8 / 2),
+])
+def test_training_state_bytes_per_param_by_precision_and_optimizer(bf16, distributed, dp,
+                                                                   expected):
+    from megatron_pr2.launch.memory import training_state_bytes_per_param
+
+    assert training_state_bytes_per_param(bf16, distributed, dp) == pytest.approx(expected)
