@@ -15,6 +15,7 @@ wire per sync, and seconds at the given bandwidths.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import tempfile
 import threading
@@ -32,13 +33,14 @@ QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_
                  "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
                  "vocab_size": 151936, "tie_word_embeddings": False, "decoder_sparse_step": 1,
                  "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-                 "norm_topk_prob": True}
+                 "norm_topk_prob": True, "rope_theta": 1000000.0}
 
 
 class PeakRss:
     """Samples this process's resident memory every few milliseconds."""
 
     def __init__(self):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed buffers of earlier syncs leave the RSS
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.base = self.peak = self.now()
         self._stop = threading.Event()
@@ -161,7 +163,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("inprocess", "sglang"), default="inprocess")
     parser.add_argument("--bucket-mb", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--wire-gbs", type=float, default=40.0,
+    parser.add_argument("--wire-gbs", type=float, default=20.0,
                         help="cost model: broadcast bandwidth to the engines (GB/s)")
     parser.add_argument("--nvlink-gbs", type=float, default=150.0,
                         help="cost model: in-node gather bandwidth (GB/s)")
