@@ -163,6 +163,15 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
     dist.broadcast_object_list(box, src=0, group=host_group())
     if box[0][0]:
         raise WeightUpdateError(f"weight sync set-up: {box[0][0]}")
-    transport = build_transport(name, engine, hf_config, options, position.stage, apis,
-                                host_group()) if talks else Transport()
+    transport, error = Transport(), None
+    if talks:
+        try:
+            transport = build_transport(name, engine, hf_config, options, position.stage, apis,
+                                        host_group())
+        except (WeightUpdateError, ValueError) as exc:
+            error = f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
+    errors = [None] * dist.get_world_size(host_group())
+    dist.all_gather_object(errors, error, group=host_group())
+    if any(errors):
+        raise WeightUpdateError("weight sync set-up: " + "; ".join(e for e in errors if e))
     return WeightSyncer(model_chunks, hf_config, transport, box[0][1], options.bucket_bytes)
