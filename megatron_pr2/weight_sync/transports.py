@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -258,13 +259,14 @@ class SGLangDistributedTransport(_SGLangSession):
         """Drop the group on both sides; the next push builds a new one under a new name."""
         group, name = self.group, self.group_name
         self.group = self.group_name = None
-        destroy_update_group(group)
-        if name is not None:
+        if name is not None:  # first the servers: closing their side ends a pending broadcast
             for api in self.apis:
                 try:
                     api.destroy_weights_update_group(name)
                 except WeightUpdateError as exc:
                     logger.warning("could not destroy %s on %s: %s", name, api.base_url, exc)
+        if group is not None:  # gloo cannot abort a pending broadcast: do not wait for it here
+            threading.Thread(target=destroy_update_group, args=(group,), daemon=True).start()
 
 
 # --------------------------------------------------------------------------------- disk

@@ -97,6 +97,8 @@ def _sync_layouts(rank, address, megatron_dir, disk_dir):
             syncer.close()
             return report
 
+        if name == "ep2":
+            results[name, "rejected"] = _rejected_then_rebuilt(rank, model, engine)
         report = sync(False)
         results[name, "plain"] = (_served(engine) if rank == 0 else None, report.num_buckets)
         set_predictors(model)
@@ -113,6 +115,30 @@ def _sync_layouts(rank, address, megatron_dir, disk_dir):
                             WeightSyncOptions(bucket_bytes=BUCKET_BYTES)).sync(predictive_gate=True)
         results[name, "inprocess"] = (local.model.state_dict() if rank == 0 else None, None)
     return results
+
+
+def _rejected_then_rebuilt(rank, model, engine):
+    """An update the server refuses (no session opened) fails on every rank with the server's
+    message; the same syncer then builds a new group and syncs."""
+    from megatron_pr2.weight_sync import (
+        WeightSyncError,
+        WeightSyncOptions,
+        build_weight_syncer,
+    )
+
+    syncer = build_weight_syncer([model], engine, CFG, WeightSyncOptions(bucket_bytes=BUCKET_BYTES))
+    if rank == 0:
+        syncer.transport.open = lambda: None  # skip /begin_weight_update
+    try:
+        syncer.sync()
+        message = None
+    except WeightSyncError as exc:
+        message = str(exc)
+    if rank == 0:
+        del syncer.transport.open  # back to the class's method
+    report = syncer.sync()
+    syncer.close()
+    return message, report.num_tensors
 
 
 # ------------------------------------------------------------------------------ references
@@ -226,6 +252,10 @@ def test_in_memory_sync_from_tp_ep_pp_equals_the_single_process_adapter(
                 assert torch.equal(routes.long().sort(-1).values,
                                    expected.routed_experts.long().sort(-1).values), where
 
+    for rank in range(2):
+        message, tensors = results[rank]["ep2", "rejected"]
+        assert message is not None and "begin_weight_update" in message, message
+        assert tensors == len(plain)
     assert results[0]["pp2", "bf16-wire"][0] == checksums(plain, torch.float32, via=torch.bfloat16)
     assert results[0]["pp2", "disk"][0] == want["predictive"]
     engine_state = results[0]["pp2", "inprocess"][0]
