@@ -108,7 +108,7 @@ def start_engine(kind, hf_config, model, root):
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
         json.dump({**hf_config, "torch_dtype": "bfloat16"}, handle)
     server = SGLangServer(path, startup_timeout=900, max_lifetime=3600,
-                          extra_args=("--dtype", "bfloat16"))
+                          extra_args=("--dtype", "bfloat16", "--mem-fraction-static", "0.3"))
     server.start()
     client = SGLangClient.for_hf_config([server.address], hf_config,
                                         config=SGLangClientConfig(request_timeout=900))
