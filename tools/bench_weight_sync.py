@@ -87,7 +87,8 @@ def measure(model, engine, hf_config, transport, bucket_mb, repeats, directory):
 
 
 def start_engine(kind, hf_config, model, root):
-    from megatron_pr2.convert import adapter_for, model_state_for_export
+    from megatron_pr2.convert.loading import model_state_for_export
+    from megatron_pr2.convert.registry import adapter_for
 
     if kind == "inprocess":
         from megatron_pr2.rollout.inprocess import InProcessEngine
@@ -116,7 +117,7 @@ def start_engine(kind, hf_config, model, root):
 
 
 def cost_model(wire_gbs: float, nvlink_gbs: float, disk_gbs: float) -> None:
-    from megatron_pr2.convert import adapter_for
+    from megatron_pr2.convert.registry import adapter_for
 
     tp, pp, ep = 4, 2, 8
     adapter = adapter_for(QWEN3_30B_A3B)

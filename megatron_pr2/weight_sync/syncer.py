@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.convert import adapter_for
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.rollout.engine import RolloutError
 from megatron_pr2.weight_sync.bucket import FlatBucket

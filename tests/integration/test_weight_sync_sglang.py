@@ -74,7 +74,7 @@ def engine_checksums(engine):
 
 
 def _sync_layouts(rank, address, megatron_dir, disk_dir):
-    from megatron_pr2.convert import load_megatron_checkpoint
+    from megatron_pr2.convert.loading import load_megatron_checkpoint
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.platform import initialize_model_parallel
     from megatron_pr2.rollout.inprocess import InProcessEngine
@@ -178,7 +178,7 @@ def checksums(hf, dtype, via=None):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Served weights A (the server starts with them) and trainer weights B (Megatron ckpt)."""
-    from megatron_pr2.convert import hf_to_megatron
+    from megatron_pr2.convert.pipeline import hf_to_megatron
     from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 
     root = tmp_path_factory.mktemp("weight-sync")
@@ -201,11 +201,11 @@ def server(weights):
 
 def single_process_reference(megatron_dir):
     """The single-process adapter output, plain and with predictive gates."""
-    from megatron_pr2.convert import (
-        adapter_for,
+    from megatron_pr2.convert.loading import (
         load_megatron_checkpoint,
         model_state_for_export,
     )
+    from megatron_pr2.convert.registry import adapter_for
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.routing.router import PR2Router
 

@@ -42,7 +42,7 @@ def set_predictors(chunks) -> None:
 
 
 def _sync(rank, megatron_dir):
-    from megatron_pr2.convert import load_megatron_checkpoint
+    from megatron_pr2.convert.loading import load_megatron_checkpoint
     from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.platform import initialize_model_parallel
     from megatron_pr2.rollout.inprocess import InProcessEngine
@@ -67,13 +67,13 @@ def _sync(rank, megatron_dir):
 
 
 def test_every_layout_syncs_the_single_process_adapter_output(megatron_single_process, tmp_path):
-    from megatron_pr2.convert import (
-        adapter_for,
-        hf_to_megatron,
+    from megatron_pr2.convert.loading import (
         load_megatron_checkpoint,
         model_state_for_export,
     )
+    from megatron_pr2.convert.pipeline import hf_to_megatron
     from megatron_pr2.convert.random_init import save_random_hf_checkpoint
+    from megatron_pr2.convert.registry import adapter_for
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.rollout.inprocess import InProcessEngine
     from megatron_pr2.routing.router import PR2Router

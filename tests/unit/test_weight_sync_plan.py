@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megatron_pr2.convert import adapter_for
 from megatron_pr2.convert.errors import ConversionError
+from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.models.presets import preset
 from megatron_pr2.weight_sync.bucket import FlatBucket
 from megatron_pr2.weight_sync.plan import (
