@@ -70,9 +70,18 @@ class RolloutArgs:
     max_new_tokens: int = 12
     temperature: float = 1.0
     rollout_timeout: float = 120.0
+    weight_sync: str | None = None  # tensor | distributed | disk (default: tensor in-process, distributed for SGLang)
+    weight_sync_bucket_mb: int = 512  # bucket size: peak extra memory of a sync
+    weight_sync_dtype: str | None = None  # bf16 | fp32 | fp16 (default: the engine's dtype)
+    weight_sync_master_addr: str | None = None  # this host as SGLang servers reach it (distributed)
 
     def validate(self) -> None:
         _choice("rollout_engine", self.rollout_engine, ("inprocess", "sglang"))
+        _choice("weight_sync", self.weight_sync, (None, "tensor", "distributed", "disk"))
+        if self.weight_sync == "distributed" and self.rollout_engine != "sglang":
+            raise ValueError("--weight-sync distributed needs --rollout-engine sglang")
+        _choice("weight_sync_dtype", self.weight_sync_dtype, (None, "bf16", "fp32", "fp16"))
+        _positive("weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         _choice("rollout_dtype", self.rollout_dtype, ("bf16", "fp32"))
         if self.rollout_engine == "sglang" and not self.sglang_urls:
             raise ValueError("--rollout-engine sglang needs --sglang-urls http://host:port[,...]")

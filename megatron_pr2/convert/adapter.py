@@ -180,14 +180,16 @@ class StateDictAdapter:
         if missing:
             raise ConversionError(_missing_message("HF", missing))
 
-    def to_hf(self, named_tensors: NamedTensors,
-              predictive_gate: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def to_hf(self, named_tensors: NamedTensors, predictive_gate: bool = False,
+              complete: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Megatron named tensors (any order) -> HF named tensors, each as soon as complete.
 
         Args:
             named_tensors: single-process Megatron names (``_extra_state`` entries are skipped).
             predictive_gate: write ``W_r + W_p`` as each router's HF gate weight (PR2 in the
                 rollout engine); needs the predictor weight of every MoE layer.
+            complete: require every tensor of the model (False: a part, e.g. one pipeline
+                stage's bucket; a gate still needs its router and predictor together).
 
         Raises:
             ConversionError: unknown name, duplicate, shape mismatch, or missing tensors.
@@ -239,8 +241,11 @@ class StateDictAdapter:
             {g.predictor_name for g in gates.values()})
         received = done.union(*(sources.keys() for sources in pending.values()))
         missing = [n for n in expected if n not in received]
-        if missing:
+        if missing and complete:
             raise ConversionError(_missing_message("Megatron", missing))
+        if pending and not complete:
+            raise ConversionError(f"predictive gates need router and predictor together; "
+                                  f"incomplete: {', '.join(sorted(pending)[:4])}")
 
 
 def _put_once(sources: dict, name: str, tensor: torch.Tensor, done: set) -> None:

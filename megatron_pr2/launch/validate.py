@@ -88,14 +88,18 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
         return
     urls = parse_sglang_urls(cfg.rollout.sglang_urls)
     report.lines.append(f"rollout engine: SGLang, {len(urls)} server(s): {', '.join(urls)}")
-    if layout.world_size == 1:
-        return
-    if cfg.train.save:
-        report.lines.append(f"weight sync: {os.path.join(cfg.train.save, 'weight_sync_hf')} "
+    transport = cfg.rollout.weight_sync or "distributed"
+    if transport != "disk":
+        report.lines.append(
+            f"weight sync: in memory ({transport}), {cfg.rollout.weight_sync_bucket_mb} MB "
+            "buckets from each pipeline stage's first GPU"
+            + (" over an NCCL group with the servers' GPUs" if transport == "distributed" else ""))
+    elif cfg.train.save:
+        report.lines.append(f"weight sync: disk, {os.path.join(cfg.train.save, 'weight_sync_hf')} "
                             "(must be readable by every SGLang server)")
     else:
-        report.notes.append("--save is not set: weight sync goes through a temporary directory "
-                            "on node 0, which SGLang servers on other hosts cannot read")
+        report.notes.append("--weight-sync disk without --save: weight sync goes through a "
+                            "temporary directory, which SGLang servers on other hosts cannot read")
 
 
 def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,

@@ -15,12 +15,9 @@ prompt length equal to ours.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import dataclasses
-import io
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -200,33 +197,6 @@ def parse_generate_response(body: Any, prompt: Sequence[int], layout: RouteLayou
                   routed_experts=routes, status=status, metadata=metadata)
 
 
-def serialize_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
-    """Base64 pickle of ``[(name, cpu tensor)]`` as SGLang's ``/update_weights_from_tensor`` reads it.
-
-    Plain pickle (storages by value), which SGLang's restricted unpickler accepts; tensors are
-    copied so a view never drags its whole base storage along.
-    """
-    buffer = io.BytesIO()
-    items = [(name, t.detach().to("cpu").contiguous().clone()) for name, t in named_tensors]
-    pickle.dump(items, buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def chunk_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                        max_bytes: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Group tensors into lists of at most ``max_bytes`` (a larger tensor travels alone)."""
-    chunk, size = [], 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if chunk and size + nbytes > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((name, tensor))
-        size += nbytes
-    if chunk:
-        yield chunk
-
-
 # ---------------------------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------------------------
@@ -357,42 +327,23 @@ class SGLangClient:
         return sample
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push HF-named tensors to every server through ``/update_weights_from_tensor``.
+        """Push HF-named tensors to every server (``/update_weights_from_tensor``, chunked)."""
+        from megatron_pr2.weight_sync.sglang_api import push_named_tensors
 
-        Tensors travel by value in chunks of ``config.weight_chunk_bytes``, inside a
-        ``/begin_weight_update`` .. ``/end_weight_update`` session (SGLang >= 0.5.2x requires one);
-        the servers' prefix caches are flushed after the last chunk, so no cached KV or route of
-        the old weights is reused.
-        """
-        chunks = list(chunk_named_tensors(named_tensors, self.config.weight_chunk_bytes))
-        blobs = [serialize_named_tensors(chunk) for chunk in chunks]
-        for address in self.addresses:
-            self._post_checked(address, "/begin_weight_update", {})
-            try:
-                for i, blob in enumerate(blobs):
-                    body = {
-                        "serialized_named_tensors": [blob] * self.config.tp_size,
-                        "flush_cache": i == len(blobs) - 1,
-                    }
-                    self._post_checked(address, "/update_weights_from_tensor", body)
-            finally:
-                self._post_checked(address, "/end_weight_update", {})
-        logger.info("pushed %d tensors in %d chunks to %d servers",
-                    sum(len(c) for c in chunks), len(chunks), len(self.addresses))
-
-    def _post_checked(self, address: str, path: str, body: Any) -> None:
-        """POST and require ``{"success": true}`` (a retryable failure becomes a RolloutError)."""
-        try:
-            answer = self._request_once(address, "POST", path, body)
-        except _RetryableError as exc:
-            raise RolloutError(str(exc)) from None
-        if not isinstance(answer, dict) or not answer.get("success", False):
-            raise RolloutError(f"{address}{path} failed: {answer!r}")
+        push_named_tensors(self.weight_apis(), named_tensors, self.config.weight_chunk_bytes,
+                           self.config.tp_size)
 
     def update_weights_from_disk(self, model_path: str) -> None:
         """Make every server reload its weights from an HF checkpoint directory it can read."""
-        for address in self.addresses:
-            self._post_checked(address, "/update_weights_from_disk", {"model_path": model_path})
+        for api in self.weight_apis():
+            api.update_weights_from_disk(model_path)
+
+    def weight_apis(self) -> list:
+        """The weight-update endpoints of each server (:mod:`megatron_pr2.weight_sync`)."""
+        from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI
+
+        return [SGLangWeightAPI(a, getattr(self, "api_key", None), self.config.request_timeout)
+                for a in self.addresses]
 
     def health(self, deep: bool = False) -> EngineHealth:
         """Ask each server's ``/health`` (``deep``: ``/health_generate``, which runs a generation)."""

@@ -25,7 +25,6 @@ from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
 from megatron_pr2.training.batch_plan import plan_batch
 from megatron_pr2.training.components import Components
-from megatron_pr2.training.engine_sync import sync_weights
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
 from megatron_pr2.training.rollout_batch import (
@@ -33,6 +32,7 @@ from megatron_pr2.training.rollout_batch import (
     needs_uniform_width,
 )
 from megatron_pr2.training.rollout_source import RolloutSource
+from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class RLLoop:
         self.method = routing_method(self.cfg.algo.routing_method)
         self.start_iteration = 0
         self.route_layout = RouteLayout.from_hf_config(parts.spec)
+        self.weight_sync = build_weight_syncer(parts.model, source.engine, parts.hf_config,
+                                               WeightSyncOptions.from_run_config(self.cfg))
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -182,9 +184,7 @@ class RLLoop:
         return metrics
 
     def _sync_weights(self) -> None:
-        sync_weights(self.parts.model, self.source.engine, self.parts.hf_config,
-                     predictive_gate=self.method.predictive_engine_gate,
-                     scratch_dir=self.cfg.train.save)
+        self.weight_sync.sync(predictive_gate=self.method.predictive_engine_gate)
 
     # ----------------------------------------------------------------------------- state
     @staticmethod

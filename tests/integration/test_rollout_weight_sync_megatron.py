@@ -1,21 +1,20 @@
-"""Trainer -> engine sync: a Megatron model's weights, through the conversion adapter, into the
-in-process engine; in PR2-in-engine mode each gate becomes ``W_r + W_p``.
+"""Trainer -> engine sync (one process, small buckets): a Megatron model's weights, through the
+conversion adapter, into the in-process engine; in PR2-in-engine mode each gate becomes
+``W_r + W_p``.
 
 Reference: Megatron's own forward (logits and routes) on the same tokens.
 """
 
 import torch
 
-from megatron_pr2.convert.loading import model_state_for_export
-from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.verify import megatron_forward
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.presets import preset
 from megatron_pr2.platform import seed_model_parallel
 from megatron_pr2.rollout.inprocess import InProcessEngine
 from megatron_pr2.rollout.sample import SamplingParams
-from megatron_pr2.rollout.weight_sync import TensorWeightSync
 from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
 CFG = preset("tiny-qwen3-moe", mlp_only_layers=[2])
 
@@ -24,9 +23,9 @@ def test_megatron_weights_sync_to_the_engine_and_predictive_gates_fold(megatron_
     seed_model_parallel(9)
     _, _, model = build_model(CFG, options=ModelOptions(router_class=PR2Router))
     model.eval()
-    adapter = adapter_for(CFG)
     engine = InProcessEngine(CFG)
-    TensorWeightSync(engine).push(adapter.to_hf(model_state_for_export(model).items()))
+    syncer = build_weight_syncer([model], engine, CFG, WeightSyncOptions(bucket_bytes=32 << 10))
+    assert syncer.sync().num_buckets > 3
 
     sample = engine.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=6, greedy=True,
                                                             ignore_eos=True))[0]
@@ -48,8 +47,7 @@ def test_megatron_weights_sync_to_the_engine_and_predictive_gates_fold(megatron_
             if router is not None:
                 router.predictor.weight.normal_(0, 0.05)
                 predictors[layer.layer_number - 1] = (router.weight.clone(), router.predictor.weight.clone())
-    TensorWeightSync(engine).push(adapter.to_hf(model_state_for_export(model).items(),
-                                                predictive_gate=True))
+    syncer.sync(predictive_gate=True)
     assert sorted(predictors) == [0, 1, 3]
     for index, (w_r, w_p) in predictors.items():
         torch.testing.assert_close(engine.model.model.layers[index].mlp.gate.weight, w_r + w_p,

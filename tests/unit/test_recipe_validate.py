@@ -326,7 +326,10 @@ def test_validate_summarises_the_recipe():
     assert "data parallel: DP=2 (dense), expert DP=1" in text
     assert "micro-batches per mini-step: 64 per DP rank" in text
     assert "TransformerEngine: required at launch" in text
-    assert "/out/ckpt/weight_sync_hf" in text
+    assert "weight sync: in memory (distributed), 512 MB buckets" in text
+    disk = "\n".join(validate([*RECIPE_ARGS, "--weight-sync", "disk"], nnodes=2,
+                              gpus_per_node=8).lines)
+    assert "weight sync: disk, /out/ckpt/weight_sync_hf" in disk
     assert any("--data-path /data/x.jsonl: no such file here" in n for n in report.notes)
 
 

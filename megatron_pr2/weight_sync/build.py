@@ -1,0 +1,177 @@
+"""Choose and build the weight-sync transport for a rollout engine (``--weight-sync``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import tempfile
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI, WeightUpdateError
+from megatron_pr2.weight_sync.syncer import WeightSyncer
+from megatron_pr2.weight_sync.transports import (
+    DiskTransport,
+    InProcessTransport,
+    SGLangDistributedTransport,
+    SGLangTensorTransport,
+    Transport,
+    server_tp_sizes,
+)
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = {"inprocess": ("tensor", "disk"), "sglang": ("distributed", "tensor", "disk")}
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class WeightSyncOptions:
+    """How weights reach the engine.
+
+    Attributes:
+        transport: ``tensor`` | ``distributed`` | ``disk`` (None: ``tensor`` for the in-process
+            engine, ``distributed`` for SGLang).
+        bucket_bytes: maximum bucket size.
+        dtype: ``bf16`` | ``fp32`` | ``fp16`` (None: the engine's own dtype).
+        directory: the disk transport's directory (readable by every engine host).
+        master_address: address SGLang servers reach this host at (None: loopback when every
+            server is on loopback, else this host's resolved name).
+        timeout_s: bound on a group rendezvous and on one bucket's broadcast.
+    """
+
+    transport: str | None = None
+    bucket_bytes: int = 512 << 20
+    dtype: str | None = None
+    directory: str | None = None
+    master_address: str | None = None
+    timeout_s: float = 600.0
+
+    @classmethod
+    def from_run_config(cls, cfg) -> WeightSyncOptions:
+        """The ``--weight-sync*`` flags of a run config (disk under ``--save``)."""
+        rollout = cfg.rollout
+        return cls(transport=rollout.weight_sync, bucket_bytes=rollout.weight_sync_bucket_mb << 20,
+                   dtype=rollout.weight_sync_dtype,
+                   directory=(os.path.join(cfg.train.save, "weight_sync_hf")
+                              if cfg.train.save else None),
+                   master_address=rollout.weight_sync_master_addr,
+                   timeout_s=max(60.0, rollout.rollout_timeout))
+
+
+def engine_kind(engine) -> str:
+    return "sglang" if getattr(engine, "name", "") == "sglang" else "inprocess"
+
+
+def resolve_transport(engine, requested: str | None) -> str:
+    kind = engine_kind(engine)
+    name = requested or TRANSPORTS[kind][0]
+    if name not in TRANSPORTS[kind]:
+        raise ValueError(f"--weight-sync {name} is not available for the {kind} engine; choose "
+                         f"one of {', '.join(TRANSPORTS[kind])}")
+    return name
+
+
+def _apis(engine) -> list[SGLangWeightAPI]:
+    timeout = float(getattr(getattr(engine, "config", None), "request_timeout", 600.0))
+    return [SGLangWeightAPI(address, getattr(engine, "api_key", None), timeout)
+            for address in engine.addresses]
+
+
+def engine_dtype(engine, apis, hf_config: dict) -> torch.dtype:
+    """The dtype the engine holds its weights in."""
+    if engine_kind(engine) == "inprocess":
+        return engine.dtype
+    names = {str(api.server_info().get("dtype", "auto")) for api in apis}
+    if len(names) != 1:
+        raise WeightUpdateError(f"SGLang servers disagree on their dtype: {sorted(names)}")
+    name = names.pop()
+    if name == "auto":
+        name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16")
+    if name not in DTYPES:
+        raise WeightUpdateError(f"SGLang serves dtype {name!r}, which the weight sync cannot send")
+    return DTYPES[name]
+
+
+def _loopback(address: str) -> bool:
+    host = urlparse(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _master_address(engine, requested: str | None) -> str:
+    if requested:
+        return requested
+    if all(_loopback(a) for a in engine.addresses):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _disk_directory(requested: str | None) -> str:
+    return requested or os.path.join(tempfile.gettempdir(), "megatron_pr2_weight_sync")
+
+
+def build_transport(name: str, engine, hf_config: dict, options: WeightSyncOptions, stage: int,
+                    apis, host_group) -> Transport:
+    if name == "disk":
+        if engine_kind(engine) == "inprocess":
+            reload = engine.update_weights_from_disk
+        else:
+            def reload(path):
+                for api in apis:
+                    api.update_weights_from_disk(path)
+        return DiskTransport(_disk_directory(options.directory), hf_config, reload, stage)
+    if engine_kind(engine) == "inprocess":
+        return InProcessTransport(engine, host_group)
+    sizes = server_tp_sizes(apis)
+    if name == "tensor":
+        return SGLangTensorTransport(apis, sizes)
+    backend = "nccl" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "gloo"
+    return SGLangDistributedTransport(apis, sizes, backend,
+                                      _master_address(engine, options.master_address), stage,
+                                      options.timeout_s)
+
+
+def build_weight_syncer(model_chunks, engine, hf_config: dict,
+                        options: WeightSyncOptions | None = None) -> WeightSyncer:
+    """The weight syncer of this rank for ``engine`` (call on every rank)."""
+    from megatron_pr2.platform.distributed import host_group
+    from megatron_pr2.weight_sync.gather import StagePosition
+
+    options = options or WeightSyncOptions()
+    name = resolve_transport(engine, options.transport)
+    position = StagePosition.current()
+    talks = position.is_pusher or dist.get_rank() == 0
+    apis = _apis(engine) if engine_kind(engine) == "sglang" and talks else []
+    error, dtype = None, None
+    try:
+        dtype = DTYPES[options.dtype] if options.dtype else (
+            engine_dtype(engine, apis, hf_config) if dist.get_rank() == 0 else None)
+    except (KeyError, WeightUpdateError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    box = [(error, dtype)]
+    dist.broadcast_object_list(box, src=0, group=host_group())
+    if box[0][0]:
+        raise WeightUpdateError(f"weight sync set-up: {box[0][0]}")
+    transport, error = Transport(), None
+    if talks:
+        try:
+            transport = build_transport(name, engine, hf_config, options, position.stage, apis,
+                                        host_group())
+        except (WeightUpdateError, ValueError) as exc:
+            error = f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
+    errors = [None] * dist.get_world_size(host_group())
+    dist.all_gather_object(errors, error, group=host_group())
+    if any(errors):
+        raise WeightUpdateError("weight sync set-up: " + "; ".join(e for e in errors if e))
+    return WeightSyncer(model_chunks, hf_config, transport, box[0][1], options.bucket_bytes)
