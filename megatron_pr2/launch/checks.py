@@ -48,7 +48,8 @@ def package_problems(cfg: RunConfig) -> list[str]:
 
 def input_paths(cfg: RunConfig) -> list[tuple[str, str]]:
     """(flag, path) of every input file or directory the run reads (Hub names excluded)."""
-    paths = [("--load", cfg.model.load), ("--data-path", cfg.task.data_path)]
+    paths = [("--load", cfg.model.load), ("--data-path", cfg.task.data_path),
+             ("--eval-data-path", cfg.task.eval_data_path)]
     tokenizer = cfg.task.tokenizer
     if tokenizer and (os.path.isabs(tokenizer) or tokenizer.startswith(".")):
         paths.append(("--tokenizer", tokenizer))
