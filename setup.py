@@ -25,6 +25,7 @@ setup(
         "math-verify>=0.7",
         "pyyaml>=6.0",
         "requests>=2.31",
+        "pybase64>=1.3",  # SIMD base64 for routed-expert payloads (~10x the standard library)
         "psutil>=5.9",  # megatron-core distributed checkpointing needs it at save time
     ],
     extras_require={

@@ -69,7 +69,8 @@ class RolloutArgs:
     n_samples_per_prompt: int = 4  # GRPO group size
     max_new_tokens: int = 12
     temperature: float = 1.0
-    rollout_timeout: float = 120.0
+    rollout_timeout: float = 120.0  # s per request; with the whole batch in flight ~ the batch time
+    rollout_max_concurrency: int = 0  # SGLang requests in flight at once (0: the whole batch)
     weight_sync: str | None = None  # tensor | distributed | disk (default: tensor in-process, distributed for SGLang)
     weight_sync_bucket_mb: int = 512  # bucket size: peak extra memory of a sync
     weight_sync_dtype: str | None = None  # bf16 | fp32 | fp16 (default: the engine's dtype)
@@ -82,6 +83,9 @@ class RolloutArgs:
             raise ValueError("--weight-sync distributed needs --rollout-engine sglang")
         _choice("weight_sync_dtype", self.weight_sync_dtype, (None, "bf16", "fp32", "fp16"))
         _positive("weight_sync_bucket_mb", self.weight_sync_bucket_mb)
+        if self.rollout_max_concurrency < 0:
+            raise ValueError("--rollout-max-concurrency must be >= 0 (0: the whole batch), got "
+                             f"{self.rollout_max_concurrency}")
         _choice("rollout_dtype", self.rollout_dtype, ("bf16", "fp32"))
         if self.rollout_engine == "sglang" and not self.sglang_urls:
             raise ValueError("--rollout-engine sglang needs --sglang-urls http://host:port[,...]")
@@ -186,11 +190,23 @@ class TaskArgs:
     task_min_len: int = 3
     task_max_len: int = 6
     tokenizer: str | None = None  # HF tokenizer directory (math task)
+    eval_data_path: str | None = None  # math eval problems (else --eval-fraction of --data-path)
+    eval_fraction: float = 0.0  # math: share of --data-path held out (seeded) for evaluation
+    apply_chat_template: bool = False  # math: wrap text prompts as a user turn of the chat template
 
     def validate(self) -> None:
         _choice("task", self.task, ("digits", "math"))
         if self.task == "math" and not (self.data_path and self.tokenizer):
             raise ValueError("--task math needs --data-path (JSONL/parquet) and --tokenizer")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_data_path and self.eval_fraction:
+            raise ValueError("give either --eval-data-path or --eval-fraction, not both")
+
+    @property
+    def has_eval_split(self) -> bool:
+        """Whether evaluation has problems of its own (the digit task always has)."""
+        return self.task == "digits" or bool(self.eval_data_path or self.eval_fraction)
 
 
 @dataclasses.dataclass
@@ -215,6 +231,9 @@ class RunConfig:
         if self.train.save_interval and not self.train.save:
             raise ValueError("--save-interval needs --save DIR")
         self._validate_rspo()
+        if self.train.eval_interval and not self.task.has_eval_split:
+            raise ValueError("--eval-interval with --task math needs held-out problems: "
+                             "--eval-data-path FILE or --eval-fraction F")
         return self
 
     def _validate_rspo(self) -> None:

@@ -30,7 +30,12 @@ def run_training(cfg: RunConfig) -> None:
     """Build every part from ``cfg`` and run the RL loop (plus the optional warm-up)."""
     from megatron_pr2.training.components import build_components
     from megatron_pr2.training.loop import RLLoop
-    from megatron_pr2.training.rollout_source import RolloutSource, make_engine, make_prompts
+    from megatron_pr2.training.rollout_source import (
+        RolloutSource,
+        data_parallel_coordinates,
+        make_engine,
+        make_prompts,
+    )
     from megatron_pr2.training.warmup import sft_warmup
 
     owns_save = bool(cfg.train.save) and _launch_rank() == 0
@@ -44,7 +49,8 @@ def run_training(cfg: RunConfig) -> None:
                 sft_warmup(parts.model, parts.actor.controller, prompts.task,
                            cfg.train.warmup_sft_steps, cfg.train.warmup_sft_lr,
                            max_consecutive_skips=cfg.train.max_consecutive_skips)
-            source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts)
+            source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
+                                   dp=data_parallel_coordinates())
             RLLoop(parts, source).run()
         finally:
             parts.actor.controller.close()

@@ -15,8 +15,11 @@ allocator for CPU is replaced by a plain ``torch.zeros`` allocator (needed by
 ``--enable-return-routed-experts``).
 
 The server always listens on the loopback address given by ``--host`` (default 127.0.0.1) and
-kills its whole process tree after ``--max-lifetime`` seconds. Arguments after ``--`` are passed
-to SGLang unchanged.
+kills its whole process tree after ``--max-lifetime`` seconds. With ``SGLANG_API_KEY`` set in the
+environment, the server requires it (SGLang's ``--api-key``: every endpoint but ``/health*``
+answers 401 without ``Authorization: Bearer <key>``); the key is added to SGLang's arguments
+in-process, so it never shows in the process list. Arguments after ``--`` are passed to SGLang
+unchanged.
 """
 
 from __future__ import annotations
@@ -91,8 +94,11 @@ def parse_args(argv):
     return args
 
 
-def sglang_argv(args) -> list[str]:
-    """SGLang's own command line for ``args``."""
+API_KEY_ENV = "SGLANG_API_KEY"
+
+
+def sglang_argv(args, api_key: str | None = None) -> list[str]:
+    """SGLang's own command line for ``args`` (plus ``--api-key`` when a key is given)."""
     return [
         "--model-path", args.model_path,
         "--host", args.host,
@@ -101,6 +107,7 @@ def sglang_argv(args) -> list[str]:
         "--mem-fraction-static", str(args.mem_fraction_static),
         "--max-total-tokens", str(args.max_total_tokens),
         *CPU_FLAGS,
+        *(["--api-key", api_key] if api_key else []),
         *args.extra,
     ]
 
@@ -136,9 +143,13 @@ def main(argv=None) -> int:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if api_key is None:
+        logger.warning("%s is not set: any local process can replace this server's weights",
+                       API_KEY_ENV)
     _start_lifetime_watchdog(args.max_lifetime)
     load_plugins()
-    server_args = prepare_server_args(sglang_argv(args))
+    server_args = prepare_server_args(sglang_argv(args, api_key))
     try:
         run_server(server_args)
     finally:

@@ -13,6 +13,12 @@
 #
 #   --dry-run   print the server commands and URLs, start nothing
 #   --stop      stop the servers this script started on this node (pid files in LOG_DIR)
+#   --sglang-api-key KEY   the key every server requires (else $SGLANG_API_KEY, else a new
+#               random key): the weight-update endpoints replace the policy, so no server
+#               starts without one. A generated key is written to $LOG_DIR/sglang_api_key
+#               (mode 600); give the trainer the same key (SGLANG_API_KEY or SGLANG_API_KEY_FILE
+#               for train_qwen_moe.sh) and use one key for the servers of all rollout nodes.
+#               The key reaches SGLang's --api-key in-process, never on a command line.
 #
 # Environment (defaults in brackets):
 #   HF_CKPT           checkpoint to serve (required)
@@ -26,13 +32,16 @@ set -euo pipefail
 die() { echo "error: $*" >&2; exit 1; }
 
 mode=launch
-for arg in "$@"; do
-  case "$arg" in
+api_key="${SGLANG_API_KEY:-}"
+while (( $# )); do
+  case "$1" in
     --dry-run) mode=dry-run ;;
     --stop) mode=stop ;;
+    --sglang-api-key) shift; api_key="${1:-}"; [ -n "$api_key" ] || die "--sglang-api-key needs a value" ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$arg' (expected --dry-run, --stop or --help)" ;;
+    *) die "unknown argument '$1' (expected --dry-run, --stop, --sglang-api-key KEY or --help)" ;;
   esac
+  shift
 done
 
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
@@ -65,8 +74,11 @@ fi
 
 [ "$mode" = dry-run ] || [ -f "${HF_CKPT:-}/config.json" ] || die "set HF_CKPT to a Hugging Face checkpoint directory (config.json not found in '${HF_CKPT:-}')"
 
+# SGLang's entry point with --api-key taken from the environment, so the key stays off `ps`.
+launch_with_key='import os, runpy, sys; sys.argv += ["--api-key", os.environ["SGLANG_API_KEY"]]; runpy.run_module("sglang.launch_server", run_name="__main__")'
+
 server_command() {  # $1 = server index; sets the array server_cmd
-  server_cmd=("$SGLANG_PYTHON" -m sglang.launch_server
+  server_cmd=("$SGLANG_PYTHON" -c "$launch_with_key"
     --model-path "${HF_CKPT:-/path/to/Qwen3-30B-A3B}"
     --host "$SGLANG_HOST" --port "$(( SGLANG_BASE_PORT + $1 ))" --tp-size "$SGLANG_TP"
     --dtype bfloat16 --mem-fraction-static "$SGLANG_MEM_FRACTION" --skip-tokenizer-init
@@ -95,6 +107,12 @@ if [ "$mode" = dry-run ]; then
 fi
 
 mkdir -p "$LOG_DIR"
+if [ -z "$api_key" ]; then
+  api_key="$("$SGLANG_PYTHON" -c 'import secrets; print(secrets.token_hex(24))')"
+  (umask 077; echo "$api_key" > "$LOG_DIR/sglang_api_key")
+  echo "generated an API key for this run: $LOG_DIR/sglang_api_key (SGLANG_API_KEY_FILE for the trainer)"
+fi
+export SGLANG_API_KEY="$api_key"
 for (( i = 0; i < num_servers; i++ )); do
   port=$(( SGLANG_BASE_PORT + i ))
   server_command "$i"

@@ -31,6 +31,9 @@
 #   HF_CKPT      Hugging Face Qwen3-30B-A3B directory (config.json, safetensors, tokenizer)
 #   DATA         JSONL/parquet prompt+answer file (answers checked by math-verify)
 #   SGLANG_URLS  comma-separated http://host:port of the SGLang servers
+#   SGLANG_API_KEY or SGLANG_API_KEY_FILE (or --sglang-api-key KEY)  the key the servers require
+#                (launch_sglang_servers.sh writes a generated one to $LOG_DIR/sglang_api_key);
+#                the trainer reads it from SGLANG_API_KEY, never from its saved config
 #   OUTPUT       run directory [./outputs/qwen3_30b_a3b_$METHOD]
 #   METHOD       routing method: none | r2 | r3 | pr2 | pr2-engine [pr2]
 #   FP8          1: FP8 (e4m3) TransformerEngine GEMMs, experts included [0]
@@ -48,13 +51,19 @@ die() { echo "error: $*" >&2; exit 1; }
 
 dry_run=0
 extra=()
-for arg in "$@"; do
-  case "$arg" in
+while (( $# )); do
+  case "$1" in
     --dry-run) dry_run=1 ;;
+    --sglang-api-key) shift; SGLANG_API_KEY="${1:-}"; [ -n "$SGLANG_API_KEY" ] || die "--sglang-api-key needs a value" ;;
     -h|--help) usage; exit 0 ;;
-    *) extra+=("$arg") ;;
+    *) extra+=("$1") ;;
   esac
+  shift
 done
+if [ -z "${SGLANG_API_KEY:-}" ] && [ -n "${SGLANG_API_KEY_FILE:-}" ]; then
+  [ -r "$SGLANG_API_KEY_FILE" ] || die "SGLANG_API_KEY_FILE=$SGLANG_API_KEY_FILE is not readable"
+  SGLANG_API_KEY="$(head -n 1 "$SGLANG_API_KEY_FILE")"
+fi
 
 PYTHON="${PYTHON:-python}"
 NNODES="${NNODES:-2}"
@@ -83,6 +92,8 @@ if (( ! dry_run )); then
   missing=()
   for name in HF_CKPT DATA SGLANG_URLS; do [ -n "${!name:-}" ] || missing+=("$name"); done
   (( ${#missing[@]} == 0 )) || die "set ${missing[*]} (or use --dry-run to validate without them)"
+  [ -n "${SGLANG_API_KEY:-}" ] || die "the SGLang servers require an API key: set SGLANG_API_KEY or SGLANG_API_KEY_FILE (launch_sglang_servers.sh wrote one to its LOG_DIR/sglang_api_key) or pass --sglang-api-key KEY"
+  export SGLANG_API_KEY
   [ -f "$HF_CKPT/config.json" ] || die "HF_CKPT=$HF_CKPT has no config.json"
 fi
 

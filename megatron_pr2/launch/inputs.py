@@ -32,18 +32,18 @@ def _looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
 
 
-def data_problems(data_path: str | None) -> list[str]:
+def data_problems(data_path: str | None, flag: str = "--data-path") -> list[str]:
     if not data_path:
         return []
     if not os.path.exists(data_path):
-        return [f"--data-path {data_path}: no such file"]
+        return [f"{flag} {data_path}: no such file"]
     if not os.path.isfile(data_path):
-        return [f"--data-path {data_path}: not a file"]
+        return [f"{flag} {data_path}: not a file"]
     if not data_path.endswith(DATA_SUFFIXES):
-        return [(f"--data-path {data_path}: unsupported format; use one of "
+        return [(f"{flag} {data_path}: unsupported format; use one of "
                  f"{', '.join(DATA_SUFFIXES)}")]
     if not os.access(data_path, os.R_OK):
-        return [f"--data-path {data_path}: not readable"]
+        return [f"{flag} {data_path}: not readable"]
     return []
 
 
@@ -113,6 +113,7 @@ def input_problems(cfg) -> list[str]:
     return [
         *model_problems(cfg.model.hf_config, cfg.model.load),
         *data_problems(cfg.task.data_path),
+        *data_problems(cfg.task.eval_data_path, "--eval-data-path"),
         *tokenizer_problems(cfg.task.tokenizer),
         *output_dir_problems("--save", cfg.train.save),
         *output_dir_problems("--tensorboard-dir", cfg.train.tensorboard_dir),

@@ -8,7 +8,7 @@ health. The trainer depends only on this protocol.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -69,8 +69,12 @@ class RolloutEngine(Protocol):
         *,
         return_logprobs: bool = True,
         return_routed_experts: bool = True,
+        on_sample: Callable[[int, Sample], None] | None = None,
     ) -> list[Sample]:
         """Generate one continuation per prompt (prompt order kept).
+
+        ``on_sample(index, sample)`` is called once per sample as soon as the engine has it
+        (possibly from another thread, while other prompts still generate).
 
         Raises:
             PartialRolloutError: some prompts failed; the error carries the collected samples.

@@ -186,8 +186,13 @@ class InProcessEngine:
                 self.update_weights((name, handle.get_tensor(name)) for name in handle.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 return_logprobs: bool = True, return_routed_experts: bool = True) -> list[Sample]:
-        """Generate one continuation per prompt (see the module docstring for the layouts)."""
+                 return_logprobs: bool = True, return_routed_experts: bool = True,
+                 on_sample=None) -> list[Sample]:
+        """Generate one continuation per prompt (see the module docstring for the layouts).
+
+        ``on_sample(index, sample)`` is called for each sample once all are generated (this
+        engine generates in the caller's thread).
+        """
         prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         generator = self._generator
         if sampling.seed is not None:
@@ -202,6 +207,9 @@ class InProcessEngine:
                 sample.rollout_log_probs = None
             if not return_routed_experts:
                 sample.routed_experts = None
+        for index, sample in enumerate(samples):
+            if on_sample is not None:
+                on_sample(index, sample)
         return samples
 
     def _check_prompt(self, index: int, prompt: Sequence[int]) -> torch.Tensor:

@@ -5,7 +5,9 @@ Wire format (SGLang ``meta_info["routed_experts"]``): base64 of a C-order int32 
 engine processed input position ``start_len + t``. SGLang sizes the layer axis by
 ``num_hidden_layers`` and writes only MoE layers: entries of dense layers (``mlp_only_layers``,
 ``decoder_sparse_step``) stay zero. :func:`select_moe_layers` keeps the MoE layers in order, so
-a :class:`~megatron_pr2.rollout.sample.Sample` holds ``[T-1, L_moe, K]``.
+a :class:`~megatron_pr2.rollout.sample.Sample` holds ``[T-1, L_moe, K]``. Decoding is strict: a
+payload must have exactly the size its declared layer axis implies (``wire_layers``: ``all``,
+as SGLang sends, or ``moe`` only when asked for).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import logging
 
 import numpy as np
 import torch
 
 from megatron_pr2.rollout.engine import MalformedResponseError
 from megatron_pr2.routing.route_plan import compact_route_dtype
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,44 +77,68 @@ class RouteLayout:
         return compact_route_dtype(self.num_experts)
 
 
+WIRE_LAYERS = ("all", "moe")  # the layer axis of a payload: every decoder layer, or MoE only
+
+
+def _base64_decoder():
+    """SIMD ``pybase64`` when installed (~10x Python's ``base64``), else the standard library."""
+    try:
+        import pybase64
+
+        return pybase64.b64decode
+    except ImportError:
+        logger.info("pybase64 is not installed: decoding routes with Python's base64 "
+                    "(about 10x slower; pip install pybase64)")
+        return base64.b64decode
+
+
+_b64decode = _base64_decoder()
+
+
+def wire_layer_count(layout: RouteLayout, wire_layers: str = "all") -> int:
+    """Layers on a payload's layer axis: ``all`` (what SGLang sends) or ``moe`` (explicit option)."""
+    if wire_layers not in WIRE_LAYERS:
+        raise ValueError(f"wire_layers must be one of {WIRE_LAYERS}, got {wire_layers!r}")
+    return layout.num_hidden_layers if wire_layers == "all" else layout.num_moe_layers
+
+
 def decode_wire_routes(payload, num_rows: int, num_layers: int, top_k: int) -> np.ndarray:
-    """Decode a base64 int32 payload into ``[num_rows, num_layers, top_k]``.
+    """Decode a base64 int32 payload into a read-only ``[num_rows, num_layers, top_k]`` view.
 
     Raises:
-        MalformedResponseError: not a string, not base64, or the wrong number of bytes.
+        MalformedResponseError: not a string, not base64, or the wrong number of entries.
     """
     if not isinstance(payload, str):
         raise MalformedResponseError(
             f"routed_experts must be a base64 string, got {type(payload).__name__}"
         )
     try:
-        raw = base64.b64decode(payload, validate=True)
+        raw = _b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise MalformedResponseError(f"routed_experts is not valid base64: {exc}") from None
-    expected = num_rows * num_layers * top_k * 4
-    if len(raw) != expected:
-        got_rows = len(raw) / (num_layers * top_k * 4)
+    expected = num_rows * num_layers * top_k
+    if len(raw) != expected * 4:
+        actual = len(raw) / 4
         raise MalformedResponseError(
-            f"routed_experts has {len(raw)} bytes, expected {expected} = {num_rows} rows x "
-            f"{num_layers} layers x top-{top_k} x int32 (payload holds {got_rows:g} rows: "
-            "truncated, re-prefilled, or wrong dtype/layer count)"
+            f"routed_experts has {actual:g} int32 entries ({len(raw)} bytes), expected {expected} "
+            f"= {num_rows} rows x {num_layers} layers x top-{top_k} (payload holds "
+            f"{actual / (num_layers * top_k):g} rows: truncated, re-prefilled, or wrong dtype/layer "
+            "count)"
         )
-    return np.frombuffer(bytearray(raw), dtype="<i4").reshape(num_rows, num_layers, top_k)
+    return np.frombuffer(raw, dtype="<i4").reshape(num_rows, num_layers, top_k)
 
 
-def select_moe_layers(routes: np.ndarray, layout: RouteLayout) -> np.ndarray:
-    """Keep the MoE layers of ``[N, L_wire, K]`` routes (``L_wire`` = all layers or MoE only)."""
-    wire_layers = routes.shape[1]
-    if wire_layers == layout.num_hidden_layers:
-        if layout.num_moe_layers == wire_layers:
-            return routes
-        return routes[:, list(layout.moe_layer_indices), :]
-    if wire_layers == layout.num_moe_layers:
+def select_moe_layers(routes: np.ndarray, layout: RouteLayout, wire_layers: str = "all") -> np.ndarray:
+    """Keep the MoE layers of ``[N, L_wire, K]`` routes whose layer axis is ``wire_layers``."""
+    expected = wire_layer_count(layout, wire_layers)
+    if routes.ndim != 3 or routes.shape[1] != expected:
+        raise MalformedResponseError(
+            f"routed_experts has {routes.shape[1] if routes.ndim == 3 else '?'} layers; expected "
+            f"{expected} ({wire_layers} layers)"
+        )
+    if wire_layers == "moe" or layout.num_moe_layers == layout.num_hidden_layers:
         return routes
-    raise MalformedResponseError(
-        f"routed_experts has {wire_layers} layers; expected {layout.num_hidden_layers} "
-        f"(all layers) or {layout.num_moe_layers} (MoE layers)"
-    )
+    return routes[:, list(layout.moe_layer_indices), :]
 
 
 def check_routes(routes, layout: RouteLayout) -> None:
@@ -124,8 +153,9 @@ def check_routes(routes, layout: RouteLayout) -> None:
     """
     routes = torch.as_tensor(routes).cpu()
     _check_shape(routes, layout)
-    _check_range(routes, layout)
-    _check_repeats(routes, layout)
+    array = routes.numpy()
+    _check_range_array(array, layout)
+    _check_repeats_array(array, layout)
 
 
 def _check_shape(routes: torch.Tensor, layout: RouteLayout) -> None:
@@ -137,11 +167,16 @@ def _check_shape(routes: torch.Tensor, layout: RouteLayout) -> None:
         raise MalformedResponseError(f"routes must be integers, got {routes.dtype}")
 
 
-def _check_range(routes: torch.Tensor, layout: RouteLayout) -> None:
-    if routes.numel() == 0:
+def _numpy_compact_dtype(layout: RouteLayout) -> np.dtype:
+    return torch.empty(0, dtype=layout.compact_dtype).numpy().dtype
+
+
+def _check_range_array(array: np.ndarray, layout: RouteLayout) -> None:
+    """Ids in ``[0, E)``: one pass (negatives wrap to large unsigned values)."""
+    if array.size == 0:
         return
-    array = routes.numpy()
-    if int(array.min()) >= 0 and int(array.max()) < layout.num_experts:
+    unsigned = array.view(np.dtype(f"<u{array.itemsize}")) if array.dtype.kind == "i" else array
+    if int(unsigned.max()) < layout.num_experts:
         return  # fast path; locate the offender only on failure
     wide = array.astype(np.int64)
     bad = (wide < 0) | (wide >= layout.num_experts)
@@ -152,11 +187,10 @@ def _check_range(routes: torch.Tensor, layout: RouteLayout) -> None:
     )
 
 
-def _check_repeats(routes: torch.Tensor, layout: RouteLayout) -> None:
+def _check_repeats_array(array: np.ndarray, layout: RouteLayout) -> None:
     """Ids already known to be in range (any integer dtype)."""
-    if routes.numel() == 0:
+    if array.size == 0:
         return
-    array = routes.numpy()
     if layout.top_k == 1:
         if array.shape[0] > 1:
             zero_layers = np.flatnonzero(~array.any(axis=(0, 2))).tolist()
@@ -165,14 +199,10 @@ def _check_repeats(routes: torch.Tensor, layout: RouteLayout) -> None:
                     f"MoE layers {zero_layers} route every token to expert 0 (all-zero layers)"
                 )
         return
-    columns = np.ascontiguousarray(array.reshape(-1, layout.top_k).T)  # [K, N*L]
-    repeated = np.zeros(columns.shape[1], dtype=bool)
-    for i in range(layout.top_k):  # K(K-1)/2 contiguous vector compares: cheaper than sorting
-        for j in range(i + 1, layout.top_k):
-            repeated |= columns[i] == columns[j]
-    if not repeated.any():
+    repeated = _repeated_rows(array.reshape(-1, layout.top_k))
+    if repeated is None:
         return
-    token, layer = divmod(int(np.flatnonzero(repeated)[0]), array.shape[1])
+    token, layer = divmod(repeated, array.shape[1])
     all_zero = not array[:, layer].any()
     raise MalformedResponseError(
         f"MoE layer {layer} (global layer {layout.moe_layer_numbers[layer]}) repeats an "
@@ -182,26 +212,35 @@ def _check_repeats(routes: torch.Tensor, layout: RouteLayout) -> None:
     )
 
 
+def _repeated_rows(rows: np.ndarray) -> int | None:
+    """Index of the first ``[M, K]`` row holding an id twice, or None."""
+    top_k = rows.shape[1]
+    columns = np.ascontiguousarray(rows.T)  # [K, M]: contiguous rows for the vector compares
+    repeated = np.zeros(columns.shape[1], dtype=bool)
+    for shift in range(1, top_k):  # column i against column i + shift, all i in one compare
+        repeated |= np.equal(columns[:top_k - shift], columns[shift:]).any(axis=0)
+    if not repeated.any():
+        return None
+    return int(np.flatnonzero(repeated)[0])
+
+
 def compact_routes(routes, num_experts: int) -> torch.Tensor:
     """Routes as a tensor of the narrowest dtype that holds ids ``< num_experts``."""
     return torch.as_tensor(np.ascontiguousarray(routes)).to(compact_route_dtype(num_experts))
 
 
-def decode_routed_experts(payload, *, num_rows: int, layout: RouteLayout) -> torch.Tensor:
+def decode_routed_experts(payload, *, num_rows: int, layout: RouteLayout,
+                          wire_layers: str = "all") -> torch.Tensor:
     """Wire payload -> checked, compact ``[num_rows, L_moe, K]`` routes.
 
-    ``num_rows`` is ``seqlen - 1 - start_len`` for the request. The wire layer count is inferred
-    from the payload size (all hidden layers, or MoE layers only).
+    ``num_rows`` is ``seqlen - 1 - start_len`` for the request. The payload must hold exactly
+    ``num_rows x L_wire x K`` int32 entries, with ``L_wire`` all decoder layers (what SGLang
+    sends) or, only when asked with ``wire_layers="moe"``, the MoE layers; any other size is
+    refused (sizes are never guessed: a cut-short payload can coincide with the other layout).
     """
-    per_row_all = layout.num_hidden_layers * layout.top_k * 4
-    wire_layers = layout.num_hidden_layers
-    if isinstance(payload, str) and num_rows > 0:
-        size = len(payload) // 4 * 3 - payload[-2:].count("=")
-        if size == num_rows * layout.num_moe_layers * layout.top_k * 4 and size != num_rows * per_row_all:
-            wire_layers = layout.num_moe_layers
-    wire = decode_wire_routes(payload, num_rows, wire_layers, layout.top_k)
-    routes = torch.from_numpy(np.ascontiguousarray(select_moe_layers(wire, layout)))
-    _check_range(routes, layout)
-    compact = routes.to(layout.compact_dtype)  # exact: ids are known to be < E
-    _check_repeats(compact, layout)
-    return compact
+    wire = decode_wire_routes(payload, num_rows, wire_layer_count(layout, wire_layers), layout.top_k)
+    routes = select_moe_layers(wire, layout, wire_layers)
+    _check_range_array(routes, layout)
+    compact = np.ascontiguousarray(routes, dtype=_numpy_compact_dtype(layout))  # exact: ids < E
+    _check_repeats_array(compact, layout)
+    return torch.from_numpy(compact)

@@ -1,9 +1,10 @@
 """SGLang rollout adapter over HTTP (``/generate`` on token ids, weight updates, health).
 
-One request per prompt, spread over the server addresses (prompt ``i`` starts at address
-``i mod n``) and run concurrently. Connection failures, timeouts and 5xx answers are retried on
-the next address with backoff, within a bounded budget; 4xx answers and malformed bodies are not
-retried. When some prompts still fail, :class:`PartialRolloutError` carries every sample already
+One request per prompt, all in flight at once by default, spread over the live servers of a
+:class:`~megatron_pr2.rollout.server_pool.ServerPool` (prompt ``i`` starts at live server
+``i mod n``). A server that does not answer (refused, reset, timed out) or fails a weight update
+leaves the pool and its requests are retried on the others; 5xx answers are retried with
+backoff, within a bounded budget; 4xx answers and malformed bodies are not retried. When some prompts still fail, :class:`PartialRolloutError` carries every sample already
 collected (prompt order) and the failed prompt indices, so a caller can resubmit only those.
 
 Every answer is checked against the wire contract (docs/platform.md): ``output_ids``
@@ -20,7 +21,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import requests
@@ -38,6 +39,7 @@ from megatron_pr2.rollout.route_codec import (
     decode_routed_experts,
 )
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
+from megatron_pr2.rollout.server_pool import ServerFailure, ServerPool
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +55,34 @@ class SGLangClientConfig:
         request_timeout: seconds to wait for one answer.
         max_attempts: tries per request, across addresses (>= 1).
         backoff: seconds before the second try; doubled after each failure.
-        max_concurrency: requests in flight at once.
+        max_concurrency: requests in flight at once (0: the whole batch; SGLang schedules them).
         weight_chunk_bytes: tensor bytes per ``/update_weights_from_tensor`` request.
         tp_size: the servers' tensor-parallel size (the tensor payload is sent once per rank).
+        api_key: sent as ``Authorization: Bearer`` (servers started with SGLang's ``--api-key``).
     """
 
     connect_timeout: float = 5.0
     request_timeout: float = 600.0
     max_attempts: int = 3
     backoff: float = 0.5
-    max_concurrency: int = 8
+    max_concurrency: int = 0
     weight_chunk_bytes: int = 256 << 20
     tp_size: int = 1
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.max_attempts < 1 or self.max_concurrency < 1 or self.tp_size < 1:
-            raise ValueError("max_attempts, max_concurrency and tp_size must be >= 1")
+        if self.max_attempts < 1 or self.tp_size < 1:
+            raise ValueError("max_attempts and tp_size must be >= 1")
+        if self.max_concurrency < 0:
+            raise ValueError(f"max_concurrency must be >= 0 (0: all), got {self.max_concurrency}")
 
 
 class _RetryableError(RolloutError):
     """A failure worth trying again on another address."""
+
+
+class _ServerDownError(_RetryableError, ServerFailure):
+    """The server did not answer (refused, reset, timed out): it leaves the pool."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +213,7 @@ def parse_generate_response(body: Any, prompt: Sequence[int], layout: RouteLayou
 
 
 class SGLangClient:
-    """A :class:`~megatron_pr2.rollout.engine.RolloutEngine` backed by SGLang servers.
+    """A :class:`~megatron_pr2.rollout.engine.RolloutEngine` backed by a pool of SGLang servers.
 
     Args:
         addresses: base URLs, e.g. ``["http://127.0.0.1:30000"]``.
@@ -219,6 +229,7 @@ class SGLangClient:
         if not addresses:
             raise ValueError("SGLangClient needs at least one server address")
         self.addresses = [a.rstrip("/") for a in addresses]
+        self.pool = ServerPool(self.addresses)
         self.layout = layout
         self.vocab_size = vocab_size
         self.config = config or SGLangClientConfig()
@@ -237,19 +248,24 @@ class SGLangClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            if self.config.api_key:
+                session.headers["Authorization"] = f"Bearer {self.config.api_key}"
         return session
 
-    def _request_once(self, address: str, method: str, path: str, body: Any = None) -> Any:
+    def _request_once(self, address: str, method: str, path: str, body: Any = None,
+                      read_timeout: float | None = None) -> Any:
         url = address + path
-        timeout = (self.config.connect_timeout, self.config.request_timeout)
+        timeout = (self.config.connect_timeout, read_timeout or self.config.request_timeout)
         try:
             response = self._session().request(method, url, json=body, timeout=timeout)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _RetryableError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+            raise _ServerDownError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 500:
             raise _RetryableError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
-            raise RolloutError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
+            hint = " (wrong or missing API key?)" if response.status_code in (401, 403) else ""
+            raise RolloutError(f"{method} {url}: HTTP {response.status_code}{hint}: "
+                               f"{response.text[:300]}")
         try:
             return response.json()
         except ValueError:
@@ -257,18 +273,25 @@ class SGLangClient:
 
     def _request(self, method: str, path: str, body: Any = None, *, first: int = 0,
                  check=None) -> tuple[Any, str]:
-        """Send with retries over the addresses starting at ``first``; return (result, address)."""
+        """Send with retries over the live servers starting at ``first``; return (result, address).
+
+        An unreachable or timed-out server leaves the pool; a 5xx or an aborted request is
+        retried elsewhere without evicting.
+        """
         errors = []
         delay = self.config.backoff
         for attempt in range(self.config.max_attempts):
-            address = self.addresses[(first + attempt) % len(self.addresses)]
+            address = self.pool.pick(first + attempt)
+            if attempt:
+                self.pool.count_retry()
             try:
-                answer = self._request_once(address, method, path, body)
+                answer = self.pool.run_on(
+                    address, lambda a: self._request_once(a, method, path, body))
                 return (check(answer) if check else answer), address
             except _RetryableError as exc:
                 errors.append(str(exc))
                 logger.warning("attempt %d/%d failed: %s", attempt + 1, self.config.max_attempts, exc)
-                if attempt + 1 < self.config.max_attempts:
+                if attempt + 1 < self.config.max_attempts and not isinstance(exc, _ServerDownError):
                     time.sleep(delay)
                     delay *= 2
         raise EngineUnavailableError(
@@ -278,8 +301,14 @@ class SGLangClient:
     # -- RolloutEngine -----------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 return_logprobs: bool = True, return_routed_experts: bool = True) -> list[Sample]:
+                 return_logprobs: bool = True, return_routed_experts: bool = True,
+                 on_sample: Callable[[int, Sample], None] | None = None) -> list[Sample]:
         """Generate one continuation per prompt (prompt order kept).
+
+        Every request is in flight at once (``config.max_concurrency`` caps it), spread over the
+        live servers, which schedule them; each answer is parsed and its routes decoded as it
+        arrives, then handed to ``on_sample(index, sample)`` in the worker thread, while the
+        other requests are still generating.
 
         Raises:
             PartialRolloutError: some prompts failed; ``samples`` keeps the collected ones.
@@ -290,11 +319,12 @@ class SGLangClient:
                 raise ValueError(f"prompt {i} is empty")
         results: list[Sample | None] = [None] * len(prompts)
         failures: dict[int, str] = {}
-        workers = min(self.config.max_concurrency, max(1, len(prompts)))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        cap = self.config.max_concurrency or len(prompts)
+        workers = max(1, min(cap, len(prompts)))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sglang") as pool:
             futures = {
                 pool.submit(self._generate_one, i, prompt, sampling, return_logprobs,
-                            return_routed_experts): i
+                            return_routed_experts, on_sample): i
                 for i, prompt in enumerate(prompts)
             }
             for future in concurrent.futures.as_completed(futures):
@@ -313,7 +343,8 @@ class SGLangClient:
         return results
 
     def _generate_one(self, index: int, prompt: list[int], sampling: SamplingParams,
-                      return_logprobs: bool, return_routed_experts: bool) -> Sample:
+                      return_logprobs: bool, return_routed_experts: bool,
+                      on_sample: Callable[[int, Sample], None] | None) -> Sample:
         payload = build_generate_payload(prompt, sampling, return_logprobs=return_logprobs,
                                          return_routed_experts=return_routed_experts)
 
@@ -323,30 +354,95 @@ class SGLangClient:
                 return_logprobs=return_logprobs, return_routed_experts=return_routed_experts)
 
         sample, address = self._request("POST", "/generate", payload, first=index, check=check)
-        sample.metadata["engine"] = address
+        sample.metadata.update(engine=address, finished_at=time.monotonic())
+        if on_sample is not None:
+            on_sample(index, sample)
         return sample
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push HF-named tensors to every server (``/update_weights_from_tensor``, chunked)."""
-        from megatron_pr2.weight_sync.sglang_api import push_named_tensors
+    def metrics(self) -> dict[str, float]:
+        """The server pool's size and counters (evictions, rejoins, retried requests)."""
+        return self.pool.metrics()
 
-        push_named_tensors(self.weight_apis(), named_tensors, self.config.weight_chunk_bytes,
-                           self.config.tp_size)
+    # -- weights -------------------------------------------------------------------------------
+
+    def on_each_server(self, operation: Callable[[str], None]) -> None:
+        """Run a weight operation on every live server, and on evicted ones that answer again.
+
+        A server whose operation raises leaves the pool (the run goes on with the others); an
+        evicted server on which the operation succeeds rejoins it, so ``operation`` must be a
+        full weight sync.
+
+        Raises:
+            NoServerLeftError: no server is left after the operation.
+        """
+        comeback = [a for a in self.pool.evicted if self._answers_health(a)]
+        for address in self.pool.live + comeback:
+            try:
+                self.pool.run_on(address, lambda a: self._as_server_failure(operation, a))
+            except ServerFailure:
+                continue
+            if address in comeback:
+                self.pool.rejoin(address)
+        self.pool.require_live()
+
+    @staticmethod
+    def _as_server_failure(operation: Callable[[str], None], address: str) -> None:
+        try:
+            operation(address)
+        except RolloutError as exc:
+            raise ServerFailure(f"weight update failed: {exc}") from None
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push HF-named tensors to every live server (``/update_weights_from_tensor``, chunked
+        inside one update session per server; the prefix cache is flushed with the last chunk).
+
+        A server that fails leaves the pool; an evicted one that succeeds rejoins it
+        (:meth:`on_each_server`).
+        """
+        from megatron_pr2.weight_sync.sglang_api import chunk_named_tensors, serialize_named_tensors
+
+        blobs = [serialize_named_tensors(c)
+                 for c in chunk_named_tensors(named_tensors, self.config.weight_chunk_bytes)]
+
+        def push(address: str) -> None:
+            api = self._weight_api(address)
+            api.begin_weight_update()
+            try:
+                for i, blob in enumerate(blobs):
+                    api.update_weights_from_tensor(blob, self.config.tp_size,
+                                                   flush_cache=i == len(blobs) - 1)
+            finally:
+                api.end_weight_update()
+
+        self.on_each_server(push)
+        logger.info("pushed weights in %d chunks to %d servers", len(blobs), len(self.pool.live))
 
     def update_weights_from_disk(self, model_path: str) -> None:
         """Make every server reload its weights from an HF checkpoint directory it can read."""
-        for api in self.weight_apis():
-            api.update_weights_from_disk(model_path)
+        self.on_each_server(lambda a: self._weight_api(a).update_weights_from_disk(model_path))
 
-    def weight_apis(self) -> list:
-        """The weight-update endpoints of each server (:mod:`megatron_pr2.weight_sync`)."""
+    def _weight_api(self, address: str):
+        """The weight-update endpoints of one server (:mod:`megatron_pr2.weight_sync`)."""
         from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI
 
-        return [SGLangWeightAPI(a, getattr(self, "api_key", None), self.config.request_timeout)
-                for a in self.addresses]
+        return SGLangWeightAPI(address, getattr(self, "api_key", None),
+                               self.config.request_timeout)
+
+    # -- health --------------------------------------------------------------------------------
+
+    def _answers_health(self, address: str) -> bool:
+        try:
+            timeout = (self.config.connect_timeout, 10.0)
+            return self._session().get(address + "/health", timeout=timeout).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
+            return False
 
     def health(self, deep: bool = False) -> EngineHealth:
-        """Ask each server's ``/health`` (``deep``: ``/health_generate``, which runs a generation)."""
+        """Ask each server's ``/health`` (``deep``: ``/health_generate``, which runs a generation).
+
+        A live server that fails the check leaves the pool; an evicted one stays out until a
+        full weight sync (:meth:`on_each_server`).
+        """
         path = "/health_generate" if deep else "/health"
         healthy, detail = {}, {}
         for address in self.addresses:
@@ -358,4 +454,10 @@ class SGLangClient:
             except (requests.ConnectionError, requests.Timeout) as exc:
                 healthy[address] = False
                 detail[address] = f"{type(exc).__name__}: {exc}"
+            if not healthy[address]:
+                self.pool.evict(address, f"health check {path}: {detail[address]}")
+        for address, reason in self.pool.evicted.items():
+            if healthy.get(address):
+                healthy[address] = False
+                detail[address] = f"evicted until the next full weight sync ({reason})"
         return EngineHealth(healthy, detail)

@@ -22,6 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 DEFAULT_VENV = os.path.join(REPO_ROOT, ".venv-sglang")
 LAUNCHER = os.path.join(REPO_ROOT, "tools", "launch_sglang.py")
 READY_MARKER = "sglang-cpu-ready"
+API_KEY_ENV = "SGLANG_API_KEY"  # tools/launch_sglang.py passes it to SGLang's --api-key
 
 
 class SGLangServerError(RuntimeError):
@@ -55,13 +56,15 @@ class SGLangServer:
         max_lifetime: the server kills itself after this many seconds regardless.
         extra_args: further SGLang arguments.
         log_path: where the server's output goes (default: a temp file).
+        api_key: the key the server requires (``Authorization: Bearer``); None: no key.
     """
 
     def __init__(self, model_path: str, *, venv: str = DEFAULT_VENV, port: int | None = None,
                  host: str = "127.0.0.1", startup_timeout: float = 240.0,
                  max_lifetime: float = 1800.0, extra_args: tuple[str, ...] = (),
-                 log_path: str | None = None):
+                 log_path: str | None = None, api_key: str | None = None):
         self.model_path = model_path
+        self.api_key = api_key
         self.venv = venv
         self.host = host
         self.port = port or free_port(host)
@@ -70,6 +73,7 @@ class SGLangServer:
         self.extra_args = tuple(extra_args)
         self.log_path = log_path or tempfile.mkstemp(prefix="sglang-", suffix=".log")[1]
         self._process: subprocess.Popen | None = None
+        self._deadline = 0.0
 
     @property
     def address(self) -> str:
@@ -84,17 +88,30 @@ class SGLangServer:
 
     def start(self) -> SGLangServer:
         """Launch and wait until the server generates; raise with the log tail otherwise."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> SGLangServer:
+        """Start the server process without waiting (see :meth:`wait_ready`)."""
         if not sglang_venv_ready(self.venv):
             raise SGLangServerError(f"no SGLang venv at {self.venv}: run tools/sglang_env.sh")
+        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        if self.api_key:
+            env[API_KEY_ENV] = self.api_key  # read by the launcher, never on a command line
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             env=env)
+        self._deadline = time.monotonic() + self.startup_timeout
         logger.info("started SGLang (pid %d) on %s, log %s", self._process.pid, self.address, self.log_path)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
+        return self
+
+    def wait_ready(self) -> SGLangServer:
+        """Wait until the launched server generates (``startup_timeout`` from its launch)."""
+        while time.monotonic() < self._deadline:
             if self._process.poll() is not None:
+                code = self._process.returncode
                 self.stop()
-                raise SGLangServerError(f"SGLang exited with code {self._process.returncode}:\n{self.log_tail()}")
+                raise SGLangServerError(f"SGLang exited with code {code}:\n{self.log_tail()}")
             if self._generates():
                 return self
             time.sleep(1.0)
@@ -125,6 +142,14 @@ class SGLangServer:
                 continue
         _kill_group(process.pid)
         logger.info("stopped SGLang (pid %d)", process.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group at once (a crash, for fault tests)."""
+        process, self._process = self._process, None
+        if process is not None:
+            _kill_group(process.pid)
+            process.wait(timeout=30)
+            logger.info("killed SGLang (pid %d)", process.pid)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -4,7 +4,7 @@ Every task has ``problem(index, split)``, ``problems(start, count, split)`` and
 ``reward(problem, response_text)``.
 """
 
-from megatron_pr2.tasks.dataset import MathDataset, load_problems
+from megatron_pr2.tasks.dataset import MathDataset, load_problems, split_problems
 from megatron_pr2.tasks.digits import DigitTask, DigitTaskConfig, digit_reward
 from megatron_pr2.tasks.math_reward import math_reward
 from megatron_pr2.tasks.problem import Problem
@@ -24,4 +24,5 @@ __all__ = [
     "math_reward",
     "prompt_ids",
     "sft_batch",
+    "split_problems",
 ]

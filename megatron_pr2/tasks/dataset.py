@@ -124,3 +124,23 @@ class MathDataset:
     def reward(self, problem: Problem, response: str) -> float:
         """math-verify equivalence of the response's final answer with ``problem.answer``."""
         return math_reward(response, problem.answer)
+
+
+def split_problems(problems: list[Problem], eval_fraction: float,
+                   seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """A seeded held-out split: ``(train, eval)``, disjoint, together all of ``problems``.
+
+    ``eval_fraction`` of the problems (rounded, at least one when > 0) are drawn at random
+    (seeded) for evaluation; both parts keep the file order among themselves.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    count = max(1, round(eval_fraction * len(problems))) if eval_fraction > 0 else 0
+    if count >= len(problems):
+        raise ValueError(f"an eval fraction of {eval_fraction} leaves no training problem out "
+                         f"of {len(problems)}")
+    order = list(range(len(problems)))
+    random.Random(f"{seed}/eval-split").shuffle(order)
+    held_out = set(order[:count])
+    train = [p for i, p in enumerate(problems) if i not in held_out]
+    return train, [p for i, p in enumerate(problems) if i in held_out]

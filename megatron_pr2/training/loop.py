@@ -193,7 +193,8 @@ class RLLoop:
 
     def _trainer_state(self, iteration: int) -> dict:
         return {"iteration": iteration, "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(), "config": self.cfg.to_dict()}
+                "python_rng": random.getstate(), "config": self.cfg.to_dict(),
+                "data_position": self.source.data_position}
 
     def _save(self, iteration: int) -> None:
         checkpointing.save_checkpoint(self.cfg.train.save, iteration, self.parts.model,
@@ -209,7 +210,10 @@ class RLLoop:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.start_iteration = int(state["iteration"])
-        logger.info("resuming after iteration %d", self.start_iteration)
+        self.source.data_position = int(state.get(
+            "data_position", self.start_iteration * self.cfg.rollout.rollout_batch_prompts))
+        logger.info("resuming after iteration %d (data position %d)", self.start_iteration,
+                    self.source.data_position)
 
     def _progress(self, iteration: int, metrics: dict) -> None:
         if not _is_rank0():

@@ -34,7 +34,8 @@ SAFE_FIELDS = {
     "train.lr", "train.train_iters", "train.save_interval", "train.eval_interval",
     "train.eval_prompts", "train.tensorboard_dir", "train.log_jsonl", "train.keep_last",
     "train.max_consecutive_skips", "train.allow_resharding", "predictor.predictor_lr_mult",
-    "rollout.rollout_timeout", "rollout.sglang_urls", "parallel.distributed_timeout_minutes",
+    "rollout.rollout_timeout", "rollout.sglang_urls", "rollout.rollout_max_concurrency",
+    "parallel.distributed_timeout_minutes",
     "model.load", "model.device",
 }
 LR_KEYS = ("lr", "max_lr", "min_lr")

@@ -1,20 +1,37 @@
 """Where rollout batches come from: a task's prompts, an engine's samples, the task's rewards.
 
-Rank 0 talks to the engine and scores the samples; every other rank receives the same scored
-samples by broadcast, so all ranks train on one rollout batch.
+Rank 0 (the rollout driver) alone holds the engine: it generates the batch, scores each sample
+in a worker thread as soon as the engine hands it over (while the others still generate), and
+sends every rank only what its data-parallel rank trains on (its share whole, the rest as
+token-only stubs; :func:`~megatron_pr2.rollout.distributed.dp_view`). The other ranks wait on
+the gloo host group, bounded by ``--distributed-timeout-minutes``, never inside an NCCL
+collective.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
+import time
 
 import torch
+import torch.distributed as dist
 
 from megatron_pr2.config import RunConfig
+from megatron_pr2.rollout.distributed import (
+    broadcast_object,
+    dp_view,
+    gather_dp_ranks,
+    scatter_object,
+)
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, prompt_ids
 
 logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "SGLANG_API_KEY"  # the trainer's SGLang API key (never in the saved config)
+REWARD_WORKERS = 4  # threads scoring samples while the engine generates
 
 
 class DigitPrompts:
@@ -35,25 +52,43 @@ class DigitPrompts:
 
 
 class MathPrompts:
-    """A JSONL/parquet prompt+answer dataset with an HF tokenizer; answers checked by math-verify."""
+    """A JSONL/parquet prompt+answer dataset with an HF tokenizer; answers checked by math-verify.
+
+    Training reads the train split as a seeded stream reshuffled every epoch; evaluation reads
+    the eval split (``--eval-data-path``, or ``--eval-fraction`` of ``--data-path`` held out).
+    """
 
     def __init__(self, cfg: RunConfig):
         from transformers import AutoTokenizer
 
-        from megatron_pr2.tasks import load_problems
+        from megatron_pr2.tasks import MathDataset, load_problems, split_problems
 
-        self.problems_list = load_problems(cfg.task.data_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.task.tokenizer)
+        task, seed = cfg.task, cfg.train.seed
+        train, held_out = split_problems(load_problems(task.data_path), task.eval_fraction, seed)
+        if task.eval_data_path:
+            held_out = load_problems(task.eval_data_path)
+        self.splits = {"train": MathDataset(train, seed=seed)}
+        if held_out:
+            self.splits["eval"] = MathDataset(held_out, seed=seed)
+        self.apply_chat_template = task.apply_chat_template
+        self.tokenizer = AutoTokenizer.from_pretrained(task.tokenizer)
         eos = self.tokenizer.eos_token_id
         self.stop_token_ids = (eos,) if eos is not None else ()
 
     def prompts(self, start: int, count: int, split: str):
-        n = len(self.problems_list)
-        problems = [self.problems_list[(start + i) % n] for i in range(count)]
-        ids = [self.tokenizer.apply_chat_template(p.prompt, add_generation_prompt=True)
-               if isinstance(p.prompt, list) else self.tokenizer.encode(p.prompt)
-               for p in problems]
-        return problems, ids
+        if split not in self.splits:
+            raise ValueError(f"the math task has no {split!r} split: give --eval-data-path or "
+                             "--eval-fraction")
+        problems = self.splits[split].problems(start, count, split)
+        return problems, [self._prompt_ids(p.prompt) for p in problems]
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str) and not self.apply_chat_template:
+            return self.tokenizer.encode(prompt)
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+        return list(ids)
 
     def reward(self, problem, response_ids) -> float:
         from megatron_pr2.tasks import math_reward
@@ -66,20 +101,38 @@ def make_prompts(cfg: RunConfig):
     return DigitPrompts(cfg) if cfg.task.task == "digits" else MathPrompts(cfg)
 
 
-def _broadcast(obj):
-    holder = [obj]
-    if torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
+def _is_driver() -> bool:
+    return dist.get_rank() == 0
+
+
+def _host_group():
+    from megatron_pr2.platform.distributed import host_group
+
+    return host_group()
 
 
 class RolloutSource:
-    """Generates and scores the rollout batch of each iteration (deterministic per iteration)."""
+    """Generates and scores the rollout batch of each iteration (deterministic per iteration).
 
-    def __init__(self, cfg: RunConfig, engine, prompts):
+    Args:
+        cfg: the run config.
+        engine: the rollout engine on rank 0; None on the other ranks.
+        prompts: the task's prompt source.
+        dp: ``(dp_size, dp_rank)`` of this rank (default: no data parallelism).
+
+    Attributes:
+        data_position: training prompts consumed so far (saved in the trainer state).
+    """
+
+    def __init__(self, cfg: RunConfig, engine, prompts, dp: tuple[int, int] = (1, 0)):
+        if _is_driver() and engine is None:
+            raise ValueError("the rollout driver (rank 0) needs a rollout engine")
         self.cfg = cfg
         self.engine = engine
         self.prompt_source = prompts
+        self.dp = dp
+        self.data_position = 0
+        self._rank_dp: list[tuple[int, int]] | None = None
 
     def _sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.cfg.rollout.max_new_tokens,
@@ -87,26 +140,52 @@ class RolloutSource:
                               stop_token_ids=tuple(self.prompt_source.stop_token_ids), seed=seed)
 
     def collect(self, iteration: int) -> tuple[list[Sample], dict[str, float]]:
-        """The scored samples of ``iteration`` (group-major: a prompt's samples are adjacent)."""
-        result = None
-        if torch.distributed.get_rank() == 0:
-            result = self._generate_and_score(iteration)
-        return _broadcast(result)
+        """The scored samples of ``iteration`` (group-major: a prompt's samples are adjacent).
 
-    def _generate_and_score(self, iteration: int):
-        rollout = self.cfg.rollout
-        n = rollout.n_samples_per_prompt
-        start = (iteration - 1) * rollout.rollout_batch_prompts
-        problems, prompt_tokens = self.prompt_source.prompts(start, rollout.rollout_batch_prompts,
-                                                             "train")
+        Every rank gets the whole batch's length, but routes and log-probs only for the samples
+        of its data-parallel share (``shard_for_dp``); the others are token-only stubs.
+        """
+        start = self.data_position
+        self.data_position += self.cfg.rollout.rollout_batch_prompts
+        if dist.get_world_size() == 1:
+            return self._generate_and_score(iteration, start)
+        rank_dp = self._dp_of_every_rank()
+        per_rank = None
+        if _is_driver():
+            samples, metrics = self._generate_and_score(iteration, start)
+            views = {dp: dp_view(samples, *dp) for dp in set(rank_dp)}
+            per_rank = [(views[dp], metrics) for dp in rank_dp]
+        return scatter_object(per_rank, src=0, group=_host_group())
+
+    def _dp_of_every_rank(self) -> list[tuple[int, int]]:
+        if self._rank_dp is None:
+            self._rank_dp = gather_dp_ranks(*self.dp, group=_host_group())
+        return self._rank_dp
+
+    def _generate_and_score(self, iteration: int, start: int):
+        n = self.cfg.rollout.n_samples_per_prompt
+        problems, prompt_tokens = self.prompt_source.prompts(
+            start, self.cfg.rollout.rollout_batch_prompts, "train")
         repeated = [tokens for tokens in prompt_tokens for _ in range(n)]
-        samples = self.engine.generate(repeated, self._sampling(self.cfg.train.seed + iteration))
-        for index, sample in enumerate(samples):
-            problem = problems[index // n]
-            sample.reward = self.prompt_source.reward(problem, sample.response_tokens.tolist())
-            sample.metadata.update(group=index // n, answer=problem.answer)
-            if sample.status is SampleStatus.PENDING:
-                sample.status = SampleStatus.COMPLETED
+        with concurrent.futures.ThreadPoolExecutor(REWARD_WORKERS, "reward") as scorer:
+            scoring = []
+
+            def score_when_ready(index: int, sample: Sample) -> None:
+                scoring.append(scorer.submit(self._score, problems[index // n], index // n, sample))
+
+            samples = self.engine.generate(repeated, self._sampling(self.cfg.train.seed + iteration),
+                                           on_sample=score_when_ready)
+            for future in scoring:
+                future.result()
+        return samples, self._metrics(samples)
+
+    def _score(self, problem, group: int, sample: Sample) -> None:
+        sample.reward = self.prompt_source.reward(problem, sample.response_tokens.tolist())
+        sample.metadata.update(group=group, answer=problem.answer, scored_at=time.monotonic())
+        if sample.status is SampleStatus.PENDING:
+            sample.status = SampleStatus.COMPLETED
+
+    def _metrics(self, samples: list[Sample]) -> dict[str, float]:
         rewards = torch.tensor([s.reward for s in samples])
         lengths = torch.tensor([float(s.response_length) for s in samples])
         truncated = sum(s.status is SampleStatus.TRUNCATED for s in samples) / len(samples)
@@ -114,27 +193,43 @@ class RolloutSource:
                    "rollout/reward_std": float(rewards.std()) if len(samples) > 1 else 0.0,
                    "rollout/response_length": float(lengths.mean()),
                    "rollout/truncated_fraction": float(truncated)}
-        return samples, metrics
+        if hasattr(self.engine, "metrics"):
+            metrics.update(self.engine.metrics())
+        return metrics
 
     def evaluate(self, count: int) -> dict[str, float]:
         """Greedy reward on ``count`` held-out prompts (rank 0 generates; all ranks return it)."""
         value = None
-        if torch.distributed.get_rank() == 0:
+        if _is_driver():
             problems, tokens = self.prompt_source.prompts(0, count, "eval")
             samples = self.engine.generate(tokens, self._sampling(0, greedy=True),
                                            return_routed_experts=False)
             value = sum(self.prompt_source.reward(p, s.response_tokens.tolist())
                         for p, s in zip(problems, samples)) / len(samples)
-        return {"eval/greedy_reward": _broadcast(value)}
+        if dist.get_world_size() > 1:
+            value = broadcast_object(value, src=0, group=_host_group())
+        return {"eval/greedy_reward": value}
+
+
+def data_parallel_coordinates() -> tuple[int, int]:
+    """``(dp_size, dp_rank)`` of this rank in Megatron's initialised model-parallel state."""
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_rank())
 
 
 def make_engine(cfg: RunConfig, hf_config: dict):
-    """The rollout engine of ``cfg`` (rank 0 only talks to it)."""
+    """The rollout engine of ``cfg`` on the rollout driver (rank 0); None on the other ranks."""
+    if dist.is_initialized() and not _is_driver():
+        return None
     if cfg.rollout.rollout_engine == "sglang":
         from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
 
         urls = [u.strip() for u in cfg.rollout.sglang_urls.split(",") if u.strip()]
-        transport = SGLangClientConfig(request_timeout=cfg.rollout.rollout_timeout)
+        transport = SGLangClientConfig(request_timeout=cfg.rollout.rollout_timeout,
+                                       max_concurrency=cfg.rollout.rollout_max_concurrency,
+                                       api_key=os.environ.get(API_KEY_ENV) or None)
         return SGLangClient.for_hf_config(urls, hf_config, config=transport)
     from megatron_pr2.rollout.inprocess import InProcessEngine
 

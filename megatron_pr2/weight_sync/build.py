@@ -78,10 +78,35 @@ def resolve_transport(engine, requested: str | None) -> str:
     return name
 
 
-def _apis(engine) -> list[SGLangWeightAPI]:
-    timeout = float(getattr(getattr(engine, "config", None), "request_timeout", 600.0))
-    return [SGLangWeightAPI(address, getattr(engine, "api_key", None), timeout)
-            for address in engine.addresses]
+@dataclasses.dataclass(frozen=True)
+class ServerView:
+    """What every pushing rank needs of rank 0's SGLang client: the live servers and the key."""
+
+    addresses: tuple[str, ...]
+    api_key: str | None
+    request_timeout: float
+    name: str = "sglang"
+
+
+def _server_view(engine) -> ServerView | None:
+    """Rank 0's SGLang servers (live ones only), shared with every rank over the host group;
+    None for the in-process engine. Only rank 0 holds the engine."""
+    from megatron_pr2.platform.distributed import host_group
+
+    view = None
+    if dist.get_rank() == 0 and engine_kind(engine) == "sglang":
+        pool = getattr(engine, "pool", None)
+        view = ServerView(tuple(pool.live if pool is not None else engine.addresses),
+                          getattr(engine, "api_key", None),
+                          float(getattr(engine.config, "request_timeout", 600.0)))
+    box = [view]
+    dist.broadcast_object_list(box, src=0, group=host_group())
+    return box[0]
+
+
+def _apis(servers: ServerView) -> list[SGLangWeightAPI]:
+    return [SGLangWeightAPI(address, servers.api_key, servers.request_timeout)
+            for address in servers.addresses]
 
 
 def engine_dtype(engine, apis, hf_config: dict) -> torch.dtype:
@@ -149,10 +174,13 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
     from megatron_pr2.weight_sync.gather import StagePosition
 
     options = options or WeightSyncOptions()
+    servers = _server_view(engine)
+    if servers is not None and engine is None:
+        engine = servers  # ranks other than 0 push to rank 0's servers
     name = resolve_transport(engine, options.transport)
     position = StagePosition.current()
     talks = position.is_pusher or dist.get_rank() == 0
-    apis = _apis(engine) if engine_kind(engine) == "sglang" and talks else []
+    apis = _apis(servers) if servers is not None and talks else []
     error, dtype = None, None
     try:
         dtype = DTYPES[options.dtype] if options.dtype else (

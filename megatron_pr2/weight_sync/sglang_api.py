@@ -160,22 +160,3 @@ def chunk_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]],
         size += nbytes
     if chunk:
         yield chunk
-
-
-def push_named_tensors(apis: Sequence[SGLangWeightAPI],
-                       named_tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int,
-                       tp_size: int = 1) -> None:
-    """Load HF-named tensors into every server through ``/update_weights_from_tensor``.
-
-    Chunks of ``chunk_bytes`` travel inside one update session per server; the prefix cache is
-    flushed with the last chunk. (The trainer's bucketed, any-layout path is
-    :class:`~megatron_pr2.weight_sync.syncer.WeightSyncer`.)
-    """
-    blobs = [serialize_named_tensors(c) for c in chunk_named_tensors(named_tensors, chunk_bytes)]
-    for api in apis:
-        api.begin_weight_update()
-        try:
-            for i, blob in enumerate(blobs):
-                api.update_weights_from_tensor(blob, tp_size, flush_cache=i == len(blobs) - 1)
-        finally:
-            api.end_weight_update()

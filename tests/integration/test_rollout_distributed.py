@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.rollout.alignment import shard_for_dp
-from megatron_pr2.rollout.distributed import all_gather_samples, broadcast_samples
+from megatron_pr2.rollout.distributed import all_gather_samples, scatter_object
 from megatron_pr2.rollout.sample import Sample, SampleStatus
 from tests.multiproc import run_distributed
 
@@ -20,7 +20,8 @@ def _exchange(rank):
     dist.init_process_group("gloo")
     try:
         gathered = all_gather_samples([make_sample(rank, i) for i in range(2)])
-        broadcast = broadcast_samples([make_sample(7, 0)] if rank == 1 else None, src=1)
+        per_rank = [[make_sample(7, 0)], [make_sample(8, 1)]] if rank == 1 else None
+        broadcast = scatter_object(per_rank, src=1)
         share = [gathered[i] for i in shard_for_dp(len(gathered), 2, rank)]
         return gathered, broadcast, share
     finally:
@@ -34,10 +35,10 @@ def _same(a, b):
             and (a.reward, a.status, a.metadata) == (b.reward, b.status, b.metadata))
 
 
-def test_all_gather_and_broadcast_keep_samples_and_routes():
+def test_all_gather_and_scatter_keep_samples_and_routes():
     results = run_distributed(_exchange, 2)
     expected = [make_sample(r, i) for r in range(2) for i in range(2)]
     for rank, (gathered, broadcast, share) in enumerate(results):
         assert len(gathered) == 4 and all(_same(a, b) for a, b in zip(gathered, expected))
-        assert len(broadcast) == 1 and _same(broadcast[0], make_sample(7, 0))
+        assert len(broadcast) == 1 and _same(broadcast[0], make_sample(7 + rank, rank))
         assert all(_same(a, b) for a, b in zip(share, expected[2 * rank:2 * rank + 2]))

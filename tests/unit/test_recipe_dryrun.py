@@ -132,6 +132,7 @@ def test_sglang_launcher_dry_run_splits_the_node():
         assert f"CUDA_VISIBLE_DEVICES={2 * index},{2 * index + 1} " in command
         assert f"--port {31000 + index} " in command
         assert "--tp-size 2" in command and "--enable-return-routed-experts" in command
+        assert "--api-key" in command and "SGLANG_API_KEY" in command  # from the environment
     assert ("SGLANG_URLS=http://rollout0:31000,http://rollout0:31001,http://rollout0:31002,"
             "http://rollout0:31003") in result.stdout
 
@@ -159,6 +160,13 @@ def test_launch_converts_once_then_stops_at_the_runtime_check_without_gpus(tmp_p
            "OUTPUT": str(out), "NNODES": "1", "GPUS_PER_NODE": "1",
            "TP": "1", "PP": "1", "EP": "1", "ETP": "1"}
     flags = ("--no-sequence-parallel", "--max-new-tokens", "64")  # the tiny model: 256 positions
+    keyless = run(RECIPE, *flags, **env)
+    assert keyless.returncode != 0
+    assert "error: the SGLang servers require an API key" in keyless.stderr
+    assert not out.exists() or not any(out.iterdir())
+    key_file = tmp_path / "sglang_api_key"
+    key_file.write_text("secret-key\n")
+    env["SGLANG_API_KEY_FILE"] = str(key_file)
     first = run(RECIPE, *flags, **env)
     assert first.returncode != 0
     assert "== converting" in first.stdout

@@ -50,10 +50,31 @@ def test_dense_layers_are_dropped_from_the_wire_layer_axis():
     assert out.tolist() == routes[:, [1, 3]].tolist()
 
 
-def test_moe_only_wire_layout_is_accepted():
+def test_moe_only_wire_layout_is_accepted_only_when_asked_for():
     layout = RouteLayout(num_hidden_layers=4, moe_layer_indices=(1, 3), top_k=2, num_experts=8)
     routes = distinct_routes(6, 2, 2, 8, seed=2)
-    assert decode_routed_experts(wire(routes), num_rows=6, layout=layout).tolist() == routes.tolist()
+    out = decode_routed_experts(wire(routes), num_rows=6, layout=layout, wire_layers="moe")
+    assert out.tolist() == routes.tolist()
+    with pytest.raises(MalformedResponseError, match="24 int32 entries .* expected 48"):
+        decode_routed_experts(wire(routes), num_rows=6, layout=layout)
+
+
+def test_cut_short_top1_payload_that_matches_the_moe_only_size_is_refused():
+    # Issue 12: top-1, 4 layers (3 MoE), 8 rows. A payload that lost 2 rows holds 6 x 4 = 24
+    # entries = 8 x 3: a size guess would take it for a complete MoE-only payload.
+    layout = RouteLayout(num_hidden_layers=4, moe_layer_indices=(1, 2, 3), top_k=1, num_experts=8)
+    full = np.random.default_rng(3).integers(0, 8, size=(8, 4, 1))
+    with pytest.raises(MalformedResponseError) as err:
+        decode_routed_experts(wire(full[:6]), num_rows=8, layout=layout)
+    assert "24 int32 entries" in str(err.value) and "expected 32" in str(err.value)
+    assert decode_routed_experts(wire(full), num_rows=8, layout=layout).tolist() == \
+        full[:, 1:].tolist()
+
+
+def test_unknown_wire_layers_option_is_refused():
+    with pytest.raises(ValueError, match="wire_layers must be one of"):
+        decode_routed_experts(wire(distinct_routes(1, 4, 2, 8)), num_rows=1, layout=LAYOUT,
+                              wire_layers="dense")
 
 
 def test_layout_from_hf_config_with_dense_layers_and_v5_alias():
@@ -67,7 +88,7 @@ def test_layout_from_hf_config_with_dense_layers_and_v5_alias():
 @pytest.mark.parametrize("rows", [4, 6])
 def test_wrong_row_count_is_rejected(rows):
     routes = distinct_routes(rows, 4, 2, 8)
-    with pytest.raises(MalformedResponseError, match="expected 160 = 5 rows"):
+    with pytest.raises(MalformedResponseError, match="expected 40 = 5 rows"):
         decode_routed_experts(wire(routes), num_rows=5, layout=LAYOUT)
 
 
@@ -118,5 +139,5 @@ def test_top1_all_zero_layer_is_rejected_but_a_live_zero_is_not():
 
 def test_wrong_layer_count_is_rejected():
     routes = distinct_routes(2, 3, 2, 8)
-    with pytest.raises(MalformedResponseError, match="bytes, expected"):
+    with pytest.raises(MalformedResponseError, match="12 int32 entries .*expected 16"):
         decode_routed_experts(wire(routes), num_rows=2, layout=LAYOUT)

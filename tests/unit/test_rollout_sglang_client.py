@@ -259,7 +259,7 @@ def test_server_dying_mid_batch_keeps_collected_samples_and_the_rest_can_resume(
     assert err.failed_indices == [2, 3]
     check_sample(err.samples[0], PROMPTS[0])
     check_sample(err.samples[1], PROMPTS[1])
-    assert "EngineUnavailableError" in str(err) and "after 2 attempts" in str(err)
+    assert "NoServerLeftError" in str(err) and "Connection aborted" in str(err)
     with fake_servers(None) as (replacement,):
         resumed = client([replacement.address]).generate([PROMPTS[i] for i in err.failed_indices], GREEDY)
     for sample, i in zip(resumed, err.failed_indices):
@@ -277,7 +277,7 @@ def test_requests_spread_over_servers_and_avoid_a_dead_one():
 
 
 def test_all_servers_down_raises_unavailable():
-    with pytest.raises(PartialRolloutError, match="EngineUnavailableError") as info:
+    with pytest.raises(PartialRolloutError, match="NoServerLeftError.*Connection refused") as info:
         client([closed_address()]).generate(PROMPTS[:2], GREEDY)
     assert info.value.failed_indices == [0, 1]
 
@@ -337,6 +337,83 @@ def test_health_reports_each_address():
         health = client([server.address, dead]).health()
     assert health.healthy == {server.address: True, dead: False} and not health.ok
     assert server.requests[0][0] == "/health"
+
+
+def test_whole_batch_is_in_flight_at_once_by_default():
+    arrived = threading.Barrier(len(PROMPTS), timeout=5)
+
+    def waits_for_all(path, body, count):
+        arrived.wait()  # breaks (BrokenBarrierError -> no answer) unless all requests are open
+        return 200, good_answer(body)
+
+    with fake_servers(waits_for_all, waits_for_all) as servers:
+        samples = client([s.address for s in servers], max_concurrency=0).generate(PROMPTS, GREEDY)
+    for sample, prompt in zip(samples, PROMPTS):
+        check_sample(sample, prompt)
+
+
+def test_samples_are_handed_over_while_other_requests_still_generate():
+    release = threading.Event()
+    seen = []
+
+    def last_prompt_waits(path, body, count):
+        if body["input_ids"] == PROMPTS[-1]:
+            assert release.wait(5), "the held request was never released"
+        return 200, good_answer(body)
+
+    def on_sample(index, sample):
+        seen.append(index)
+        if len(seen) == len(PROMPTS) - 1:
+            release.set()  # only possible if the first samples arrived before the last one
+
+    with fake_servers(last_prompt_waits) as (server,):
+        samples = client([server.address], max_concurrency=0).generate(PROMPTS, GREEDY,
+                                                                        on_sample=on_sample)
+    assert sorted(seen[:-1]) == [0, 1, 2] and seen[-1] == 3
+    assert all(s.metadata["finished_at"] > 0 for s in samples)
+
+
+def test_a_server_failing_a_weight_update_leaves_the_pool_and_rejoins_after_a_full_sync():
+    behaviour, _ = weight_server()
+    broken = {"on": True}
+
+    def sometimes_refuses(path, body, count):
+        if broken["on"] and path == "/update_weights_from_tensor":
+            return 500, {"success": False, "message": "out of memory"}
+        return behaviour(path, body, count) if path != "/generate" else (200, good_answer(body))
+
+    def always_works(path, body, count):
+        return behaviour(path, body, count) if path != "/generate" else (200, good_answer(body))
+
+    with fake_servers(sometimes_refuses, always_works) as (flaky, good):
+        c = client([flaky.address, good.address], max_concurrency=0)
+        c.update_weights([("x", torch.zeros(2))])
+        assert c.pool.live == [good.address] and "out of memory" in c.pool.evicted[flaky.address]
+        assert c.metrics()["rollout/server_evictions"] == 1.0
+        flaky.requests.clear()
+        samples = c.generate(PROMPTS, GREEDY)
+        assert {s.metadata["engine"] for s in samples} == {good.address} and not flaky.requests
+        broken["on"] = False
+        c.update_weights([("x", torch.ones(2))])
+        assert c.pool.live == [flaky.address, good.address]
+        assert c.metrics()["rollout/server_rejoins"] == 1.0
+
+
+def test_the_run_stops_with_a_clear_error_only_when_no_server_is_left():
+    from megatron_pr2.rollout.server_pool import NoServerLeftError
+
+    c = client([closed_address(), closed_address()])
+    with pytest.raises(NoServerLeftError, match="no SGLang server left in the pool \\(2 evicted\\)"):
+        c.update_weights([("x", torch.zeros(2))])
+    assert c.metrics()["rollout/servers_live"] == 0.0
+
+
+def test_health_check_failure_evicts():
+    with fake_servers(lambda p, b, c: (200, {})) as (server,):
+        dead = closed_address()
+        c = client([server.address, dead])
+        c.health()
+    assert c.pool.live == [server.address] and dead in c.pool.evicted
 
 
 def test_unavailable_error_type_is_exported():

@@ -1,0 +1,195 @@
+"""Real SGLang CPU servers (API key required, 127.0.0.1): the whole batch in flight, rewards
+scored while generation goes on, a server killed mid-batch loses nothing and leaves the pool, and
+a training run whose second server is killed mid-run finishes on the first.
+
+Skipped when SGLang's venv (``tools/sglang_env.sh``) is absent. Three module-scoped servers (A, B,
+C, started at once) serve a tiny random Qwen3-MoE whose LM head is zero: every token is equally
+likely, so sampled responses stop at ``<eos>`` after varying lengths. The batch tests use A and
+B; the kill test ends B, the training run uses A and C and ends C.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from megatron_pr2.config import RunConfig
+from megatron_pr2.models.presets import preset
+from megatron_pr2.rollout.inprocess import build_hf_model
+from megatron_pr2.rollout.sample import SamplingParams
+from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
+from megatron_pr2.rollout.sglang_server import (
+    DEFAULT_VENV,
+    SGLangServer,
+    sglang_venv_ready,
+)
+from megatron_pr2.training.rollout_source import DigitPrompts, RolloutSource
+
+VENV = os.environ.get("MEGATRON_PR2_SGLANG_VENV", DEFAULT_VENV)
+pytestmark = pytest.mark.skipif(
+    not sglang_venv_ready(VENV),
+    reason=f"SGLang venv absent at {VENV}: build it with `bash tools/sglang_env.sh` (about 4-5 min)",
+)
+
+CFG = preset("tiny-qwen3-moe")
+KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe-uniform")
+    torch.manual_seed(0)
+    model = build_hf_model(CFG)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform next-token distribution: eos at varying steps
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def servers(checkpoint):
+    trio = [SGLangServer(checkpoint, venv=VENV, startup_timeout=900, max_lifetime=1800,
+                         api_key=KEY) for _ in range(3)]
+    try:
+        for server in trio:
+            server.launch()  # all start at once: one start's wait, not three
+        for server in trio:
+            server.wait_ready()
+        yield trio
+    finally:
+        for server in trio:
+            server.stop()
+
+
+def make_client(servers, **config):
+    """A client of servers A and B."""
+    transport = SGLangClientConfig(request_timeout=300, api_key=KEY, max_concurrency=0, **config)
+    return SGLangClient.for_hf_config([s.address for s in servers[:2]], CFG, config=transport)
+
+
+def record_request_times(client):
+    """Wrap the client's transport to record (start, end) of every /generate call."""
+    times, original = [], client._request_once
+
+    def timed(address, method, path, body=None, read_timeout=None):
+        start = time.monotonic()
+        try:
+            return original(address, method, path, body, read_timeout)
+        finally:
+            if path == "/generate":
+                times.append((start, time.monotonic()))
+
+    client._request_once = timed
+    return times
+
+
+def test_update_endpoints_refuse_a_request_without_the_key(servers, checkpoint):
+    address = servers[0].address
+    for path in ("/begin_weight_update", "/update_weights_from_disk", "/generate"):
+        answer = requests.post(address + path, json={"model_path": checkpoint}, timeout=30)
+        assert answer.status_code == 401, (path, answer.status_code, answer.text)
+    client = make_client(servers)
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+    client.update_weights(weights.items())  # the same weights back, through the key
+    assert client.pool.live == [s.address for s in servers[:2]]
+    sample = client.generate([[5, 7, 9]], SamplingParams(max_new_tokens=4, greedy=True))[0]
+    assert sample.response_length >= 1
+    keyless = SGLangClient.for_hf_config([address], CFG, config=SGLangClientConfig(max_attempts=1))
+    from megatron_pr2.rollout.server_pool import NoServerLeftError
+
+    with pytest.raises(NoServerLeftError, match="HTTP 401 .wrong or missing API key"):
+        keyless.update_weights([("lm_head.weight", weights["lm_head.weight"])])
+
+
+def test_whole_batch_in_flight_and_rewards_scored_while_generation_continues(
+        servers, megatron_single_process):
+    cfg = RunConfig()
+    cfg.rollout.rollout_batch_prompts, cfg.rollout.n_samples_per_prompt = 4, 4
+    cfg.rollout.max_new_tokens = 48
+    client = make_client(servers)
+    times = record_request_times(client)
+    samples, metrics = RolloutSource(cfg, client, DigitPrompts(cfg)).collect(1)
+    assert len(samples) == 16 and len(times) == 16
+    last_start = max(start for start, _ in times)
+    first_end = min(end for _, end in times)
+    assert last_start < first_end, "some request started only after another had finished"
+    assert {s.metadata["engine"] for s in samples} == {s.address for s in servers[:2]}
+    finished = sorted(s.metadata["finished_at"] for s in samples)
+    scored = sorted(s.metadata["scored_at"] for s in samples)
+    assert scored[0] < finished[-1], "no reward was scored before the last sample arrived"
+    assert all(s.reward is not None for s in samples)
+    assert metrics["rollout/servers_live"] == 2.0 and metrics["rollout/server_evictions"] == 0.0
+
+
+def test_server_killed_mid_batch_loses_nothing_and_leaves_the_pool(servers):
+    client = make_client(servers)
+    prompts = [[3 + i, 4 + i, 5 + i] for i in range(8)]
+    sampling = SamplingParams(max_new_tokens=160, ignore_eos=True, seed=1)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(samples=client.generate(prompts, sampling)))
+    worker.start()
+    time.sleep(3.0)  # every request is in flight: 160 tokens take far longer on CPU
+    assert worker.is_alive(), "the batch finished before the kill: raise max_new_tokens"
+    servers[1].kill()
+    worker.join(timeout=600)
+    samples = result["samples"]
+    assert len(samples) == 8 and all(s.response_length == 160 for s in samples)
+    assert all(s.routed_experts.shape[0] == s.total_length - 1 for s in samples)
+    assert {s.metadata["engine"] for s in samples} == {servers[0].address}
+    metrics = client.metrics()
+    assert metrics["rollout/servers_live"] == 1.0 and metrics["rollout/server_evictions"] == 1.0
+    assert metrics["rollout/requests_retried"] >= 1.0
+    # the next weight sync skips the dead server and the run goes on with the live one
+    client.update_weights([("lm_head.weight", torch.zeros(CFG["vocab_size"], CFG["hidden_size"]))])
+    assert client.pool.live == [servers[0].address]
+    assert client.generate([[5, 6]], SamplingParams(max_new_tokens=2, greedy=True))[0].total_length == 4
+
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def test_run_whose_server_is_killed_mid_run_finishes_on_the_other(servers, tmp_path):
+    survivor, victim = servers[0], servers[2]
+    jsonl = tmp_path / "metrics.jsonl"
+    command = [sys.executable, "-m", "megatron_pr2.train", "--device", "cpu",
+               "--routing-method", "r3", "--rollout-engine", "sglang",
+               "--sglang-urls", f"{survivor.address},{victim.address}", "--train-iters", "3",
+               "--rollout-batch-prompts", "2", "--n-samples-per-prompt", "2",
+               "--off-policy-window", "1", "--micro-batch-size", "2", "--max-new-tokens", "6",
+               "--rollout-timeout", "300", "--log-jsonl", str(jsonl)]
+    launcher_env = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_env},
+           "SGLANG_API_KEY": KEY, "OMP_NUM_THREADS": "1"}  # a fresh one-process run
+    log = tmp_path / "train.log"
+    with open(log, "w", encoding="utf-8") as out:
+        run = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 900
+            while not read_rows(jsonl) and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert read_rows(jsonl), f"no iteration finished:\n{log.read_text()[-3000:]}"
+            assert read_rows(jsonl)[0]["rollout/servers_live"] == 2.0
+            victim.kill()  # after iteration 1: iteration 2 finds it dead
+            code = run.wait(timeout=900)
+        finally:
+            if run.poll() is None:
+                run.kill()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    rows = read_rows(jsonl)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["rollout/servers_live"] == 1.0
+    assert rows[-1]["rollout/server_evictions"] == 1.0
+    assert f"SGLang server {victim.address} left the pool" in text
