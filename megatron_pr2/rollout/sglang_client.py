@@ -399,7 +399,10 @@ class SGLangClient:
         A server that fails leaves the pool; an evicted one that succeeds rejoins it
         (:meth:`on_each_server`).
         """
-        from megatron_pr2.weight_sync.sglang_api import chunk_named_tensors, serialize_named_tensors
+        from megatron_pr2.weight_sync.sglang_api import (
+            chunk_named_tensors,
+            serialize_named_tensors,
+        )
 
         blobs = [serialize_named_tensors(c)
                  for c in chunk_named_tensors(named_tensors, self.config.weight_chunk_bytes)]

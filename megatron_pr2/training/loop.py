@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_pr2.platform.device import compute_device
+from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.rl.advantages import grpo_advantages
 from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import (
@@ -20,6 +21,7 @@ from megatron_pr2.rollout.alignment import (
     model_layer_numbers,
     shard_for_dp,
 )
+from megatron_pr2.rollout.engine import RolloutError
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
@@ -33,6 +35,7 @@ from megatron_pr2.training.rollout_batch import (
 )
 from megatron_pr2.training.rollout_source import RolloutSource
 from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
+from megatron_pr2.weight_sync.syncer import WeightSyncError
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +82,7 @@ class RLLoop:
         self.method = routing_method(self.cfg.algo.routing_method)
         self.start_iteration = 0
         self.route_layout = RouteLayout.from_hf_config(parts.spec)
-        self.weight_sync = build_weight_syncer(parts.model, source.engine, parts.hf_config,
-                                               WeightSyncOptions.from_run_config(self.cfg))
+        self.weight_sync = self._build_weight_syncer()
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -183,7 +185,36 @@ class RLLoop:
                 metrics[f"{key}/ministeps_ge2"] = sum(values[1:]) / len(values[1:])
         return metrics
 
+    def _build_weight_syncer(self):
+        """Collective: the syncer for the engine's live servers (rank 0 holds the engine)."""
+        return build_weight_syncer(self.parts.model, self.source.engine, self.parts.hf_config,
+                                   WeightSyncOptions.from_run_config(self.cfg))
+
     def _sync_weights(self) -> None:
+        try:
+            self.weight_sync.sync(predictive_gate=self.method.predictive_engine_gate)
+        except WeightSyncError as exc:
+            if self.cfg.rollout.rollout_engine != "sglang":
+                raise
+            self._resync_on_live_servers(exc)
+
+    def _resync_on_live_servers(self, failure: WeightSyncError) -> None:
+        """A server died: drop the servers that fail a health check, rebuild the syncer on the
+        live ones and sync once more (every rank sees the same failure and takes this path)."""
+        logger.warning("weight sync failed (%s); retrying on the servers that pass a health "
+                       "check", failure)
+        problem = None
+        if _is_rank0():
+            try:
+                self.source.engine.health()
+                self.source.engine.pool.require_live()
+            except RolloutError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0, group=host_group())
+        if box[0]:
+            raise WeightSyncError(f"{failure}; {box[0]}") from failure
+        self.weight_sync = self._build_weight_syncer()
         self.weight_sync.sync(predictive_gate=self.method.predictive_engine_gate)
 
     # ----------------------------------------------------------------------------- state
