@@ -89,11 +89,17 @@ class AlgoArgs:
     rspo_gamma_min: float = PolicyLossConfig.rspo_gamma_min
     off_policy_window: int = 4  # optimizer mini-steps per rollout batch
     normalize_advantage_std: bool = True
+    lookahead_scale: float = 0.75  # pr2-lookahead: route mini-batch m at theta_0 + c (m-1) u
+    drift_attribution_tokens: int = 128  # router-input vs router-weight drift, tokens per step
 
     def validate(self) -> None:
         _choice("routing_method", self.routing_method, tuple(ROUTING_METHODS))
         _choice("policy_loss", self.policy_loss, ("ppo_clip", "gspo"))
         _positive("off_policy_window", self.off_policy_window)
+        if self.lookahead_scale < 0:
+            raise ValueError(f"--lookahead-scale must be >= 0, got {self.lookahead_scale}")
+        if self.drift_attribution_tokens < 0:
+            raise ValueError("--drift-attribution-tokens must be >= 0 (0 turns it off)")
 
 
 @dataclasses.dataclass

@@ -19,8 +19,12 @@ class RoutingMethod:
         old_pass_mode: router mode in the old-log-prob pass (``live`` | ``record`` | ``replay``
             | ``predict``).
         replay_source: where the mini-steps' routes come from: ``None`` (route live),
-            ``"old_pass"`` (the routes recorded/predicted in the old-log-prob pass) or
-            ``"engine"`` (the rollout engine's routes, R3 transport).
+            ``"old_pass"`` (the routes recorded/predicted in the old-log-prob pass),
+            ``"engine"`` (the rollout engine's routes, R3 transport), ``"lookahead"``
+            (mini-batch ``m`` recorded at ``theta_0 + c (m-1) u``, ``u`` = Adam's next step,
+            then replayed in the old pass at ``theta_0``; :mod:`megatron_pr2.training.lookahead`)
+            or ``"current"`` (the current router's live route at each mini-step, with the old
+            log-probs recomputed at ``theta_0`` under it; :mod:`megatron_pr2.training.current_route`).
         trains_predictor: the PR2 evolution predictor is trained (and must be built, saved,
             counted in memory estimates).
         predictive_engine_gate: weight sync writes ``W_r + W_p^T`` as the engine's gate.
@@ -55,6 +59,12 @@ _TABLE = (
                   "route with TopK(p_old + h_old W_p), replay it; train W_p from mini-step 2"),
     RoutingMethod("pr2-engine", "replay", "engine", True, True,
                   "engine routes with the predictive gate W_r + W_p^T; replay them (R3 transport)"),
+    RoutingMethod("pr2-lookahead", "record", "lookahead", False, False,
+                  "route mini-batch m live at theta_0 + c(m-1)u (u = Adam's next step), "
+                  "old log-probs at theta_0 under it; replay it"),
+    RoutingMethod("current-route", "record", "current", False, False,
+                  "zero-staleness reference: each mini-step's live route, old log-probs "
+                  "recomputed at theta_0 (a frozen copy) under it; replay it"),
 )
 
 ROUTING_METHODS: dict[str, RoutingMethod] = {m.name: m for m in _TABLE}
