@@ -13,6 +13,7 @@ GIB = 1024**3
 # The trainer keeps fp32 parameters, fp32 gradients and Adam's two fp32 moments and does not use
 # Megatron's distributed optimizer (megatron_pr2/training/model_setup.py): 16 bytes per parameter.
 OPTIMIZER_STATE_BYTES_PER_PARAM = 16
+MODEL_WEIGHT_BYTES = 4  # fp32 model weights (what the lookahead/current-route copies hold)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,6 +105,8 @@ class RLLoop:
                     self._save(iteration)
         finally:
             metrics_log.close()
+            if self.drift_probe is not None:
+                self.drift_probe.close()
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """One rollout batch: generate, score, old-log-prob pass, mini-steps, weight sync."""
