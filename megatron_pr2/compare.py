@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import csv
 import logging
@@ -22,8 +23,15 @@ import statistics
 import time
 
 import torch
+import torch.multiprocessing
 
-from megatron_pr2.confidence import Interval, mean_ci, paired_difference, ratio_interval, verdict
+from megatron_pr2.confidence import (
+    Interval,
+    mean_ci,
+    paired_difference,
+    ratio_interval,
+    verdict,
+)
 from megatron_pr2.config import RunConfig
 from megatron_pr2.train import configure_logging, run_training
 from megatron_pr2.training.metrics_log import read_jsonl
@@ -111,16 +119,34 @@ def warm_start(args, out_dir: str) -> str:
     return path
 
 
-def run_method(args, method: str, seed: int, warm: str, out_dir: str) -> list[dict]:
+def _fresh_process_setup(threads: int) -> None:
+    """In a worker process: own rendezvous port, one torch thread, project logging."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    torch.set_num_threads(threads)
+    configure_logging()
+
+
+def warm_start_worker(args, out_dir: str) -> tuple[str, float]:
+    """Warm start in a fresh process; returns the checkpoint path and the CPU seconds spent."""
+    _fresh_process_setup(args.threads)
+    started = time.process_time()
+    return warm_start(args, out_dir), time.process_time() - started
+
+
+def run_method(args, method: str, seed: int, warm: str, out_dir: str):
+    """One RL run in a fresh process: (JSONL records, wall seconds, CPU seconds)."""
+    _fresh_process_setup(args.threads)
     cfg = copy.deepcopy(base_config(args, seed))
     cfg.algo.routing_method = method
     cfg.model.load = warm
     cfg.train.tensorboard_dir = os.path.join(out_dir, "tensorboard", method, f"seed{seed}")
     cfg.train.log_jsonl = os.path.join(out_dir, "metrics", method, f"seed{seed}.jsonl")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     run_training(cfg.validate())
-    logger.info("%s seed %d finished in %.0f s", method, seed, time.perf_counter() - started)
-    return read_jsonl(cfg.train.log_jsonl)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    logger.info("%s seed %d finished in %.0f s (%.0f s CPU)", method, seed, wall, cpu)
+    return read_jsonl(cfg.train.log_jsonl), wall, cpu
 
 
 # ----------------------------------------------------------------------------------- stats
@@ -247,8 +273,8 @@ def drift_section(results) -> list[str]:
     return lines
 
 
-def costs_table(results) -> str:
-    header = ["method", "s / iteration", "relative to r2"]
+def costs_table(results, timings: dict) -> str:
+    header = ["method", "s / iteration", "relative to r2", "CPU s / run (process time)"]
     base = per_seed(results["r2"], "time/iteration_s", "mean") if "r2" in results else None
     rows = []
     for method, runs in results.items():
@@ -256,21 +282,24 @@ def costs_table(results) -> str:
         if not values:
             continue
         ratio = ratio_interval(values, base) if base else None
+        cpu = [c for (m, _), (_, c) in sorted(timings.items()) if m == method]
         rows.append([method, mean_ci(values).text(2),
-                     f"{ratio[0]:.2f}x ({ratio[1]:.2f} .. {ratio[2]:.2f})" if ratio else "n/a"])
+                     f"{ratio[0]:.2f}x ({ratio[1]:.2f} .. {ratio[2]:.2f})" if ratio else "n/a",
+                     mean_ci(cpu).text(1) if cpu else "n/a"])
     return _md_table(header, rows)
 
 
-def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args) -> str:
+def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args,
+              timings: dict | None = None) -> str:
     """Write summary.md, summary.csv and costs.md; return summary.md's text."""
     table, csv_rows = main_table(results)
     seeds = sorted(next(iter(results.values())))
     text = "\n".join([
         f"# Routing methods on the embedded {args.model} (CPU), seeds {seeds}",
         "",
-        f"Each cell: mean ± 95% t-interval over {len(seeds)} seeds of the per-run value "
-        f"({args.iterations} RL iterations, off-policy window {args.off_policy_window}, "
-        f"lr {args.lr:g}, lookahead scale {args.lookahead_scale:g}).",
+        (f"Each cell: mean ± 95% t-interval over {len(seeds)} seeds of the per-run value "
+         f"({args.iterations} RL iterations, off-policy window {args.off_policy_window}, "
+         f"lr {args.lr:g}, lookahead scale {args.lookahead_scale:g})."),
         "", table, "",
         "## Paired differences against R2 (same seeds)", "", *paired_section(results), "",
         "## R3 vs none: train/rollout KL ratio", "", *ratio_section(results), "",
@@ -286,7 +315,7 @@ def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args) -> 
         writer.writerows(csv_rows)
     with open(os.path.join(out_dir, "costs.md"), "w", encoding="utf-8") as handle:
         handle.write("# Seconds per RL iteration (wall time; depends on machine load)\n\n"
-                     + costs_table(results) + "\n")
+                     + costs_table(results, timings or {}) + "\n")
     return text
 
 
@@ -353,10 +382,14 @@ def parse_args(argv=None):
     parser.add_argument("--predictor-lr-mult", type=float, default=1.0)
     parser.add_argument("--warmup-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest for the tiny default model)")
+                        help="torch CPU threads per run (1 is fastest for the tiny default model)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at a time, each in its own process (default: 2 cores)")
     args = parser.parse_args(argv)
     if args.off_policy_window < 1:
         parser.error("--off-policy-window must be >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     if args.seeds < 1:
         parser.error("--seeds must be >= 1 (>= 2 for confidence intervals)")
     return args
@@ -365,24 +398,34 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     configure_logging()
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    warm = warm_start(args, args.out)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [args.seed + i for i in range(args.seeds)]
-    results = {method: {} for method in methods}
-    for seed in seeds:  # seed-major: a partial run still has every method on the first seeds
-        for method in methods:
-            results[method][seed] = run_method(args, method, seed, warm, args.out)
-    text = summarise(results, args.out, args)
+    results, timings = {method: {} for method in methods}, {}
+    # every run in its own process (Megatron's state is per process), --jobs at a time
+    context = torch.multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context,
+                                                max_tasks_per_child=1) as pool:
+        warm, warm_cpu = pool.submit(warm_start_worker, args, args.out).result()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context,
+                                                max_tasks_per_child=1) as pool:
+        futures = {(method, seed): pool.submit(run_method, args, method, seed, warm, args.out)
+                   for seed in seeds for method in methods}
+        for (method, seed), future in futures.items():
+            records, wall, cpu = future.result()
+            results[method][seed] = records
+            timings[(method, seed)] = (wall, cpu)
+    text = summarise(results, args.out, args, timings)
     image = plot(results, args.out)
     print(text)
     with open(os.path.join(args.out, "costs.md"), encoding="utf-8") as handle:
         print(handle.read())
     print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.csv, costs.md, {image}, "
           f"TensorBoard logs in {os.path.join(args.out, 'tensorboard')} "
-          f"({time.perf_counter() - started:.0f} s in all)")
+          f"({time.perf_counter() - started:.0f} s in all; CPU: warm-up {warm_cpu:.0f} s, runs "
+          f"{sum(c for _, c in timings.values()):.0f} s over --jobs {args.jobs}; load average "
+          f"{os.getloadavg()[0]:.1f})")
     return 0
 
 

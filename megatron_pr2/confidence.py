@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _t_density(x: float, df: int) -> float:
@@ -27,7 +27,7 @@ def _t_cdf_above_zero(x: float, df: int, steps: int = 600) -> float:
     return total * h / 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def t_critical(df: int, level: float = 0.95) -> float:
     """Two-sided Student-t critical value: ``P(|T_df| <= t) = level``."""
     if df < 1:

@@ -106,11 +106,13 @@ class AlgoArgs:
 class PredictorArgs:
     """The PR2 evolution predictor."""
 
+    predictor: str = "learned"  # learned | optimizer (pr2: W_p = c (m-1) u_r, no learning)
     predictor_loss: str = "kl-post"  # kl-post | kl | l2
     predictor_lr_mult: float = 1.0
     predictor_sample_ratio: float = 1.0
 
     def validate(self) -> None:
+        _choice("predictor", self.predictor, ("learned", "optimizer"))
         _choice("predictor_loss", self.predictor_loss, ("kl-post", "kl", "l2"))
         if not 0 < self.predictor_sample_ratio <= 1:
             raise ValueError("--predictor-sample-ratio must be in (0, 1]")
@@ -188,6 +190,7 @@ class RunConfig:
         plan_batch(self, dp=1)  # what every data-parallel size needs; the loop checks its own DP
         if self.train.save_interval and not self.train.save:
             raise ValueError("--save-interval needs --save DIR")
+        routing_method(self.algo.routing_method, self.predictor.predictor)  # names bad pairs
         self._validate_rspo()
         return self
 

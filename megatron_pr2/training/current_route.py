@@ -14,7 +14,7 @@ through the same Megatron schedule as every other pass.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

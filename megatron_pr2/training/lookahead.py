@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -100,8 +100,6 @@ def lookahead_old_pass(actor, microbatches: Sequence, window: int, scale: float)
     The result's routes cover every micro-batch (what the mini-steps replay); its metrics are
     the micro-batch-weighted means of the two passes.
     """
-    from megatron_pr2.training.actor import PassResult
-
     per_step = len(microbatches) // window
     minibatches = [microbatches[i * per_step:(i + 1) * per_step] for i in range(window)]
     first = actor.logprob_pass(minibatches[0], "record")
@@ -109,8 +107,20 @@ def lookahead_old_pass(actor, microbatches: Sequence, window: int, scale: float)
         return first
     plan = lookahead_routes(actor, minibatches, scale)
     rest = actor.logprob_pass(microbatches[per_step:], "replay", plan)
-    routes = RoutePlan({**first.routing.routes.routes, **rest.routing.routes.routes})
-    rest.routing.routes = routes
-    metrics = {key: (first.metrics[key] + (window - 1) * rest.metrics[key]) / window
-               for key in first.metrics}
-    return PassResult(rest.routing, metrics)
+    return merge_passes([first, rest], [1, window - 1])
+
+
+def merge_passes(results: Sequence, weights: Sequence[float]):
+    """One ``PassResult`` of passes over disjoint micro-batches: all routes, the last pass's
+    routing metrics, metrics averaged with ``weights`` (the mini-batches each pass covered)."""
+    from megatron_pr2.training.actor import PassResult
+
+    routes = RoutePlan()
+    for result in results:
+        routes.routes.update(result.routing.routes.routes)
+    routing = results[-1].routing
+    routing.routes = routes
+    total = sum(weights)
+    metrics = {key: sum(w * r.metrics[key] for r, w in zip(results, weights)) / total
+               for key in results[0].metrics}
+    return PassResult(routing, metrics)

@@ -32,6 +32,7 @@ from megatron_pr2.training.engine_sync import sync_weights
 from megatron_pr2.training.lookahead import lookahead_old_pass
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
+from megatron_pr2.training.optimizer_predictor import optimizer_predictor_old_pass
 from megatron_pr2.training.rollout_batch import build_train_microbatches
 from megatron_pr2.training.rollout_source import RolloutSource
 
@@ -77,7 +78,7 @@ class RLLoop:
         self.parts = parts
         self.cfg = parts.cfg
         self.source = source
-        self.method = routing_method(self.cfg.algo.routing_method)
+        self.method = routing_method(self.cfg.algo.routing_method, self.cfg.predictor.predictor)
         self.start_iteration = 0
         self.route_layout = RouteLayout.from_hf_config(parts.spec)
         tokens = self.cfg.algo.drift_attribution_tokens
@@ -135,6 +136,10 @@ class RLLoop:
         if self.method.replay_source == "lookahead":
             return lookahead_old_pass(actor, microbatches, self.cfg.algo.off_policy_window,
                                       self.cfg.algo.lookahead_scale)
+        if self.method.predictor == "optimizer":
+            return optimizer_predictor_old_pass(actor, microbatches,
+                                                self.cfg.algo.off_policy_window,
+                                                self.cfg.algo.lookahead_scale)
         return actor.logprob_pass(microbatches, self.method.old_pass_mode, engine_plan,
                                   record_predictor_inputs=self.method.trains_predictor)
 

@@ -15,7 +15,7 @@ kept the current moments, as torch's ``AdamW`` computes it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -93,7 +93,7 @@ def adam_param_states(optimizer) -> Iterator[ParamAdamState]:
     for inner in _inner_optimizers(optimizer):
         torch_optimizer = getattr(inner, "optimizer", inner)
         if not isinstance(torch_optimizer, torch.optim.Optimizer):
-            raise ValueError(f"cannot read optimizer state from {type(inner).__name__}")
+            raise TypeError(f"cannot read optimizer state from {type(inner).__name__}")
         model_of = _model_param_of(inner)
         for group in torch_optimizer.param_groups:
             if "betas" not in group:
