@@ -44,3 +44,25 @@ def test_no_state_gives_zero_and_non_adam_is_refused():
     assert state.step == 0 and torch.equal(adam_next_step(state), torch.zeros(3))
     with pytest.raises(ValueError, match="needs Adam"):
         list(adam_param_states(torch.optim.SGD([param], lr=0.1)))
+
+
+def test_mixed_precision_state_lives_on_the_fp32_master_copy():
+    model_param = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    main_param = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.AdamW([main_param], lr=0.1)
+    main_param.grad = torch.tensor([1.0, -1.0, 0.5])
+    adam.step()
+    # the attributes Megatron's Float16OptimizerWithFloat16Params pairs them with
+    wrapper = type("Float16OptimizerWithFloat16Params", (), {
+        "optimizer": adam, "float16_groups": [[model_param]],
+        "fp32_from_float16_groups": [[main_param]]})()
+    (state,) = adam_param_states(wrapper)
+    assert state.model_param is model_param and state.main_param is main_param
+    assert state.step == 1
+
+
+def test_distributed_optimizer_is_refused_by_name():
+    param = torch.nn.Parameter(torch.ones(3))
+    sharded = type("DistributedOptimizer", (), {"optimizer": torch.optim.AdamW([param])})()
+    with pytest.raises(ValueError, match="--use-distributed-optimizer"):
+        list(adam_param_states(sharded))
