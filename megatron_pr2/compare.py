@@ -120,8 +120,8 @@ def warm_start(args, out_dir: str) -> str:
 
 
 def _fresh_process_setup(threads: int) -> None:
-    """In a worker process: own rendezvous port, one torch thread, project logging."""
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
+    """In a worker process: a 1-process group on its own port, torch threads, logging."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(name, None)
     torch.set_num_threads(threads)
     configure_logging()
