@@ -35,7 +35,7 @@ def _record(model, controller, microbatches):
 def lookahead_routes(parallel, ckpt_dir, tokens, config_overrides=None) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_pr2.convert import load_megatron_checkpoint
+    from megatron_pr2.convert.loading import load_megatron_checkpoint
     from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.routing.controller import RoutingController
     from megatron_pr2.routing.router import PR2Router
