@@ -41,7 +41,6 @@ def main(argv=None) -> int:
 
     from megatron_pr2.config import RunConfig
     from megatron_pr2.rl.advantages import grpo_advantages
-    from megatron_pr2.training.actor import subplan
     from megatron_pr2.training.components import build_components
     from megatron_pr2.training.current_route import CurrentRouteReplay, FrozenWeights
     from megatron_pr2.training.lookahead import WeightLookahead, lookahead_old_pass
@@ -75,11 +74,11 @@ def main(argv=None) -> int:
 
     def r2():
         old = actor.logprob_pass(microbatches, "record")
-        ministeps(lambda m, chunk: subplan(old.routing.routes, [mb.microbatch_id for mb in chunk]))
+        ministeps(lambda m, chunk: old.routing.routes.select([mb.microbatch_id for mb in chunk]))
 
     def lookahead():
         old = lookahead_old_pass(actor, microbatches, window, 0.75)
-        ministeps(lambda m, chunk: subplan(old.routing.routes, [mb.microbatch_id for mb in chunk]))
+        ministeps(lambda m, chunk: old.routing.routes.select([mb.microbatch_id for mb in chunk]))
 
     def current_route():
         old = actor.logprob_pass(microbatches, "record")
