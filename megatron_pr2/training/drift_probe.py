@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.routing.drift_attribution import DriftCounts, drift_counts
 from megatron_pr2.routing.router import PR2Router
 
@@ -80,7 +81,7 @@ class DriftProbe:
         table = torch.zeros(self.num_layers + 1, 4, dtype=torch.float64)
         for layer, layer_counts in counts.items():
             table[layer] = layer_counts.as_tensor()
-        torch.distributed.all_reduce(table)
+        torch.distributed.all_reduce(table, group=host_group())  # host-side counts
         return {layer: DriftCounts.from_tensor(table[layer])
                 for layer in range(1, self.num_layers + 1) if table[layer, 0] > 0}
 
