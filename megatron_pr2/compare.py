@@ -1,71 +1,102 @@
-"""``python -m megatron_pr2.compare``: the main CPU job — none vs R2 vs R3 vs PR2 on one RL budget.
+"""``python -m megatron_pr2.compare``: the main CPU job — every routing method over several seeds.
 
-1. Warm up the embedded tiny Qwen3-MoE on the digit task (supervised), once, and save it.
-2. From that checkpoint, run the same RL budget (iterations, rollout batch, off-policy window,
-   seeds) for each routing method with the in-process bf16 rollout engine.
-3. Write TensorBoard logs and JSONL metrics per method, a markdown and a CSV table, and a PNG
-   plot of reward, train/rollout KL, extreme-token fraction and zero-deviation ratio.
+1. Warm up the embedded tiny fine-grained Qwen3-MoE on the digit task (supervised), once.
+2. From that checkpoint, run the same RL budget for every method x seed (in-process bf16
+   rollout engine vs the fp32 trainer): seeds change rollout sampling, the data order and the
+   predictor sampling, nothing else.
+3. Write TensorBoard logs and JSONL metrics per run; ``summary.md`` / ``summary.csv`` (each
+   column as mean ± 95% t-interval over seeds, paired differences against R2 in words, R3/none
+   KL ratio, drift attribution), ``costs.md`` (seconds per iteration) and ``comparison.png``
+   (mean and 95% band per iteration).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import csv
 import logging
+import math
 import os
+import statistics
 import time
 
 import torch
+import torch.multiprocessing
 
+from megatron_pr2.confidence import (
+    Interval,
+    mean_ci,
+    paired_difference,
+    ratio_interval,
+    verdict,
+)
 from megatron_pr2.config import RunConfig
 from megatron_pr2.train import configure_logging, run_training
 from megatron_pr2.training.metrics_log import read_jsonl
 
 logger = logging.getLogger("megatron_pr2.compare")
 
-DEFAULT_METHODS = ("none", "r2", "r3", "pr2")
+DEFAULT_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead")
+DEFAULT_MODEL = "tiny-qwen3-moe-fg"
+ZERO_DEV_GE2 = "routing/zero_deviation_ratio/ministeps_ge2"
 
-# (column title, metric key, how to reduce it over iterations)
+# (column title, metric key, reduction over a run's iterations)
 TABLE_COLUMNS = [
     ("reward (mean)", "rollout/reward_mean", "mean"),
-    ("reward (last 5)", "rollout/reward_mean", "last5"),
     ("eval greedy reward (final)", "eval/greedy_reward", "final"),
-    ("train/rollout k3 KL", "mismatch/k3_kl", "mean"),
-    ("|logp diff|", "mismatch/abs_logprob_diff", "mean"),
+    ("train/rollout k3 KL (mean)", "mismatch/k3_kl", "mean"),
+    ("train/rollout k3 KL (median)", "mismatch/k3_kl", "median"),
     ("extreme-token frac (tau=2)", "mismatch/extreme_token_fraction", "mean"),
-    ("zero-dev ratio, mini-step 1", "routing/zero_deviation_ratio/ministep1", "mean"),
-    ("zero-dev ratio, mini-steps >= 2", "routing/zero_deviation_ratio/ministeps_ge2", "mean"),
-    ("top-k overlap, mini-steps >= 2", "routing/topk_overlap/ministeps_ge2", "mean"),
+    ("zero-dev, mini-step 1", "routing/zero_deviation_ratio/ministep1", "mean"),
+    ("zero-dev, mini-step 2", "routing/zero_deviation_ratio/ministep2", "mean"),
+    ("zero-dev, mini-steps >= 2", ZERO_DEV_GE2, "mean"),
     ("predictor top-k acc", "routing/predictor_topk_acc", "mean"),
     ("zero-predictor top-k acc", "routing/zero_predictor_topk_acc", "mean"),
-    ("policy clip frac", "train/pg_clip_fraction", "mean"),
 ]
+
+# (what, metric key, reduction, transform, lower is better): paired against R2
+PAIRED = [
+    ("route deviation, mini-steps >= 2", ZERO_DEV_GE2, "mean", lambda v: 1.0 - v, True),
+    ("train/rollout k3 KL (mean)", "mismatch/k3_kl", "mean", None, True),
+    ("train/rollout k3 KL (median)", "mismatch/k3_kl", "median", None, True),
+    ("extreme-token fraction", "mismatch/extreme_token_fraction", "mean", None, True),
+    ("reward (mean)", "rollout/reward_mean", "mean", None, False),
+]
+
+DRIFT_COLUMNS = ["deviation", "weight_known_zero_dev", "input_known_zero_dev", "weight_share",
+                 "input_share"]
 
 PLOTS = [("rollout/reward_mean", "reward"), ("mismatch/k3_kl", "train/rollout k3 KL"),
          ("mismatch/extreme_token_fraction", "extreme-token fraction (tau=2)"),
-         ("routing/zero_deviation_ratio/ministeps_ge2", "zero-deviation ratio (mini-steps >= 2)")]
+         (ZERO_DEV_GE2, "zero-deviation ratio (mini-steps >= 2)"),
+         ("drift/input_share/ministeps_ge2", "route drift share explained by router input"),
+         ("time/iteration_s", "seconds per iteration")]
 
 
-def base_config(args) -> RunConfig:
+# ----------------------------------------------------------------------------------- runs
+def base_config(args, seed: int) -> RunConfig:
     """The shared RL budget of every method."""
     cfg = RunConfig()
+    cfg.model.hf_config = args.model
     cfg.train.train_iters = args.iterations
     cfg.train.eval_interval = args.iterations
-    cfg.train.eval_prompts = 64
+    cfg.train.eval_prompts = args.eval_prompts
     cfg.train.lr = args.lr
     cfg.train.micro_batch_size = 4
-    cfg.train.seed = args.seed
+    cfg.train.seed = seed
     cfg.rollout.rollout_batch_prompts = args.prompts
     cfg.rollout.n_samples_per_prompt = args.group_size
     cfg.rollout.rollout_dtype = "bf16"
     cfg.algo.off_policy_window = args.off_policy_window
+    cfg.algo.lookahead_scale = args.lookahead_scale
     cfg.predictor.predictor_lr_mult = args.predictor_lr_mult
     return cfg
 
 
 def warm_start(args, out_dir: str) -> str:
-    """Supervised warm-up, saved once as a Megatron checkpoint; reused by every method."""
+    """Supervised warm-up, saved once as a Megatron checkpoint; reused by every run."""
     from megatron_pr2.platform import destroy_model_parallel
     from megatron_pr2.training.components import build_components
     from megatron_pr2.training.dist_checkpoint import save_model_checkpoint
@@ -76,7 +107,7 @@ def warm_start(args, out_dir: str) -> str:
     if os.path.exists(os.path.join(path, "metadata.json")):
         logger.info("reusing warm-start checkpoint %s", path)
         return path
-    cfg = base_config(args)
+    cfg = base_config(args, args.seed)
     parts = build_components(cfg)
     try:
         sft_warmup(parts.model, parts.actor.controller, make_prompts(cfg).task,
@@ -88,112 +119,313 @@ def warm_start(args, out_dir: str) -> str:
     return path
 
 
-def run_method(args, method: str, warm: str, out_dir: str) -> str:
-    cfg = copy.deepcopy(base_config(args))
+def _fresh_process_setup(threads: int) -> None:
+    """In a worker process: a 1-process group on its own port, torch threads, logging."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    torch.set_num_threads(threads)
+    configure_logging()
+
+
+def warm_start_worker(args, out_dir: str) -> tuple[str, float]:
+    """Warm start in a fresh process; returns the checkpoint path and the CPU seconds spent."""
+    _fresh_process_setup(args.threads)
+    started = time.process_time()
+    return warm_start(args, out_dir), time.process_time() - started
+
+
+def run_method(args, method: str, seed: int, warm: str, out_dir: str):
+    """One RL run in a fresh process: (JSONL records, wall seconds, CPU seconds)."""
+    _fresh_process_setup(args.threads)
+    cfg = copy.deepcopy(base_config(args, seed))
     cfg.algo.routing_method = method
     cfg.model.load = warm
-    cfg.train.tensorboard_dir = os.path.join(out_dir, "tensorboard", method)
-    cfg.train.log_jsonl = os.path.join(out_dir, "metrics", f"{method}.jsonl")
-    started = time.perf_counter()
+    cfg.train.tensorboard_dir = os.path.join(out_dir, "tensorboard", method, f"seed{seed}")
+    cfg.train.log_jsonl = os.path.join(out_dir, "metrics", method, f"seed{seed}.jsonl")
+    started, cpu_started = time.perf_counter(), time.process_time()
     run_training(cfg.validate())
-    logger.info("%s finished in %.0f s", method, time.perf_counter() - started)
-    return cfg.train.log_jsonl
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    logger.info("%s seed %d finished in %.0f s (%.0f s CPU)", method, seed, wall, cpu)
+    return read_jsonl(cfg.train.log_jsonl), wall, cpu
 
 
-def _reduce(records: list[dict], key: str, how: str):
-    values = [r[key] for r in records if key in r]
+# ----------------------------------------------------------------------------------- stats
+def reduce_run(records: list[dict], key: str, how: str) -> float | None:
+    """One number per run: mean / median / final value of ``key`` over its iterations."""
+    values = [r[key] for r in records if key in r and math.isfinite(r[key])]
     if not values:
         return None
     if how == "final":
         return values[-1]
-    if how == "last5":
-        values = values[-5:]
+    if how == "median":
+        return statistics.median(values)
     return sum(values) / len(values)
 
 
-def summarise(results: dict[str, list[dict]], out_dir: str) -> str:
-    """Write summary.md and summary.csv; return the markdown table."""
+def per_seed(runs: dict[int, list[dict]], key: str, how: str) -> list[float] | None:
+    """The reduced value of every seed's run (None if any run lacks the metric)."""
+    values = [reduce_run(records, key, how) for _, records in sorted(runs.items())]
+    return None if any(v is None for v in values) else values
+
+
+def _layer_drift(runs: dict[int, list[dict]], name: str) -> dict[int, Interval]:
+    """Per layer: the run mean over iterations and mini-steps >= 2 of a drift metric, over seeds."""
+    by_layer: dict[int, list[float]] = {}
+    for _, records in sorted(runs.items()):
+        sums: dict[int, list[float]] = {}
+        for record in records:
+            for key, value in record.items():
+                parts = key.split("/")
+                if (len(parts) == 4 and parts[0] == "drift_layer" and parts[2] == name
+                        and parts[3] != "ministep1"):
+                    sums.setdefault(int(parts[1][len("layer_"):]), []).append(value)
+        for layer, values in sums.items():
+            by_layer.setdefault(layer, []).append(sum(values) / len(values))
+    return {layer: mean_ci(values) for layer, values in sorted(by_layer.items())}
+
+
+# ----------------------------------------------------------------------------------- tables
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_table(results) -> tuple[str, list[list]]:
     header = ["method"] + [title for title, _, _ in TABLE_COLUMNS]
+    rows, csv_rows = [], []
+    for method, runs in results.items():
+        cells, raw = [method], [method]
+        for _, key, how in TABLE_COLUMNS:
+            values = per_seed(runs, key, how)
+            interval = mean_ci(values) if values else None
+            cells.append(interval.text() if interval else "n/a")
+            raw += [interval.mean, interval.half_width] if interval else ["", ""]
+        rows.append(cells)
+        csv_rows.append(raw)
+    return _md_table(header, rows), csv_rows
+
+
+def paired_section(results) -> list[str]:
+    """Paired differences against R2 (same seeds), each with a verdict in words."""
+    if "r2" not in results:
+        return ["(no r2 run: no paired differences)"]
+    header = ["method"] + [f"{what}: method - r2" for what, *_ in PAIRED]
+    rows, words = [], []
+    for method, runs in results.items():
+        if method == "r2":
+            continue
+        cells = [method]
+        for what, key, how, transform, lower_better in PAIRED:
+            mine, base = per_seed(runs, key, how), per_seed(results["r2"], key, how)
+            if mine is None or base is None:
+                cells.append("n/a")
+                continue
+            if transform:
+                mine, base = [transform(v) for v in mine], [transform(v) for v in base]
+            diff = paired_difference(mine, base)
+            r2_mean = sum(base) / len(base)
+            relative = f" ({100 * diff.mean / r2_mean:+.0f}%)" if r2_mean else ""
+            cells.append(diff.text() + relative)
+            words.append(f"- {method} vs r2, {what}: {diff.text()}{relative} -> "
+                         f"{verdict(diff, higher_is_better=not lower_better)}")
+        rows.append(cells)
+    return [_md_table(header, rows), "", *words]
+
+
+def ratio_section(results) -> list[str]:
+    if "r3" not in results or "none" not in results:
+        return ["(needs r3 and none runs)"]
+    lines = []
+    for label, how in (("mean", "mean"), ("median", "median")):
+        r3 = per_seed(results["r3"], "mismatch/k3_kl", how)
+        none = per_seed(results["none"], "mismatch/k3_kl", how)
+        ratio = ratio_interval(r3, none) if r3 and none else None
+        if ratio is None:
+            lines.append(f"- R3 / none train/rollout k3 KL ({label}): n/a")
+            continue
+        value, low, high = ratio
+        side = ("R3 lower, distinguishable at 95%" if high < 1 else
+                "R3 higher, distinguishable at 95%" if low > 1 else "not distinguishable at 95%")
+        lines.append(f"- R3 / none train/rollout k3 KL ({label} over iterations): {value:.3f} "
+                     f"(95% CI {low:.3f} .. {high:.3f}; none/R3 = {1 / value:.2f}x): {side}")
+    return lines
+
+
+def drift_section(results) -> list[str]:
+    header = ["method"] + [f"{name} (mini-steps >= 2)" for name in DRIFT_COLUMNS]
+    rows, layer_rows = [], []
+    for method, runs in results.items():
+        cells = [method]
+        for name in DRIFT_COLUMNS:
+            values = per_seed(runs, f"drift/{name}/ministeps_ge2", "mean")
+            cells.append(mean_ci(values).text() if values else "n/a")
+        if any(c != "n/a" for c in cells[1:]):
+            rows.append(cells)
+        per_layer = _layer_drift(runs, "input_share")
+        if per_layer:
+            layer_rows.append([method] + [f"L{layer}: {iv.text(2)}"
+                                          for layer, iv in per_layer.items()])
+    lines = [_md_table(header, rows) if rows else "(no drift attribution recorded)"]
+    if layer_rows:
+        lines += ["", "Share explained by the router input, per layer (mini-steps >= 2):", ""]
+        lines += [f"- {row[0]}: " + ", ".join(row[1:]) for row in layer_rows]
+    return lines
+
+
+def costs_table(results, timings: dict) -> str:
+    header = ["method", "s / iteration", "relative to r2", "CPU s / run (process time)"]
+    base = per_seed(results["r2"], "time/iteration_s", "mean") if "r2" in results else None
     rows = []
-    for method, records in results.items():
-        cells = [_reduce(records, key, how) for _, key, how in TABLE_COLUMNS]
-        rows.append([method] + cells)
+    for method, runs in results.items():
+        values = per_seed(runs, "time/iteration_s", "mean")
+        if not values:
+            continue
+        ratio = ratio_interval(values, base) if base else None
+        cpu = [c for (m, _), (_, c) in sorted(timings.items()) if m == method]
+        rows.append([method, mean_ci(values).text(2),
+                     f"{ratio[0]:.2f}x ({ratio[1]:.2f} .. {ratio[2]:.2f})" if ratio else "n/a",
+                     mean_ci(cpu).text(1) if cpu else "n/a"])
+    return _md_table(header, rows)
+
+
+def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args,
+              timings: dict | None = None) -> str:
+    """Write summary.md, summary.csv and costs.md; return summary.md's text."""
+    table, csv_rows = main_table(results)
+    seeds = sorted(next(iter(results.values())))
+    text = "\n".join([
+        f"# Routing methods on the embedded {args.model} (CPU), seeds {seeds}",
+        "",
+        (f"Each cell: mean ± 95% t-interval over {len(seeds)} seeds of the per-run value "
+         f"({args.iterations} RL iterations, off-policy window {args.off_policy_window}, "
+         f"lr {args.lr:g}, lookahead scale {args.lookahead_scale:g})."),
+        "", table, "",
+        "## Paired differences against R2 (same seeds)", "", *paired_section(results), "",
+        "## R3 vs none: train/rollout KL ratio", "", *ratio_section(results), "",
+        "## Drift attribution (route deviation of the stale route TopK(h_old W_old^T))", "",
+        *drift_section(results), "",
+    ])
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows([[c if c is not None else "" for c in row] for row in rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        shown = [row[0]] + ["n/a" if c is None else f"{c:.4f}" for c in row[1:]]
-        lines.append("| " + " | ".join(shown) + " |")
-    table = "\n".join(lines)
-    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as handle:
-        handle.write("# none vs R2 vs R3 vs PR2 (embedded tiny Qwen3-MoE, CPU)\n\n")
-        handle.write(table + "\n")
-    return table
+        writer.writerow(["method"] + [f"{t} {part}" for t, _, _ in TABLE_COLUMNS
+                                      for part in ("mean", "ci95")])
+        writer.writerows(csv_rows)
+    with open(os.path.join(out_dir, "costs.md"), "w", encoding="utf-8") as handle:
+        handle.write("# Seconds per RL iteration (wall time; depends on machine load)\n\n"
+                     + costs_table(results, timings or {}) + "\n")
+    return text
 
 
-def plot(results: dict[str, list[dict]], out_dir: str) -> str:
+# ----------------------------------------------------------------------------------- plots
+def _band(runs: dict[int, list[dict]], key: str):
+    """Per iteration: (step, mean, low, high) over the seeds that logged ``key``."""
+    by_step: dict[int, list[float]] = {}
+    for records in runs.values():
+        for record in records:
+            if key in record and math.isfinite(record[key]):
+                by_step.setdefault(record["step"], []).append(record[key])
+    points = []
+    for step, values in sorted(by_step.items()):
+        interval = mean_ci(values)
+        half = 0.0 if math.isnan(interval.half_width) else interval.half_width
+        points.append((step, interval.mean, interval.mean - half, interval.mean + half))
+    return points
+
+
+def plot(results, out_dir: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for axis, (key, title) in zip(axes.flat, PLOTS):
-        for index, (method, records) in enumerate(results.items()):
-            points = [(r["step"], r[key]) for r in records if key in r]
-            if points:  # one colour per method in every panel, even where one has no data
-                axis.plot(*zip(*points), marker="o", markersize=3, label=method,
-                          color=f"C{index}")
+        for index, (method, runs) in enumerate(results.items()):
+            points = _band(runs, key)
+            if points:  # one colour per method in every panel
+                steps, mean, low, high = zip(*points)
+                axis.plot(steps, mean, marker="o", markersize=3, label=method, color=f"C{index}")
+                axis.fill_between(steps, low, high, alpha=0.15, color=f"C{index}")
         axis.set_title(title)
         axis.set_xlabel("RL iteration")
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7)
+    fig.suptitle("mean over seeds, band: 95% t-interval")
     fig.tight_layout()
     path = os.path.join(out_dir, "comparison.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
+# ----------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m megatron_pr2.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/cpu_compare")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    parser.add_argument("--iterations", type=int, default=24)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="RL runs per method, seeds --seed, --seed+1, ... (>= 2 for intervals)")
+    parser.add_argument("--seed", type=int, default=1234, help="first seed (and the warm-up's)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded preset or HF config")
+    parser.add_argument("--iterations", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--off-policy-window", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--eval-prompts", type=int, default=64,
+                        help="greedy evaluation prompts after the last iteration")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lookahead-scale", type=float, default=0.75)
     parser.add_argument("--predictor-lr-mult", type=float, default=1.0)
     parser.add_argument("--warmup-steps", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest for the tiny default model)")
+                        help="torch CPU threads per run (1 is fastest for the tiny default model)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at a time, each in its own process (default: 2 cores)")
     args = parser.parse_args(argv)
     if args.off_policy_window < 1:
         parser.error("--off-policy-window must be >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1 (>= 2 for confidence intervals)")
     return args
 
 
 def main(argv=None) -> int:
     configure_logging()
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    warm = warm_start(args, args.out)
-    results = {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        results[method] = read_jsonl(run_method(args, method, warm, args.out))
-    table = summarise(results, args.out)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [args.seed + i for i in range(args.seeds)]
+    results, timings = {method: {} for method in methods}, {}
+    # every run in its own process (Megatron's state is per process), --jobs at a time
+    context = torch.multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context,
+                                                max_tasks_per_child=1) as pool:
+        warm, warm_cpu = pool.submit(warm_start_worker, args, args.out).result()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context,
+                                                max_tasks_per_child=1) as pool:
+        futures = {(method, seed): pool.submit(run_method, args, method, seed, warm, args.out)
+                   for seed in seeds for method in methods}
+        for (method, seed), future in futures.items():
+            records, wall, cpu = future.result()
+            results[method][seed] = records
+            timings[(method, seed)] = (wall, cpu)
+    text = summarise(results, args.out, args, timings)
     image = plot(results, args.out)
-    print(table)
-    print(f"\nwrote {os.path.join(args.out, 'summary.md')}, summary.csv, {image}, "
+    print(text)
+    with open(os.path.join(args.out, "costs.md"), encoding="utf-8") as handle:
+        print(handle.read())
+    print(f"wrote {os.path.join(args.out, 'summary.md')}, summary.csv, costs.md, {image}, "
           f"TensorBoard logs in {os.path.join(args.out, 'tensorboard')} "
-          f"({time.perf_counter() - started:.0f} s in all)")
+          f"({time.perf_counter() - started:.0f} s in all; CPU: warm-up {warm_cpu:.0f} s, runs "
+          f"{sum(c for _, c in timings.values()):.0f} s over --jobs {args.jobs}; load average "
+          f"{os.getloadavg()[0]:.1f})")
     return 0
 
 

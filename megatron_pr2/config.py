@@ -111,22 +111,30 @@ class AlgoArgs:
     rspo_gamma_min: float = PolicyLossConfig.rspo_gamma_min
     off_policy_window: int = 4  # optimizer mini-steps per rollout batch
     normalize_advantage_std: bool = True
+    lookahead_scale: float = 0.75  # pr2-lookahead: route mini-batch m at theta_0 + c (m-1) u
+    drift_attribution_tokens: int = 128  # router-input vs router-weight drift, tokens per step
 
     def validate(self) -> None:
         _choice("routing_method", self.routing_method, tuple(ROUTING_METHODS))
         _choice("policy_loss", self.policy_loss, ("ppo_clip", "gspo"))
         _positive("off_policy_window", self.off_policy_window)
+        if self.lookahead_scale < 0:
+            raise ValueError(f"--lookahead-scale must be >= 0, got {self.lookahead_scale}")
+        if self.drift_attribution_tokens < 0:
+            raise ValueError("--drift-attribution-tokens must be >= 0 (0 turns it off)")
 
 
 @dataclasses.dataclass
 class PredictorArgs:
     """The PR2 evolution predictor."""
 
+    predictor: str = "learned"  # learned | optimizer (pr2: W_p = c (m-1) u_r, no learning)
     predictor_loss: str = "kl-post"  # kl-post | kl | l2
     predictor_lr_mult: float = 1.0
     predictor_sample_ratio: float = 1.0
 
     def validate(self) -> None:
+        _choice("predictor", self.predictor, ("learned", "optimizer"))
         _choice("predictor_loss", self.predictor_loss, ("kl-post", "kl", "l2"))
         if not 0 < self.predictor_sample_ratio <= 1:
             raise ValueError("--predictor-sample-ratio must be in (0, 1]")
@@ -230,6 +238,7 @@ class RunConfig:
         plan_batch(self, dp=1)  # what every data-parallel size needs; the loop checks its own DP
         if self.train.save_interval and not self.train.save:
             raise ValueError("--save-interval needs --save DIR")
+        routing_method(self.algo.routing_method, self.predictor.predictor)  # names bad pairs
         self._validate_rspo()
         if self.train.eval_interval and not self.task.has_eval_split:
             raise ValueError("--eval-interval with --task math needs held-out problems: "

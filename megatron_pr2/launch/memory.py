@@ -13,6 +13,7 @@ GIB = 1024**3
 # fp32 parameters, fp32 gradients and Adam's two fp32 moments with Megatron's plain optimizer: 16
 # bytes per parameter (other precisions/optimizers: training_state_bytes_per_param).
 OPTIMIZER_STATE_BYTES_PER_PARAM = 16
+MODEL_WEIGHT_BYTES = 4  # fp32 model weights (what the lookahead/current-route copies hold)
 
 
 def training_state_bytes_per_param(bf16: bool, distributed_optimizer: bool,

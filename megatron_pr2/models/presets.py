@@ -62,7 +62,13 @@ TINY_QWEN2_MOE = {
     "pad_token_id": 0,
 }
 
-PRESETS = {"tiny-qwen3-moe": TINY_QWEN3_MOE, "tiny-qwen2-moe": TINY_QWEN2_MOE}
+# The main job's model: routing shaped like a real fine-grained MoE (many small experts, top-4;
+# Qwen3-30B-A3B has 128 of 768 wide, top-8), the rest as TINY_QWEN3_MOE.
+TINY_QWEN3_MOE_FINE_GRAINED = {**TINY_QWEN3_MOE, "num_experts": 32, "num_experts_per_tok": 4,
+                               "moe_intermediate_size": 16}
+
+PRESETS = {"tiny-qwen3-moe": TINY_QWEN3_MOE, "tiny-qwen2-moe": TINY_QWEN2_MOE,
+           "tiny-qwen3-moe-fg": TINY_QWEN3_MOE_FINE_GRAINED}
 
 
 def preset(name: str, **overrides) -> dict:

@@ -19,12 +19,20 @@ class RoutingMethod:
         old_pass_mode: router mode in the old-log-prob pass (``live`` | ``record`` | ``replay``
             | ``predict``).
         replay_source: where the mini-steps' routes come from: ``None`` (route live),
-            ``"old_pass"`` (the routes recorded/predicted in the old-log-prob pass) or
-            ``"engine"`` (the rollout engine's routes, R3 transport).
+            ``"old_pass"`` (the routes recorded/predicted in the old-log-prob pass),
+            ``"engine"`` (the rollout engine's routes, R3 transport), ``"lookahead"``
+            (mini-batch ``m`` recorded at ``theta_0 + c (m-1) u``, ``u`` = Adam's next step,
+            then replayed in the old pass at ``theta_0``; :mod:`megatron_pr2.training.lookahead`)
+            or ``"current"`` (the current router's live route at each mini-step, with the old
+            log-probs recomputed at ``theta_0`` under it; :mod:`megatron_pr2.training.current_route`).
         trains_predictor: the PR2 evolution predictor is trained (and must be built, saved,
             counted in memory estimates).
         predictive_engine_gate: weight sync writes ``W_r + W_p^T`` as the engine's gate.
         summary: one line for tables and ``--help``.
+        predictor: where PR2's evolution predictor comes from: ``"learned"`` (``W_p``
+            trained by the predictor loss, as the paper defines it), ``"optimizer"`` (``W_p`` =
+            ``c (m-1) u_r``, the router weight's Adam step, per mini-batch; no learning) or
+            ``None`` (no predictor).
     """
 
     name: str
@@ -33,6 +41,7 @@ class RoutingMethod:
     trains_predictor: bool
     predictive_engine_gate: bool
     summary: str
+    predictor: str | None = None
 
     @property
     def uses_engine_routes(self) -> bool:
@@ -52,18 +61,40 @@ _TABLE = (
     RoutingMethod("r3", "replay", "engine", False, False,
                   "replay the rollout engine's routes in every trainer forward"),
     RoutingMethod("pr2", "predict", "old_pass", True, False,
-                  "route with TopK(p_old + h_old W_p), replay it; train W_p from mini-step 2"),
+                  "route with TopK(p_old + h_old W_p), replay it; train W_p from mini-step 2",
+                  "learned"),
     RoutingMethod("pr2-engine", "replay", "engine", True, True,
-                  "engine routes with the predictive gate W_r + W_p^T; replay them (R3 transport)"),
+                  "engine routes with the predictive gate W_r + W_p^T; replay them (R3 transport)",
+                  "learned"),
+    RoutingMethod("pr2-lookahead", "record", "lookahead", False, False,
+                  "route mini-batch m live at theta_0 + c(m-1)u (u = Adam's next step), "
+                  "old log-probs at theta_0 under it; replay it"),
+    RoutingMethod("current-route", "record", "current", False, False,
+                  "zero-staleness reference: each mini-step's live route, old log-probs "
+                  "recomputed at theta_0 (a frozen copy) under it; replay it"),
 )
 
 ROUTING_METHODS: dict[str, RoutingMethod] = {m.name: m for m in _TABLE}
 
 
-def routing_method(name: str) -> RoutingMethod:
-    """The table row for ``name``; a ``ValueError`` naming the choices otherwise."""
+PREDICTORS = ("learned", "optimizer")
+
+
+def routing_method(name: str, predictor: str = "learned") -> RoutingMethod:
+    """The table row for ``name`` (with ``--predictor optimizer``, PR2's no-learning variant);
+    a ``ValueError`` naming the choices otherwise."""
     try:
-        return ROUTING_METHODS[name]
+        row = ROUTING_METHODS[name]
     except KeyError:
         raise ValueError(f"unknown routing method {name!r}: choose one of "
                          f"{', '.join(ROUTING_METHODS)}") from None
+    if predictor not in PREDICTORS:
+        raise ValueError(f"--predictor must be one of {', '.join(PREDICTORS)}; got {predictor!r}")
+    if predictor == "learned":
+        return row
+    if name != "pr2":
+        raise ValueError(f"--predictor optimizer is a variant of --routing-method pr2, not {name}")
+    return dataclasses.replace(
+        row, trains_predictor=False, predictor="optimizer",
+        summary="route mini-batch m with TopK(p_old + h_old (c(m-1) u_r)^T), u_r = the router "
+                "weight's Adam step; replay it")

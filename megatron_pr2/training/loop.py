@@ -5,6 +5,7 @@ What each routing method does in each phase is read from :mod:`megatron_pr2.rout
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -27,8 +28,12 @@ from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
 from megatron_pr2.training.batch_plan import plan_batch
 from megatron_pr2.training.components import Components
+from megatron_pr2.training.current_route import CurrentRouteReplay
+from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
+from megatron_pr2.training.lookahead import lookahead_old_pass
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
+from megatron_pr2.training.optimizer_predictor import optimizer_predictor_old_pass
 from megatron_pr2.training.rollout_batch import (
     build_train_microbatches,
     needs_uniform_width,
@@ -79,10 +84,13 @@ class RLLoop:
         self.parts = parts
         self.cfg = parts.cfg
         self.source = source
-        self.method = routing_method(self.cfg.algo.routing_method)
+        self.method = routing_method(self.cfg.algo.routing_method, self.cfg.predictor.predictor)
         self.start_iteration = 0
         self.route_layout = RouteLayout.from_hf_config(parts.spec)
         self.weight_sync = self._build_weight_syncer()
+        tokens = self.cfg.algo.drift_attribution_tokens
+        self.drift_probe = (DriftProbe(parts.actor.controller.routers, parts.spec.num_layers,
+                                       tokens) if tokens and self.method.replays else None)
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -105,6 +113,8 @@ class RLLoop:
                     self._save(iteration)
         finally:
             metrics_log.close()
+            if self.drift_probe is not None:
+                self.drift_probe.close()
 
     def iteration(self, iteration: int) -> dict[str, float]:
         """One rollout batch: generate, score, old-log-prob pass, mini-steps, weight sync."""
@@ -114,18 +124,38 @@ class RLLoop:
                                      normalize_std=self.cfg.algo.normalize_advantage_std)
         microbatches = self._microbatches(samples, advantages)
         engine_plan = self._engine_plan(microbatches, samples)
-        old = self.parts.actor.logprob_pass(microbatches, self.method.old_pass_mode, engine_plan,
-                                            record_predictor_inputs=self.method.trains_predictor)
+        per_step = len(microbatches) // self.cfg.algo.off_policy_window
+        with self._drift_capture("old", [mb.microbatch_id for mb in microbatches[::per_step]]):
+            old = self._old_pass(microbatches, engine_plan)
         metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
                    old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
-        replay_plan = {None: None, "engine": engine_plan,
-                       "old_pass": old.routing.routes}[self.method.replay_source]
+        replay_plan = {None: None, "engine": engine_plan, "old_pass": old.routing.routes,
+                       "lookahead": old.routing.routes,
+                       "current": old.routing.routes}[self.method.replay_source]
         metrics.update(self._ministeps(microbatches, replay_plan))
         metrics.update({f"train/{k}": v for k, v in self.parts.actor.nonfinite.metrics().items()})
         self._sync_weights()
         return metrics
 
     # ----------------------------------------------------------------------------- phases
+    def _old_pass(self, microbatches, engine_plan):
+        actor = self.parts.actor
+        if self.method.replay_source == "lookahead":
+            return lookahead_old_pass(actor, microbatches, self.cfg.algo.off_policy_window,
+                                      self.cfg.algo.lookahead_scale)
+        if self.method.predictor == "optimizer":
+            return optimizer_predictor_old_pass(actor, microbatches,
+                                                self.cfg.algo.off_policy_window,
+                                                self.cfg.algo.lookahead_scale)
+        return actor.logprob_pass(microbatches, self.method.old_pass_mode, engine_plan,
+                                  record_predictor_inputs=self.method.trains_predictor)
+
+    def _drift_capture(self, phase: str, microbatch_ids):
+        """Sample router inputs of these micro-batches in the block (drift attribution)."""
+        if self.drift_probe is None:
+            return contextlib.nullcontext()
+        return self.drift_probe.capture(phase, microbatch_ids)
+
     def _microbatches(self, samples, advantages):
         dp_size = parallel_state.get_data_parallel_world_size()
         plan_batch(self.cfg, dp_size)
@@ -162,13 +192,20 @@ class RLLoop:
         per_step = len(microbatches) // window
         mode = "live" if replay_plan is None else "replay"
         train_predictor = self.method.trains_predictor
-        metrics, sums = {}, {}
+        metrics, sums, drift = {}, {}, []
+        current = (CurrentRouteReplay(self.parts.actor, replay_plan)
+                   if self.method.replay_source == "current" else None)
         for m in range(window):
             chunk = microbatches[m * per_step:(m + 1) * per_step]
-            plan = None if replay_plan is None else \
-                replay_plan.select([mb.microbatch_id for mb in chunk])
-            result = self.parts.actor.train_ministep(chunk, plan, mode,
-                                                     train_predictor=train_predictor and m > 0)
+            plan = (current.ministep_plan(m, chunk) if current else None
+                    if replay_plan is None else
+                    replay_plan.select([mb.microbatch_id for mb in chunk]))
+            with self._drift_capture("cur", [chunk[0].microbatch_id]):
+                result = self.parts.actor.train_ministep(chunk, plan, mode,
+                                                         train_predictor=train_predictor and m > 0)
+            if self.drift_probe is not None:
+                drift.append(self.drift_probe.reduce(
+                    self.drift_probe.ministep_counts(chunk[0].microbatch_id)))
             step_metrics = {**result.metrics, **_routing_metrics("routing", result.routing)}
             for key, value in step_metrics.items():
                 sums.setdefault(key, []).append(value)
@@ -183,6 +220,7 @@ class RLLoop:
                 sum(values) / len(values)
             if key.startswith("routing/") and len(values) > 1:
                 metrics[f"{key}/ministeps_ge2"] = sum(values[1:]) / len(values[1:])
+        metrics.update(drift_metrics(drift) if drift else {})
         return metrics
 
     def _build_weight_syncer(self):

@@ -47,7 +47,7 @@ def _run(method, tmp_path, layout=None, world=1):
     return run_distributed(_train_worker, world, method, layout or {}, str(tmp_path))[0]
 
 
-@pytest.mark.parametrize("method", ["none", "r2", "r3", "pr2", "pr2-engine"])
+@pytest.mark.parametrize("method", ["none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead", "current-route"])
 def test_each_routing_method_trains(method, tmp_path):
     records = _run(method, tmp_path)
     assert [r["step"] for r in records] == [1, 2]
@@ -60,7 +60,7 @@ def test_each_routing_method_trains(method, tmp_path):
     else:
         # mini-step 1 runs the weights that made the replayed route: R2 and PR2 with its zero
         # predictor replay exactly the current live top-k
-        if method in ("r2", "pr2"):
+        if method in ("r2", "pr2", "pr2-lookahead", "current-route"):
             assert first[ZERO_DEV_STEP1] == 1.0
         assert 0.0 < first[f"{ZERO_DEV_STEP1[:-1]}2"] <= 1.0
     if method in ("pr2", "pr2-engine"):

@@ -42,3 +42,30 @@ def test_unknown_yaml_setting_is_refused(tmp_path):
 def test_rspo_is_accepted_with_replayed_routes(method):
     cfg = parse_config(["--rspo", "--rspo-gamma-min", "0.7", "--routing-method", method])
     assert cfg.algo.rspo and cfg.algo.rspo_gamma_min == 0.7
+
+
+def test_routing_method_rows_and_the_optimizer_predictor_variant():
+    from megatron_pr2.routing.methods import routing_method
+
+    lookahead = routing_method("pr2-lookahead")
+    assert lookahead.replay_source == "lookahead" and lookahead.old_pass_mode == "record"
+    assert not lookahead.trains_predictor and lookahead.replays
+    assert routing_method("current-route").replay_source == "current"
+    optimizer = routing_method("pr2", "optimizer")
+    assert optimizer.predictor == "optimizer" and not optimizer.trains_predictor
+    assert routing_method("pr2").predictor == "learned" and routing_method("pr2").trains_predictor
+    with pytest.raises(ValueError, match="variant of --routing-method pr2, not r2"):
+        routing_method("r2", "optimizer")
+    with pytest.raises(ValueError, match="--predictor must be one of"):
+        routing_method("pr2", "linear")
+
+
+def test_lookahead_flags_are_checked():
+    from megatron_pr2.config import parse_config
+
+    cfg = parse_config(["--routing-method", "pr2-lookahead", "--lookahead-scale", "0.5"])
+    assert cfg.algo.lookahead_scale == 0.5
+    with pytest.raises(ValueError, match="--lookahead-scale must be >= 0"):
+        parse_config(["--lookahead-scale", "-1"])
+    with pytest.raises(ValueError, match="variant of --routing-method pr2"):
+        parse_config(["--routing-method", "r3", "--predictor", "optimizer"])

@@ -397,3 +397,19 @@ def test_training_state_bytes_per_param_by_precision_and_optimizer(bf16, distrib
     from megatron_pr2.launch.memory import training_state_bytes_per_param
 
     assert training_state_bytes_per_param(bf16, distributed, dp) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method, copies", [("pr2-lookahead", 1), ("current-route", 2),
+                                            ("r2", 0)])
+def test_validate_counts_the_weight_copies_of_lookahead_and_current_route(method, copies):
+    report = validate(RECIPE_ARGS + ["--routing-method", method], nnodes=2, gpus_per_node=8)
+    lines = [line for line in report.lines if "copy(ies) of the weights" in line]
+    if not copies:
+        assert not lines
+        return
+    per_gpu = next(line for line in report.lines if line.startswith("parameters per GPU"))
+    billions = float(per_gpu.split(": ")[1].split("B")[0])
+    expected = copies * billions * 1e9 * 4 / 2**30  # fp32 weights, by hand
+    (line,) = lines
+    assert f"{method}: {copies} copy(ies)" in line
+    assert float(line.split(", ")[1].split(" GiB")[0]) == pytest.approx(expected, abs=0.1)

@@ -1,0 +1,126 @@
+"""Lookahead routing (``pr2-lookahead``): route mini-batch ``m`` at ``theta_0 + c (m-1) u``.
+
+``u`` is Adam's predicted next step of every trainable parameter
+(:mod:`megatron_pr2.training.optimizer_state`), read before the old-log-prob pass. Mini-batch
+``m`` is trained at ``theta_{m-1}`` ~ ``theta_0 + (m-1) u``; a no-grad forward in record mode at
+``theta_0 + c (m-1) u`` predicts the route the router will take then. The old log-probs are
+computed at ``theta_0`` replaying those routes, so the importance ratio uses one route for both
+policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
+
+Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch, and a copy of this rank's
+parameters (kept in host memory on GPU machines), restored bit for bit after each shifted forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from megatron_pr2.routing.route_plan import RoutePlan
+from megatron_pr2.training.optimizer_state import adam_next_step, adam_param_states
+
+logger = logging.getLogger(__name__)
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy off the accelerator (pinned host memory on GPU)."""
+    if tensor.is_cuda:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        return out.copy_(tensor.detach(), non_blocking=True)
+    return tensor.detach().clone()
+
+
+class WeightLookahead:
+    """Shift this rank's parameters along Adam's next step and restore them exactly.
+
+    Each rank shifts the parameters (shards) it holds, with the optimizer state that lives with
+    them, so every TP/EP/PP/DP layout works unchanged: replicated parameters have replicated
+    state. ``u`` is recomputed per parameter when shifting (no second full-size buffer on the
+    device); the saved weights live in host memory on GPU machines.
+
+    Args:
+        optimizer: the Megatron (or torch) Adam optimizer of the model.
+    """
+
+    def __init__(self, optimizer):
+        self.states = [s for s in adam_param_states(optimizer) if s.step > 0]
+        self._saved: list[torch.Tensor] | None = None
+
+    @property
+    def has_state(self) -> bool:
+        """The optimizer has taken a step (else ``u = 0`` and lookahead is R2)."""
+        return bool(self.states)
+
+    def saved_bytes(self) -> int:
+        """Bytes of the parameter copy taken while shifted."""
+        return sum(s.model_param.numel() * s.model_param.element_size() for s in self.states)
+
+    @contextlib.contextmanager
+    def shifted(self, scale: float):
+        """Within the block the model runs at ``theta_0 + scale * u``; restored bit for bit."""
+        if self._saved is not None:
+            raise RuntimeError("WeightLookahead.shifted does not nest")
+        self._saved = [host_copy(s.model_param) for s in self.states]
+        try:
+            if scale:
+                with torch.no_grad():
+                    for state in self.states:
+                        shifted = state.main_param.detach().float() + scale * adam_next_step(state)
+                        state.model_param.copy_(shifted.to(state.model_param.dtype))
+            yield self
+        finally:
+            with torch.no_grad():
+                for state, saved in zip(self.states, self._saved):
+                    state.model_param.copy_(saved, non_blocking=False)
+            self._saved = None
+
+
+def lookahead_routes(actor, minibatches: Sequence[Sequence], scale: float) -> RoutePlan:
+    """Routes of mini-batches ``2..N``: mini-batch ``m`` recorded live at ``theta_0 + c(m-1)u``.
+
+    ``minibatches[m-1]`` lists mini-batch ``m``'s micro-batches (their ``old_logp`` are
+    overwritten by the shifted forward; the old-log-prob pass recomputes them at ``theta_0``).
+    """
+    lookahead = WeightLookahead(actor.optimizer)
+    plan = RoutePlan()
+    for m, chunk in enumerate(minibatches[1:], start=2):
+        with lookahead.shifted(scale * (m - 1) if lookahead.has_state else 0.0):
+            result = actor.logprob_pass(chunk, "record", record_predictor_inputs=False)
+        plan.routes.update(result.routing.routes.routes)
+    return plan
+
+
+def lookahead_old_pass(actor, microbatches: Sequence, window: int, scale: float):
+    """The old-log-prob pass of ``pr2-lookahead`` at ``theta_0``; returns a ``PassResult``.
+
+    Mini-batch 1 is recorded live (R2); mini-batches ``2..N`` replay their lookahead routes.
+    The result's routes cover every micro-batch (what the mini-steps replay); its metrics are
+    the micro-batch-weighted means of the two passes.
+    """
+    per_step = len(microbatches) // window
+    minibatches = [microbatches[i * per_step:(i + 1) * per_step] for i in range(window)]
+    first = actor.logprob_pass(minibatches[0], "record")
+    if window == 1:
+        return first
+    plan = lookahead_routes(actor, minibatches, scale)
+    rest = actor.logprob_pass(microbatches[per_step:], "replay", plan)
+    return merge_passes([first, rest], [1, window - 1])
+
+
+def merge_passes(results: Sequence, weights: Sequence[float]):
+    """One ``PassResult`` of passes over disjoint micro-batches: all routes, the last pass's
+    routing metrics, metrics averaged with ``weights`` (the mini-batches each pass covered)."""
+    from megatron_pr2.training.actor import PassResult
+
+    routes = RoutePlan()
+    for result in results:
+        routes.routes.update(result.routing.routes.routes)
+    routing = results[-1].routing
+    routing.routes = routes
+    total = sum(weights)
+    metrics = {key: sum(w * r.metrics[key] for r, w in zip(results, weights)) / total
+               for key in results[0].metrics}
+    return PassResult(routing, metrics)

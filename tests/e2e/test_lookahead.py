@@ -1,0 +1,43 @@
+"""pr2-lookahead end to end: with u = 0 it is R2 bit for bit; with u != 0 only later mini-steps
+change. current-route replays a route that is never stale."""
+
+import pytest
+
+from tests.e2e.test_train_methods import _run, _train_worker
+from tests.multiproc import run_distributed
+
+IGNORED_PREFIXES = ("time/", "routing/old_pass/", "drift")
+
+
+def _comparable(record):
+    return {k: v for k, v in record.items() if not k.startswith(IGNORED_PREFIXES)}
+
+
+@pytest.fixture(scope="module")
+def r2_records(tmp_path_factory):
+    return _run("r2", tmp_path_factory.mktemp("r2"))
+
+
+def test_lookahead_with_zero_step_is_r2_bit_for_bit(r2_records, tmp_path):
+    records = run_distributed(_train_worker, 1, "pr2-lookahead", {}, str(tmp_path),
+                              {"algo.lookahead_scale": 0.0})[0]
+    assert [_comparable(r) for r in records] == [_comparable(r) for r in r2_records]
+
+
+def test_lookahead_is_r2_until_adam_has_state(r2_records, tmp_path):
+    records = _run("pr2-lookahead", tmp_path)  # --lookahead-scale 0.75
+    # iteration 1: Adam has no state yet (u = 0): R2 exactly, the lookahead routes are
+    # theta_0's own live routes
+    assert _comparable(records[0]) == _comparable(r2_records[0])
+    assert records[0]["routing/old_pass/zero_deviation_ratio"] == 1.0
+    # mini-step 1 replays R2's exact route in every iteration (the routes' move under a real
+    # Adam step is checked in tests/megatron/test_lookahead_parallel.py)
+    assert records[1]["routing/zero_deviation_ratio/ministep1"] == 1.0
+
+
+def test_pr2_with_the_optimizer_predictor_trains_without_predictor_loss(tmp_path):
+    records = run_distributed(_train_worker, 1, "pr2", {}, str(tmp_path),
+                              {"predictor.predictor": "optimizer"})[0]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["routing/zero_deviation_ratio/ministep1"] == 1.0
+    assert not any("predictor_loss" in key for record in records for key in record)
