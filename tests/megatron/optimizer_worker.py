@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from megatron_pr2.convert import load_megatron_checkpoint
+from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.models import ModelOptions, build_model_chunks
 from megatron_pr2.models.moe_options import precision_overrides
 from megatron_pr2.platform import (
