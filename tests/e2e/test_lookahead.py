@@ -18,10 +18,19 @@ def r2_records(tmp_path_factory):
     return _run("r2", tmp_path_factory.mktemp("r2"))
 
 
+def _without_entropy(record):
+    return {k: v for k, v in _comparable(record).items() if k != "old/entropy"}
+
+
 def test_lookahead_with_zero_step_is_r2_bit_for_bit(r2_records, tmp_path):
     records = run_distributed(_train_worker, 1, "pr2-lookahead", {}, str(tmp_path),
                               {"algo.lookahead_scale": 0.0})[0]
-    assert [_comparable(r) for r in records] == [_comparable(r) for r in r2_records]
+    # routes, log-probs, losses, grad norms, rewards: bit for bit
+    assert [_without_entropy(r) for r in records] == [_without_entropy(r) for r in r2_records]
+    # the old pass runs as two passes (mini-batch 1, then the rest) whose entropy diagnostic is
+    # averaged back with weights: same value up to float summation order
+    for mine, r2 in zip(records, r2_records):
+        assert mine["old/entropy"] == pytest.approx(r2["old/entropy"], rel=1e-6)
 
 
 def test_lookahead_is_r2_until_adam_has_state(r2_records, tmp_path):
