@@ -428,8 +428,12 @@ class SGLangClient:
         """The weight-update endpoints of one server (:mod:`megatron_pr2.weight_sync`)."""
         from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI
 
-        return SGLangWeightAPI(address, getattr(self, "api_key", None),
-                               self.config.request_timeout)
+        return SGLangWeightAPI(address, self.api_key, self.config.request_timeout)
+
+    @property
+    def api_key(self) -> str | None:
+        """The servers' API key (weight sync sends it to every server)."""
+        return self.config.api_key
 
     # -- health --------------------------------------------------------------------------------
 

@@ -71,8 +71,9 @@ class SGLangWeightAPI:
             raise WeightUpdateError(f"SGLang server {self.base_url}: {method} {path} failed: "
                                     f"{type(exc).__name__}: {exc}") from None
         if response.status_code >= 400:
+            hint = " (wrong or missing API key?)" if response.status_code in (401, 403) else ""
             raise WeightUpdateError(f"SGLang server {self.base_url}: {method} {path}: HTTP "
-                                    f"{response.status_code}: {response.text[:500]}")
+                                    f"{response.status_code}{hint}: {response.text[:500]}")
         if not expect_json:
             return response.text
         try:
