@@ -147,7 +147,24 @@ class _SGLangSession(Transport):
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, len(self.apis)))
 
     def open(self) -> None:
-        _on_every_server(self.apis, lambda api: api.begin_weight_update(), self._pool)
+        """Begin the update on every server; if any refuses, end it again where it began (a
+        session left open blocks the next sync on that server)."""
+        opened = []
+
+        def begin(api: SGLangWeightAPI) -> None:
+            api.begin_weight_update()
+            opened.append(api)
+
+        try:
+            _on_every_server(self.apis, begin, self._pool)
+        except Exception:
+            for api in opened:
+                try:
+                    api.end_weight_update()
+                except WeightUpdateError as exc:
+                    logger.warning("could not end the update session on %s: %s",
+                                   api.base_url, exc)
+            raise
 
     def close(self, manifests: Sequence, ok: bool) -> None:
         _on_every_server(self.apis, lambda api: api.end_weight_update(), self._pool)
