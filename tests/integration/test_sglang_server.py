@@ -93,7 +93,8 @@ def test_routed_experts_start_len_returns_the_tail(client):
 def test_answer_that_breaks_the_layout_is_a_clear_error(server):
     wrong = SGLangClient([server.address], RouteLayout(4, (0, 1, 2, 3), top_k=3, num_experts=8),
                          vocab_size=64)
-    with pytest.raises(PartialRolloutError, match="routed_experts has .* bytes, expected") as info:
+    message = r"routed_experts has \d+ int32 entries \(\d+ bytes\), expected \d+ = \d+ rows x 4 layers"
+    with pytest.raises(PartialRolloutError, match=message + " x top-3") as info:
         wrong.generate(PROMPTS[:2], GREEDY)
     assert info.value.failed_indices == [0, 1]
 
