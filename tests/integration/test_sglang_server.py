@@ -18,17 +18,10 @@ from megatron_pr2.rollout.inprocess import InProcessEngine, build_hf_model
 from megatron_pr2.rollout.route_codec import RouteLayout
 from megatron_pr2.rollout.sample import SamplingParams
 from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
-from megatron_pr2.rollout.sglang_server import (
-    DEFAULT_VENV,
-    SGLangServer,
-    sglang_venv_ready,
-)
+from megatron_pr2.rollout.sglang_server import SGLangServer
+from tests.integration.sglang_venv import VENV, requires_sglang_venv
 
-VENV = os.environ.get("MEGATRON_PR2_SGLANG_VENV", DEFAULT_VENV)
-pytestmark = pytest.mark.skipif(
-    not sglang_venv_ready(VENV),
-    reason=f"SGLang venv absent at {VENV}: build it with `bash tools/sglang_env.sh` (about 4-5 min)",
-)
+pytestmark = requires_sglang_venv
 
 CFG = preset("tiny-qwen3-moe")
 MOE_LAYERS = range(CFG["num_hidden_layers"])

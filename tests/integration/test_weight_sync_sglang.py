@@ -15,7 +15,6 @@ Also on PP=2: a bf16 wire into the fp32 server, the disk transport, and the in-p
 """
 
 import hashlib
-import os
 
 import pytest
 import torch
@@ -23,18 +22,11 @@ import torch
 from megatron_pr2.models.presets import preset
 from megatron_pr2.platform import ParallelConfig
 from megatron_pr2.rollout.sample import SamplingParams
-from megatron_pr2.rollout.sglang_server import (
-    DEFAULT_VENV,
-    SGLangServer,
-    sglang_venv_ready,
-)
+from megatron_pr2.rollout.sglang_server import SGLangServer
+from tests.integration.sglang_venv import VENV, requires_sglang_venv
 from tests.multiproc import run_distributed
 
-VENV = os.environ.get("MEGATRON_PR2_SGLANG_VENV", DEFAULT_VENV)
-pytestmark = pytest.mark.skipif(
-    not sglang_venv_ready(VENV),
-    reason=f"SGLang venv absent at {VENV}: build it with `bash tools/sglang_env.sh`",
-)
+pytestmark = requires_sglang_venv
 
 CFG = preset("tiny-qwen3-moe")
 LAYOUTS = {
