@@ -46,7 +46,7 @@ def test_model_routing_and_layout_changes_are_refused_together():
 
 def test_layout_change_is_applied_when_resharding_is_intended(caplog):
     saved, current = _config(), _config(parallel__expert_model_parallel_size=2)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="megatron_pr2"):
         changes = check_resume_config(saved, current, "c", allow_resharding=True)
     assert changes == {"parallel.expert_model_parallel_size": (1, 2)}
     assert "--expert-model-parallel-size changed 1 -> 2 (applied)" in caplog.text
@@ -55,7 +55,7 @@ def test_layout_change_is_applied_when_resharding_is_intended(caplog):
 def test_safe_changes_are_logged_and_others_warned(caplog):
     saved = _config()
     current = _config(train__lr=3e-4, train__save_interval=5, rollout__temperature=0.7)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="megatron_pr2"):
         check_resume_config(saved, current, "c")
     records = {r.getMessage(): r.levelno for r in caplog.records}
     assert records["resume: --lr changed 0.0001 -> 0.0003 (applied)"] == logging.INFO
