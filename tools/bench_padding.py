@@ -35,7 +35,7 @@ def padded_fractions(samples, micro_batch_size: int, parallel: TokenParallel,
     microbatches = build_train_microbatches(samples, range(len(samples)),
                                             torch.zeros(len(samples)), micro_batch_size,
                                             parallel, pad_token_id=0, uniform_width=uniform_width)
-    return [float((mb.layout.sample_of < 0).float().mean()) for mb in microbatches]
+    return [float((mb.grid.sample_of < 0).float().mean()) for mb in microbatches]
 
 
 def _describe(name: str, fractions: list[float]) -> str:

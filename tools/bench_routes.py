@@ -6,7 +6,7 @@ into compact Samples and aligning those into a route plan (padded or packed micr
 optional sequence-parallel split).
 
     .venv/bin/python tools/bench_routes.py
-    .venv/bin/python tools/bench_routes.py --samples 64 --seq-len 2048 --layout thd --tp 2
+    .venv/bin/python tools/bench_routes.py --samples 64 --seq-len 2048 --token-format thd --tp 2
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from megatron_pr2.rollout.alignment import (
     build_route_plan,
     route_bytes,
 )
-from megatron_pr2.rollout.route_codec import RouteLayout, decode_routed_experts
+from megatron_pr2.rollout.route_codec import RouteShape, decode_routed_experts
 from megatron_pr2.rollout.sample import Sample
 
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sample (prompt + response)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--layout", choices=("bshd", "thd"), default="bshd")
+    parser.add_argument("--token-format", choices=("bshd", "thd"), default="bshd")
     parser.add_argument("--tp", type=int, default=1, help="sequence-parallel TP size (rank 0 is timed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3,
@@ -73,7 +73,7 @@ def decoder_name() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    layout = RouteLayout(args.layers, tuple(range(args.layers)), args.top_k, args.experts)
+    route_shape = RouteShape(args.layers, tuple(range(args.layers)), args.top_k, args.experts)
     rng = np.random.default_rng(args.seed)
     rows = args.seq_len - 1
     payloads = [random_wire_payload(rows, args.layers, args.top_k, args.experts, rng)
@@ -82,15 +82,15 @@ def main(argv=None) -> int:
 
     def decode():
         return [Sample(torch.zeros(args.seq_len, dtype=torch.long), prompt_length=args.seq_len // 4,
-                       routed_experts=decode_routed_experts(p, num_rows=rows, layout=layout))
+                       routed_experts=decode_routed_experts(p, num_rows=rows, route_shape=route_shape))
                 for p in payloads]
 
     parallel = TokenParallel(tp_size=args.tp, tp_rank=0, sequence_parallel=args.tp > 1)
 
     def align():
         micro_batches = build_micro_batches(samples, list(range(len(samples))),
-                                            args.micro_batch_size, args.layout, parallel)
-        return build_route_plan(micro_batches, samples, layout, parallel=parallel)
+                                            args.micro_batch_size, args.token_format, parallel)
+        return build_route_plan(micro_batches, samples, route_shape, parallel=parallel)
 
     samples, decode_s, decode_cpu = best_of(decode, args.repeats)
     plan, align_s, align_cpu = best_of(align, args.repeats)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     memory_bytes = samples[0].routed_experts.element_size() * args.layers * args.top_k
     plan_tokens = sum(r.valid.numel() for (_, layer), r in plan.routes.items() if layer == 1)
     print(f"layout: {args.layers} MoE layers, top-{args.top_k} of {args.experts} experts; "
-          f"{args.samples} samples x {args.seq_len} tokens; {args.layout}, TP/SP={args.tp}; "
+          f"{args.samples} samples x {args.seq_len} tokens; {args.token_format}, TP/SP={args.tp}; "
           f"decoder: {decoder_name()}; best of {args.repeats}")
     print(f"wire (base64 int32):      {wire_bytes:8.1f} bytes/token  (raw int32 {raw_bytes} bytes/token)")
     print(f"in memory (Sample, {samples[0].routed_experts.dtype}): {memory_bytes:8.1f} bytes/token")

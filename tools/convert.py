@@ -74,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_megatron(args) -> int:
-    from megatron_pr2.convert.layout import ParallelLayout
     from megatron_pr2.convert.pipeline import hf_to_megatron
+    from megatron_pr2.convert.sharding import TargetParallelism
 
-    layout = ParallelLayout(args.tp, args.pp, args.ep, args.etp)
+    layout = TargetParallelism(args.tp, args.pp, args.ep, args.etp)
     stats = hf_to_megatron(args.hf_dir, args.out, layout, DTYPES.get(args.dtype))
     print(f"wrote {args.out}: {stats.tensors} tensors, {stats.bytes_written / 1e9:.3f} GB in "
           f"{stats.seconds:.1f} s ({stats.gb_per_s:.2f} GB/s)")

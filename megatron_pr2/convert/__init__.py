@@ -9,6 +9,6 @@ one part never imports the others):
 * :mod:`.pipeline` ``hf_to_megatron`` / ``megatron_to_hf``: streamed whole-checkpoint conversions.
 * :mod:`.loading` ``load_megatron_checkpoint``: load a ``torch_dist`` checkpoint into model
   chunks built with any TP/PP/EP layout.
-* :mod:`.layout` ``global_megatron_name`` / ``merge_tp_shards``: turn a rank's parameters into
+* :mod:`.sharding` ``global_megatron_name`` / ``merge_tp_shards``: turn a rank's parameters into
   the single-process tensors the adapter expects (weight sync from a parallel trainer).
 """

@@ -3,7 +3,7 @@
 Megatron names are those of a single-process model's ``state_dict()`` (no TP/PP/EP: global
 layer numbers, ``local_experts.{e}`` with the global expert id), e.g.
 ``decoder.layers.3.mlp.experts.local_experts.17.linear_fc1.weight``. The distributed
-checkpoint layout (see :mod:`megatron_pr2.convert.layout`) and the trainer's weight sync
+checkpoint layout (see :mod:`megatron_pr2.convert.sharding`) and the trainer's weight sync
 both start from these names.
 """
 

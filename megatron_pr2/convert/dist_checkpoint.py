@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_pr2.convert.errors import ConversionError
-from megatron_pr2.convert.layout import DistKey, tp_chunks
+from megatron_pr2.convert.sharding import DistKey, tp_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from megatron_pr2.convert.hf_checkpoint import (
     copy_hf_assets,
     plan_shards,
 )
-from megatron_pr2.convert.layout import ParallelLayout, dist_key
 from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.rules import TensorRule
+from megatron_pr2.convert.sharding import TargetParallelism, dist_key
 from megatron_pr2.models.hf_config import load_hf_config
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _produce(ckpt: HfCheckpoint, rule: TensorRule) -> list[torch.Tensor]:
     return rule.to_megatron_blocks([ckpt.tensor(name) for name in rule.hf_names])
 
 
-def _planned_tensors(adapter: StateDictAdapter, ckpt: HfCheckpoint, layout: ParallelLayout,
+def _planned_tensors(adapter: StateDictAdapter, ckpt: HfCheckpoint, target: TargetParallelism,
                      dtype: torch.dtype | None) -> list[PlannedTensor]:
     planned = []
     for rule in adapter.rules:
@@ -122,40 +122,40 @@ def _planned_tensors(adapter: StateDictAdapter, ckpt: HfCheckpoint, layout: Para
             dtype=dtype or ckpt.dtypes[rule.hf_names[0]],
             tp_axis=rule.tp_axis,
             glu=rule.glu,
-            tp=layout.etp if rule.expert is not None else layout.tensor_model_parallel_size,
+            tp=target.etp if rule.expert is not None else target.tensor_model_parallel_size,
             produce=functools.partial(_produce, ckpt, rule),
             nbytes_in=sum(ckpt.nbytes(n) for n in rule.hf_names),
         ))
     return planned
 
 
-def hf_to_megatron(hf_dir: str, out_dir: str, layout: ParallelLayout | None = None,
+def hf_to_megatron(hf_dir: str, out_dir: str, target: TargetParallelism | None = None,
                    dtype: torch.dtype | None = None) -> ConversionStats:
     """Convert an HF safetensors checkpoint into a Megatron ``torch_dist`` checkpoint.
 
     Args:
         hf_dir: HF checkpoint directory (``config.json`` + safetensors, sharded or not).
         out_dir: new or empty output directory.
-        layout: target parallel layout: validated against the model, recorded in the metadata
+        target: the parallel layout to chunk for: validated against the model, recorded in the metadata
             and used to chunk tensors; any other layout can still load the result.
         dtype: storage dtype (default: keep the HF dtype of each tensor).
 
     Raises:
         ConversionError / UnsupportedConfigError: with the reason, before any data is written.
     """
-    layout = layout or ParallelLayout()
+    target = target or TargetParallelism()
     ckpt = HfCheckpoint(hf_dir)
     adapter = adapter_for(ckpt.config)
-    layout.validate(adapter.spec)
+    target.validate(adapter.spec)
     _check_hf_names(adapter, ckpt)
-    planned = _planned_tensors(adapter, ckpt, layout, dtype)
+    planned = _planned_tensors(adapter, ckpt, target, dtype)
     total = sum(_numel(p.shape) * p.dtype.itemsize for p in planned)
     progress = _Progress("hf-to-megatron", len(planned), total)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "architecture": adapter.architecture,
-        "parallel_layout": layout.as_dict(),
+        "parallel_layout": target.as_dict(),
         "source": os.path.abspath(hf_dir),
     }
     write_dist_checkpoint(

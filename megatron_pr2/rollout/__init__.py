@@ -12,10 +12,10 @@ from megatron_pr2.rollout.engine import (
     RolloutEngine,
     RolloutError,
 )
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 
 __all__ = [
     "EngineHealth", "EngineUnavailableError", "MalformedResponseError", "PartialRolloutError",
-    "RolloutEngine", "RolloutError", "RouteLayout", "Sample", "SampleStatus", "SamplingParams",
+    "RolloutEngine", "RolloutError", "RouteShape", "Sample", "SampleStatus", "SamplingParams",
 ]

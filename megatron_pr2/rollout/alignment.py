@@ -22,11 +22,11 @@ from typing import Literal
 
 import torch
 
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample
 from megatron_pr2.routing.route_plan import LayerRoutes, RoutePlan
 
-Layout = Literal["bshd", "thd"]
+TokenFormat = Literal["bshd", "thd"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ class MicroBatch:
     """Samples laid out for one trainer forward.
 
     Attributes:
-        layout: ``"bshd"`` (padded ``[B, S]``) or ``"thd"`` (packed ``[1, S]``).
+        token_format: ``"bshd"`` (padded ``[B, S]``) or ``"thd"`` (packed ``[1, S]``).
         tokens: ``[B, S]`` token ids (pad id where ``sample_of`` is -1).
         position_ids: ``[B, S]``; restart at 0 for each packed sequence.
         sample_of: ``[B, S]`` index into ``sample_indices`` of the token's sample, -1 for padding.
@@ -77,7 +77,7 @@ class MicroBatch:
         cu_seqlens, cu_seqlens_padded: ``[n+1]`` int32 sequence boundaries (THD only).
     """
 
-    layout: Layout
+    token_format: TokenFormat
     tokens: torch.Tensor
     position_ids: torch.Tensor
     sample_of: torch.Tensor
@@ -135,7 +135,7 @@ def _place(grid: dict, row: int, start: int, sample: Sample, slot: int) -> None:
     grid["response_mask"][row, start + sample.prompt_length:start + length] = True
 
 
-def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], layout: Layout,
+def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], token_format: TokenFormat,
                       parallel: TokenParallel = TokenParallel(), pad_token_id: int = 0) -> MicroBatch:
     """Lay out ``samples[i] for i in indices`` as one padded or packed micro-batch.
 
@@ -146,13 +146,13 @@ def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], layout:
     if not chosen:
         raise ValueError("a micro-batch needs at least one sample")
     multiple = parallel.sequence_multiple
-    if layout == "bshd":
+    if token_format == "bshd":
         width = _round_up(max(s.total_length for s in chosen), multiple)
         grid = _empty_grid(len(chosen), width, pad_token_id)
         for slot, sample in enumerate(chosen):
             _place(grid, slot, 0, sample, slot)
         return MicroBatch("bshd", sample_indices=list(indices), **grid)
-    if layout == "thd":
+    if token_format == "thd":
         lengths = [s.total_length for s in chosen]
         padded = [_round_up(n, multiple) for n in lengths]
         grid = _empty_grid(1, sum(padded), pad_token_id)
@@ -162,16 +162,16 @@ def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], layout:
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         return MicroBatch("thd", sample_indices=list(indices), cu_seqlens=cu,
                           cu_seqlens_padded=torch.tensor(starts, dtype=torch.int32), **grid)
-    raise ValueError(f"unknown micro-batch layout {layout!r} (use 'bshd' or 'thd')")
+    raise ValueError(f"unknown micro-batch token format {token_format!r} (use 'bshd' or 'thd')")
 
 
 def build_micro_batches(samples: Sequence[Sample], indices: Sequence[int], micro_batch_size: int,
-                        layout: Layout = "bshd", parallel: TokenParallel = TokenParallel(),
+                        token_format: TokenFormat = "bshd", parallel: TokenParallel = TokenParallel(),
                         pad_token_id: int = 0) -> list[MicroBatch]:
     """Consecutive groups of ``micro_batch_size`` samples (the last may be smaller)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    return [build_micro_batch(samples, indices[i:i + micro_batch_size], layout, parallel, pad_token_id)
+    return [build_micro_batch(samples, indices[i:i + micro_batch_size], token_format, parallel, pad_token_id)
             for i in range(0, len(indices), micro_batch_size)]
 
 
@@ -211,7 +211,7 @@ def router_token_index(micro_batch: MicroBatch, parallel: TokenParallel = TokenP
         ``[N_local]`` int64, in the router's own order.
     """
     batch, width = micro_batch.shape
-    if micro_batch.layout == "bshd":
+    if micro_batch.token_format == "bshd":
         positions = _sp_slice(_cp_chunks(width, parallel.cp_size, parallel.cp_rank), parallel)
         return (positions[:, None] + torch.arange(batch)[None, :] * width).reshape(-1)
     bounds = micro_batch.cu_seqlens_padded.tolist()
@@ -225,28 +225,30 @@ def router_token_index(micro_batch: MicroBatch, parallel: TokenParallel = TokenP
 # ---------------------------------------------------------------------------------------------
 
 
-def _spread_ids(rows: int, layout: RouteLayout) -> torch.Tensor:
+def _spread_ids(rows: int, route_shape: RouteShape) -> torch.Tensor:
     """Distinct, non-constant ids for rows without a route (never sent: they are routed live)."""
-    base = torch.arange(rows)[:, None] * layout.top_k + torch.arange(layout.top_k)[None, :]
-    return (base % layout.num_experts)[:, None, :].expand(rows, layout.num_moe_layers, layout.top_k)
+    base = torch.arange(rows)[:, None] * route_shape.top_k + torch.arange(route_shape.top_k)[None, :]
+    dims = (rows, route_shape.num_moe_layers, route_shape.top_k)
+    return (base % route_shape.num_experts)[:, None, :].expand(*dims)
 
 
-def _checked_routes(samples: Sequence[Sample], indices: Sequence[int], layout: RouteLayout) -> list[torch.Tensor]:
+def _checked_routes(samples: Sequence[Sample], indices: Sequence[int],
+                    route_shape: RouteShape) -> list[torch.Tensor]:
     routes = []
     for index in indices:
         experts = samples[index].routed_experts
         if experts is None:
             raise ValueError(f"sample {index} has no routed experts (R3 needs the engine's routes)")
-        if tuple(experts.shape[1:]) != (layout.num_moe_layers, layout.top_k):
+        if tuple(experts.shape[1:]) != (route_shape.num_moe_layers, route_shape.top_k):
             raise ValueError(
                 f"sample {index} routes have shape {tuple(experts.shape)}; expected "
-                f"[T-1, {layout.num_moe_layers}, {layout.top_k}]"
+                f"[T-1, {route_shape.num_moe_layers}, {route_shape.top_k}]"
             )
         routes.append(experts)
     return routes
 
 
-def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], layout: RouteLayout,
+def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], route_shape: RouteShape,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routes at grid positions: ``([N, L_moe, K] compact, [N] valid)``.
 
@@ -257,27 +259,27 @@ def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], layout: Route
     token_of = micro_batch.token_of.reshape(-1)
     if positions is not None:
         sample_of, token_of = sample_of[positions], token_of[positions]
-    per_sample = _checked_routes(samples, micro_batch.sample_indices, layout)
+    per_sample = _checked_routes(samples, micro_batch.sample_indices, route_shape)
     route_rows = torch.tensor([r.shape[0] for r in per_sample])  # T - 1 per sample
     first_row = torch.cumsum(route_rows, 0) - route_rows
     owner = sample_of.clamp(min=0)
     valid = (sample_of >= 0) & (token_of < route_rows[owner])
     source = torch.where(valid, first_row[owner] + token_of, 0)
-    table = torch.cat(per_sample).to(layout.compact_dtype)
+    table = torch.cat(per_sample).to(route_shape.compact_dtype)
     routes = table.index_select(0, source)
     missing = (~valid).nonzero().flatten()
-    routes[missing] = _spread_ids(missing.numel(), layout).to(layout.compact_dtype)
+    routes[missing] = _spread_ids(missing.numel(), route_shape).to(route_shape.compact_dtype)
     return routes, valid
 
 
-def local_moe_layer_numbers(layer_numbers: Sequence[int] | None, layout: RouteLayout) -> list[int]:
+def local_moe_layer_numbers(layer_numbers: Sequence[int] | None, route_shape: RouteShape) -> list[int]:
     """The MoE layers among a stage's global layer numbers (None = every MoE layer)."""
     if layer_numbers is None:
-        return list(layout.moe_layer_numbers)
-    bad = [n for n in layer_numbers if not 1 <= n <= layout.num_hidden_layers]
+        return list(route_shape.moe_layer_numbers)
+    bad = [n for n in layer_numbers if not 1 <= n <= route_shape.num_hidden_layers]
     if bad:
-        raise ValueError(f"layer numbers {bad} outside [1, {layout.num_hidden_layers}]")
-    return [n for n in layer_numbers if n in layout.moe_layer_numbers]
+        raise ValueError(f"layer numbers {bad} outside [1, {route_shape.num_hidden_layers}]")
+    return [n for n in layer_numbers if n in route_shape.moe_layer_numbers]
 
 
 def model_layer_numbers(model_chunks) -> list[int]:
@@ -292,23 +294,23 @@ def model_layer_numbers(model_chunks) -> list[int]:
 
 
 def build_route_plan(micro_batches: Sequence[MicroBatch], samples: Sequence[Sample],
-                     layout: RouteLayout, *, layer_numbers: Sequence[int] | None = None,
+                     route_shape: RouteShape, *, layer_numbers: Sequence[int] | None = None,
                      parallel: TokenParallel = TokenParallel(), first_microbatch_id: int = 0) -> RoutePlan:
     """The route plan of this rank: micro-batch ``i`` gets id ``first_microbatch_id + i``.
 
     Args:
         micro_batches: this rank's micro-batches, in execution order.
         samples: the list their ``sample_indices`` point into.
-        layout: the model's route layout.
+        route_shape: the model's route shape (MoE layers, top-k, experts).
         layer_numbers: global layer numbers on this pipeline stage (None: all layers).
         parallel: this rank's TP/SP/CP position.
     """
     plan = RoutePlan()
-    moe_numbers = local_moe_layer_numbers(layer_numbers, layout)
-    slot_of = {number: slot for slot, number in enumerate(layout.moe_layer_numbers)}
+    moe_numbers = local_moe_layer_numbers(layer_numbers, route_shape)
+    slot_of = {number: slot for slot, number in enumerate(route_shape.moe_layer_numbers)}
     for offset, micro_batch in enumerate(micro_batches):
         index = router_token_index(micro_batch, parallel)
-        local_routes, local_valid = route_grid(micro_batch, samples, layout, index)
+        local_routes, local_valid = route_grid(micro_batch, samples, route_shape, index)
         by_layer = _layer_major(local_routes)
         for number in moe_numbers:
             expert_ids = by_layer[slot_of[number]]  # contiguous [N, K], disjoint per layer

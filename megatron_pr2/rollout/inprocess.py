@@ -2,7 +2,7 @@
 
 Routes are recorded by forward hooks on every MoE layer's ``mlp.gate`` *during* generation (the
 prefill pass and each decode step), never by a second forward, so they are exactly the routes the
-engine used. The layout matches SGLang's: ``[T-1, L_moe, K]`` for a sequence of ``T`` tokens, row
+engine used. The route layout matches SGLang's: ``[T-1, L_moe, K]`` for a sequence of ``T`` tokens, row
 ``t`` = the route used when processing input position ``t`` (the last token is never processed);
 dense layers have no entry (see :mod:`megatron_pr2.rollout.route_codec`).
 
@@ -24,7 +24,7 @@ import torch
 
 from megatron_pr2.rollout.engine import EngineHealth
 from megatron_pr2.rollout.hf_weights import load_hf_named_tensors
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,21 +49,21 @@ class RouteRecorder:
 
     Args:
         model: a ``transformers`` Qwen-MoE causal LM.
-        layout: which layers are MoE layers, and top-k.
+        route_shape: which layers are MoE layers, and top-k.
     """
 
-    def __init__(self, model: torch.nn.Module, layout: RouteLayout):
-        self.layout = layout
+    def __init__(self, model: torch.nn.Module, route_shape: RouteShape):
+        self.route_shape = route_shape
         self._calls: dict[int, torch.Tensor] = {}
         self._handles = []
         self.active = False
         layers = model.model.layers
-        for slot, index in enumerate(layout.moe_layer_indices):
+        for slot, index in enumerate(route_shape.moe_layer_indices):
             gate = layers[index].mlp.gate
             self._handles.append(gate.register_forward_hook(self._hook(slot)))
 
     def _hook(self, slot: int):
-        top_k = self.layout.top_k
+        top_k = self.route_shape.top_k
 
         def record(_module, _inputs, output):
             if not self.active:
@@ -80,10 +80,10 @@ class RouteRecorder:
 
     def pop(self, num_rows: int) -> torch.Tensor:
         """The routes of the forward that just ran: ``[num_rows, L_moe, K]`` int64."""
-        missing = [s for s in range(self.layout.num_moe_layers) if s not in self._calls]
+        missing = [s for s in range(self.route_shape.num_moe_layers) if s not in self._calls]
         if missing:
             raise RuntimeError(f"MoE gates of layer slots {missing} did not run in the last forward")
-        routes = torch.stack([self._calls[s] for s in range(self.layout.num_moe_layers)], dim=1)
+        routes = torch.stack([self._calls[s] for s in range(self.route_shape.num_moe_layers)], dim=1)
         self._calls.clear()
         if routes.shape[0] != num_rows:
             raise RuntimeError(f"gates saw {routes.shape[0]} tokens, expected {num_rows}")
@@ -147,7 +147,7 @@ class InProcessEngine:
         from megatron_pr2.models.hf_config import load_hf_config
 
         self.hf_config = load_hf_config(hf_config)
-        self.layout = RouteLayout.from_hf_config(self.hf_config)
+        self.route_shape = RouteShape.from_hf_config(self.hf_config)
         self.model = (model if model is not None else build_hf_model(self.hf_config, dtype)).to(dtype).eval()
         self.dtype = dtype
         self.max_batch_size = max_batch_size
@@ -156,7 +156,7 @@ class InProcessEngine:
         eos = self.hf_config.get("eos_token_id")
         self.eos_token_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         self._generator = torch.Generator().manual_seed(seed)
-        self._recorder = RouteRecorder(self.model, self.layout)
+        self._recorder = RouteRecorder(self.model, self.route_shape)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> InProcessEngine:
@@ -252,7 +252,7 @@ class InProcessEngine:
         cache = DynamicCache()
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1]
-        prefill = self._recorder.pop(batch * width).view(batch, width, *self._route_shape())
+        prefill = self._recorder.pop(batch * width).view(batch, width, *self._route_dims())
         routes = [[prefill[b, width - lengths[b]:]] for b in range(batch)]
         generated: list[list[int]] = [[] for _ in range(batch)]
         log_probs: list[list[float]] = [[] for _ in range(batch)]
@@ -277,14 +277,14 @@ class InProcessEngine:
             logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
                                 position_ids=last_position[:, None], past_key_values=cache,
                                 use_cache=True).logits[:, -1]
-            step_routes = self._recorder.pop(batch).view(batch, 1, *self._route_shape())
+            step_routes = self._recorder.pop(batch).view(batch, 1, *self._route_dims())
             for b in active:
                 routes[b].append(step_routes[b])
         return [self._make_sample(prompts[b], generated[b], log_probs[b], routes[b], status[b])
                 for b in range(batch)]
 
-    def _route_shape(self) -> tuple[int, int]:
-        return self.layout.num_moe_layers, self.layout.top_k
+    def _route_dims(self) -> tuple[int, int]:
+        return self.route_shape.num_moe_layers, self.route_shape.top_k
 
     def _make_sample(self, prompt, generated, log_probs, routes, status) -> Sample:
         tokens = torch.cat([prompt, torch.tensor(generated, dtype=torch.long)])
@@ -292,7 +292,7 @@ class InProcessEngine:
             tokens=tokens,
             prompt_length=prompt.numel(),
             rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
-            routed_experts=torch.cat(routes).to(self.layout.compact_dtype),
+            routed_experts=torch.cat(routes).to(self.route_shape.compact_dtype),
             status=status,
             metadata={"engine": self.name},
         )

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class RouteLayout:
+class RouteShape:
     """Shape facts of a model's routes.
 
     Attributes:
@@ -53,7 +53,7 @@ class RouteLayout:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
     @classmethod
-    def from_hf_config(cls, hf_config) -> RouteLayout:
+    def from_hf_config(cls, hf_config) -> RouteShape:
         """Layout of a Qwen-MoE HF config (dict, path, or parsed ``QwenMoeSpec``)."""
         from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config
 
@@ -95,11 +95,11 @@ def _base64_decoder():
 _b64decode = _base64_decoder()
 
 
-def wire_layer_count(layout: RouteLayout, wire_layers: str = "all") -> int:
+def wire_layer_count(route_shape: RouteShape, wire_layers: str = "all") -> int:
     """Layers on a payload's layer axis: ``all`` (what SGLang sends) or ``moe`` (explicit option)."""
     if wire_layers not in WIRE_LAYERS:
         raise ValueError(f"wire_layers must be one of {WIRE_LAYERS}, got {wire_layers!r}")
-    return layout.num_hidden_layers if wire_layers == "all" else layout.num_moe_layers
+    return route_shape.num_hidden_layers if wire_layers == "all" else route_shape.num_moe_layers
 
 
 def decode_wire_routes(payload, num_rows: int, num_layers: int, top_k: int) -> np.ndarray:
@@ -128,21 +128,21 @@ def decode_wire_routes(payload, num_rows: int, num_layers: int, top_k: int) -> n
     return np.frombuffer(raw, dtype="<i4").reshape(num_rows, num_layers, top_k)
 
 
-def select_moe_layers(routes: np.ndarray, layout: RouteLayout, wire_layers: str = "all") -> np.ndarray:
+def select_moe_layers(routes: np.ndarray, route_shape: RouteShape, wire_layers: str = "all") -> np.ndarray:
     """Keep the MoE layers of ``[N, L_wire, K]`` routes whose layer axis is ``wire_layers``."""
-    expected = wire_layer_count(layout, wire_layers)
+    expected = wire_layer_count(route_shape, wire_layers)
     if routes.ndim != 3 or routes.shape[1] != expected:
         raise MalformedResponseError(
             f"routed_experts has {routes.shape[1] if routes.ndim == 3 else '?'} layers; expected "
             f"{expected} ({wire_layers} layers)"
         )
-    if wire_layers == "moe" or layout.num_moe_layers == layout.num_hidden_layers:
+    if wire_layers == "moe" or route_shape.num_moe_layers == route_shape.num_hidden_layers:
         return routes
-    return routes[:, list(layout.moe_layer_indices), :]
+    return routes[:, list(route_shape.moe_layer_indices), :]
 
 
-def check_routes(routes, layout: RouteLayout) -> None:
-    """Check ``[N, L_moe, K]`` routes against the layout.
+def check_routes(routes, route_shape: RouteShape) -> None:
+    """Check ``[N, L_moe, K]`` routes against the route shape.
 
     Catches ids out of ``[0, E)``, repeated ids within a token's top-k (a real top-k never
     repeats; an all-zero layer from a lost pipeline stage shows up this way), and, for top-1
@@ -152,46 +152,47 @@ def check_routes(routes, layout: RouteLayout) -> None:
         MalformedResponseError: naming the first bad layer and token.
     """
     routes = torch.as_tensor(routes).cpu()
-    _check_shape(routes, layout)
+    _check_shape(routes, route_shape)
     array = routes.numpy()
-    _check_range_array(array, layout)
-    _check_repeats_array(array, layout)
+    _check_range_array(array, route_shape)
+    _check_repeats_array(array, route_shape)
 
 
-def _check_shape(routes: torch.Tensor, layout: RouteLayout) -> None:
-    if routes.dim() != 3 or routes.shape[1:] != (layout.num_moe_layers, layout.top_k):
+def _check_shape(routes: torch.Tensor, route_shape: RouteShape) -> None:
+    if routes.dim() != 3 or routes.shape[1:] != (route_shape.num_moe_layers, route_shape.top_k):
         raise MalformedResponseError(
-            f"routes must be [N, {layout.num_moe_layers}, {layout.top_k}], got {tuple(routes.shape)}"
+            f"routes must be [N, {route_shape.num_moe_layers}, {route_shape.top_k}], "
+            f"got {tuple(routes.shape)}"
         )
     if routes.is_floating_point():
         raise MalformedResponseError(f"routes must be integers, got {routes.dtype}")
 
 
-def _numpy_compact_dtype(layout: RouteLayout) -> np.dtype:
-    return torch.empty(0, dtype=layout.compact_dtype).numpy().dtype
+def _numpy_compact_dtype(route_shape: RouteShape) -> np.dtype:
+    return torch.empty(0, dtype=route_shape.compact_dtype).numpy().dtype
 
 
-def _check_range_array(array: np.ndarray, layout: RouteLayout) -> None:
+def _check_range_array(array: np.ndarray, route_shape: RouteShape) -> None:
     """Ids in ``[0, E)``: one pass (negatives wrap to large unsigned values)."""
     if array.size == 0:
         return
     unsigned = array.view(np.dtype(f"<u{array.itemsize}")) if array.dtype.kind == "i" else array
-    if int(unsigned.max()) < layout.num_experts:
+    if int(unsigned.max()) < route_shape.num_experts:
         return  # fast path; locate the offender only on failure
     wide = array.astype(np.int64)
-    bad = (wide < 0) | (wide >= layout.num_experts)
+    bad = (wide < 0) | (wide >= route_shape.num_experts)
     token, layer, k = (int(v[0]) for v in np.nonzero(bad))
     raise MalformedResponseError(
         f"expert id {int(wide[token, layer, k])} out of range "
-        f"[0, {layout.num_experts}) at token {token}, MoE layer {layer}"
+        f"[0, {route_shape.num_experts}) at token {token}, MoE layer {layer}"
     )
 
 
-def _check_repeats_array(array: np.ndarray, layout: RouteLayout) -> None:
+def _check_repeats_array(array: np.ndarray, route_shape: RouteShape) -> None:
     """Ids already known to be in range (any integer dtype)."""
     if array.size == 0:
         return
-    if layout.top_k == 1:
+    if route_shape.top_k == 1:
         if array.shape[0] > 1:
             zero_layers = np.flatnonzero(~array.any(axis=(0, 2))).tolist()
             if zero_layers:
@@ -199,14 +200,14 @@ def _check_repeats_array(array: np.ndarray, layout: RouteLayout) -> None:
                     f"MoE layers {zero_layers} route every token to expert 0 (all-zero layers)"
                 )
         return
-    repeated = _repeated_rows(array.reshape(-1, layout.top_k))
+    repeated = _repeated_rows(array.reshape(-1, route_shape.top_k))
     if repeated is None:
         return
     token, layer = divmod(repeated, array.shape[1])
     all_zero = not array[:, layer].any()
     raise MalformedResponseError(
-        f"MoE layer {layer} (global layer {layout.moe_layer_numbers[layer]}) repeats an "
-        f"expert id within a top-{layout.top_k} at token {token}: "
+        f"MoE layer {layer} (global layer {route_shape.moe_layer_numbers[layer]}) repeats an "
+        f"expert id within a top-{route_shape.top_k} at token {token}: "
         f"{array[token, layer].tolist()}"
         + (" (the layer is all zeros: lost pipeline stage or unwritten layer?)" if all_zero else "")
     )
@@ -229,18 +230,19 @@ def compact_routes(routes, num_experts: int) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(routes)).to(compact_route_dtype(num_experts))
 
 
-def decode_routed_experts(payload, *, num_rows: int, layout: RouteLayout,
+def decode_routed_experts(payload, *, num_rows: int, route_shape: RouteShape,
                           wire_layers: str = "all") -> torch.Tensor:
     """Wire payload -> checked, compact ``[num_rows, L_moe, K]`` routes.
 
     ``num_rows`` is ``seqlen - 1 - start_len`` for the request. The payload must hold exactly
     ``num_rows x L_wire x K`` int32 entries, with ``L_wire`` all decoder layers (what SGLang
     sends) or, only when asked with ``wire_layers="moe"``, the MoE layers; any other size is
-    refused (sizes are never guessed: a cut-short payload can coincide with the other layout).
+    refused (sizes are never guessed: a cut-short payload can coincide with the other layer axis).
     """
-    wire = decode_wire_routes(payload, num_rows, wire_layer_count(layout, wire_layers), layout.top_k)
-    routes = select_moe_layers(wire, layout, wire_layers)
-    _check_range_array(routes, layout)
-    compact = np.ascontiguousarray(routes, dtype=_numpy_compact_dtype(layout))  # exact: ids < E
-    _check_repeats_array(compact, layout)
+    layers = wire_layer_count(route_shape, wire_layers)
+    wire = decode_wire_routes(payload, num_rows, layers, route_shape.top_k)
+    routes = select_moe_layers(wire, route_shape, wire_layers)
+    _check_range_array(routes, route_shape)
+    compact = np.ascontiguousarray(routes, dtype=_numpy_compact_dtype(route_shape))  # exact: ids < E
+    _check_repeats_array(compact, route_shape)
     return torch.from_numpy(compact)

@@ -34,10 +34,7 @@ from megatron_pr2.rollout.engine import (
     PartialRolloutError,
     RolloutError,
 )
-from megatron_pr2.rollout.route_codec import (
-    RouteLayout,
-    decode_routed_experts,
-)
+from megatron_pr2.rollout.route_codec import RouteShape, decode_routed_experts
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.rollout.server_pool import ServerFailure, ServerPool
 
@@ -165,7 +162,7 @@ def _status(meta: dict) -> SampleStatus:
     return _FINISH_STATUS[kind]
 
 
-def parse_generate_response(body: Any, prompt: Sequence[int], layout: RouteLayout, *,
+def parse_generate_response(body: Any, prompt: Sequence[int], route_shape: RouteShape, *,
                             vocab_size: int | None, return_logprobs: bool,
                             return_routed_experts: bool, routed_experts_start_len: int = 0) -> Sample:
     """Check one ``/generate`` answer and turn it into a :class:`Sample`.
@@ -198,7 +195,7 @@ def parse_generate_response(body: Any, prompt: Sequence[int], layout: RouteLayou
             raise MalformedResponseError(
                 "meta_info has no 'routed_experts' (start the server with --enable-return-routed-experts)"
             )
-        decoded = decode_routed_experts(meta["routed_experts"], num_rows=num_rows, layout=layout)
+        decoded = decode_routed_experts(meta["routed_experts"], num_rows=num_rows, route_shape=route_shape)
         if routed_experts_start_len:
             metadata["routed_experts_tail"] = decoded
         else:
@@ -217,20 +214,20 @@ class SGLangClient:
 
     Args:
         addresses: base URLs, e.g. ``["http://127.0.0.1:30000"]``.
-        layout: the served model's route layout (``RouteLayout.from_hf_config``).
+        route_shape: the served model's route shape (``RouteShape.from_hf_config``).
         vocab_size: token ids must be below it (None: unchecked).
         config: transport settings.
     """
 
     name = "sglang"
 
-    def __init__(self, addresses: Sequence[str], layout: RouteLayout, *,
+    def __init__(self, addresses: Sequence[str], route_shape: RouteShape, *,
                  vocab_size: int | None = None, config: SGLangClientConfig | None = None):
         if not addresses:
             raise ValueError("SGLangClient needs at least one server address")
         self.addresses = [a.rstrip("/") for a in addresses]
         self.pool = ServerPool(self.addresses)
-        self.layout = layout
+        self.route_shape = route_shape
         self.vocab_size = vocab_size
         self.config = config or SGLangClientConfig()
         self._local = threading.local()
@@ -240,7 +237,7 @@ class SGLangClient:
         from megatron_pr2.models.hf_config import parse_hf_config
 
         spec = parse_hf_config(hf_config)
-        return cls(addresses, RouteLayout.from_hf_config(spec), vocab_size=spec.vocab_size, **kwargs)
+        return cls(addresses, RouteShape.from_hf_config(spec), vocab_size=spec.vocab_size, **kwargs)
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -350,7 +347,7 @@ class SGLangClient:
 
         def check(body):
             return parse_generate_response(
-                body, prompt, self.layout, vocab_size=self.vocab_size,
+                body, prompt, self.route_shape, vocab_size=self.vocab_size,
                 return_logprobs=return_logprobs, return_routed_experts=return_routed_experts)
 
         sample, address = self._request("POST", "/generate", payload, first=index, check=check)

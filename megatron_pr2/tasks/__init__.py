@@ -8,8 +8,8 @@ from megatron_pr2.tasks.dataset import MathDataset, load_problems, split_problem
 from megatron_pr2.tasks.digits import DigitTask, DigitTaskConfig, digit_reward
 from megatron_pr2.tasks.math_reward import math_reward
 from megatron_pr2.tasks.problem import Problem
+from megatron_pr2.tasks.sft_batches import SFTBatch, answer_ids, prompt_ids, sft_batch
 from megatron_pr2.tasks.tokenizer import CharTokenizer
-from megatron_pr2.tasks.warmup import SFTBatch, answer_ids, prompt_ids, sft_batch
 
 __all__ = [
     "CharTokenizer",

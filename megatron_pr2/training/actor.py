@@ -29,7 +29,7 @@ class PassResult:
 
 
 def _shape(microbatches: Sequence[TrainMicroBatch]) -> tuple[int, int]:
-    shapes = {tuple(mb.layout.tokens.shape) for mb in microbatches}
+    shapes = {tuple(mb.grid.tokens.shape) for mb in microbatches}
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return max(shapes)  # no stage-to-stage tensors: each micro-batch keeps its own width
     if len(shapes) != 1:
@@ -149,7 +149,7 @@ class PolicyActor:
         """Per-micro-batch divisor that makes the summed loss a global mean (see module doc)."""
         count = torch.zeros((), dtype=torch.float64, device=compute_device())
         for mb in microbatches:
-            count += (len(mb.layout.sample_indices) if self.loss_config.aggregation == "seq_mean"
+            count += (len(mb.grid.sample_indices) if self.loss_config.aggregation == "seq_mean"
                       else mb.loss_mask.sum())
         group = parallel_state.get_data_parallel_group()
         torch.distributed.all_reduce(count, group=group)
@@ -166,7 +166,7 @@ class PolicyActor:
         Position ``s`` holds the routing of the token at ``s``, the one that predicts label
         ``s``; RSPO needs every MoE layer and token here (no pipeline or sequence split).
         """
-        batch, seq = mb.layout.tokens.shape
+        batch, seq = mb.grid.tokens.shape
         rows = self.controller.router_logprobs(mb.microbatch_id)
         return rows.reshape(seq, batch, *rows.shape[1:]).transpose(0, 1)
 

@@ -23,7 +23,7 @@ from megatron_pr2.rollout.alignment import (
     shard_for_dp,
 )
 from megatron_pr2.rollout.engine import RolloutError
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
 from megatron_pr2.training.batch_plan import plan_batch
@@ -86,7 +86,7 @@ class RLLoop:
         self.source = source
         self.method = routing_method(self.cfg.algo.routing_method, self.cfg.predictor.predictor)
         self.start_iteration = 0
-        self.route_layout = RouteLayout.from_hf_config(parts.spec)
+        self.route_shape = RouteShape.from_hf_config(parts.spec)
         self.weight_sync = self._build_weight_syncer()
         tokens = self.cfg.algo.drift_attribution_tokens
         self.drift_probe = (DriftProbe(parts.actor.controller.routers, parts.spec.num_layers,
@@ -169,7 +169,7 @@ class RLLoop:
     def _engine_plan(self, microbatches, samples):
         if not self.method.uses_engine_routes:
             return None
-        return build_route_plan([mb.layout for mb in microbatches], samples, self.route_layout,
+        return build_route_plan([mb.grid for mb in microbatches], samples, self.route_shape,
                                 layer_numbers=model_layer_numbers(self.parts.model),
                                 parallel=self.parts.token_parallel)
 

@@ -23,10 +23,10 @@ class TrainMicroBatch:
 
     Attributes:
         microbatch_id: stable id within the rollout batch (route plans are keyed by it).
-        layout: the padded token grid with its sample bookkeeping (host tensors).
-        tokens: ``[B, S]`` the layout's token ids, on the compute device (like every tensor
+        grid: the padded token grid with its sample bookkeeping (host tensors).
+        tokens: ``[B, S]`` the grid's token ids, on the compute device (like every tensor
             below: they feed the model and the loss).
-        position_ids: ``[B, S]`` the layout's positions.
+        position_ids: ``[B, S]`` the grid's positions.
         labels: ``[B, S]`` next tokens (pad id at the end of each row).
         loss_mask: ``[B, S]`` bool, True where the label is a response token.
         advantages: ``[B, S]`` the label's sample advantage (0 off the mask).
@@ -37,7 +37,7 @@ class TrainMicroBatch:
     """
 
     microbatch_id: int
-    layout: MicroBatch
+    grid: MicroBatch
     tokens: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
@@ -50,7 +50,7 @@ class TrainMicroBatch:
     def model_inputs(self) -> dict:
         return {"microbatch_id": self.microbatch_id, "tokens": self.tokens,
                 "positions": self.position_ids, "labels": self.labels, "batch": self,
-                "padding_mask": to_device(pad_token_mask(self.layout.sample_of))}
+                "padding_mask": to_device(pad_token_mask(self.grid.sample_of))}
 
 
 def _shift_left(grid: torch.Tensor, fill) -> torch.Tensor:
@@ -59,51 +59,51 @@ def _shift_left(grid: torch.Tensor, fill) -> torch.Tensor:
     return shifted
 
 
-def _label_rollout_logp(layout: MicroBatch, samples: Sequence[Sample],
+def _label_rollout_logp(grid: MicroBatch, samples: Sequence[Sample],
                         mask: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` the engine's log-prob of each masked position's label (0 elsewhere, and for
     samples without rollout log-probs); one gather over the micro-batch's samples."""
-    chosen = [samples[i] for i in layout.sample_indices]
+    chosen = [samples[i] for i in grid.sample_indices]
     tables = [s.rollout_log_probs.float() if s.rollout_log_probs is not None
               else torch.zeros(s.response_length) for s in chosen]
     lengths = torch.tensor([t.numel() for t in tables])
     starts = torch.cumsum(lengths, 0) - lengths - torch.tensor([s.prompt_length for s in chosen])
-    slot = _shift_left(layout.sample_of, -1)[mask]
-    label_position = _shift_left(layout.token_of, -1)[mask]
+    slot = _shift_left(grid.sample_of, -1)[mask]
+    label_position = _shift_left(grid.token_of, -1)[mask]
     out = torch.zeros(mask.shape, dtype=torch.float32)
     out[mask] = torch.cat(tables)[starts[slot] + label_position]
     return out
 
 
-def to_train_microbatch(layout: MicroBatch, samples: Sequence[Sample], advantages: torch.Tensor,
+def to_train_microbatch(grid: MicroBatch, samples: Sequence[Sample], advantages: torch.Tensor,
                         microbatch_id: int, pad_token_id: int) -> TrainMicroBatch:
     """Next-token tensors of one padded micro-batch on the compute device; ``advantages`` is
     per sample (host)."""
-    if layout.layout != "bshd":
+    if grid.token_format != "bshd":
         raise ValueError("the RL trainer uses padded (bshd) micro-batches")
-    labels = _shift_left(layout.tokens, pad_token_id)
-    loss_mask = _shift_left(layout.response_mask, False)
-    owner = _shift_left(layout.sample_of, -1).clamp(min=0)
-    index = torch.tensor(layout.sample_indices)[owner]
+    labels = _shift_left(grid.tokens, pad_token_id)
+    loss_mask = _shift_left(grid.response_mask, False)
+    owner = _shift_left(grid.sample_of, -1).clamp(min=0)
+    index = torch.tensor(grid.sample_indices)[owner]
     token_adv = torch.where(loss_mask, advantages[index], torch.zeros(()))
-    rollout_logp = _label_rollout_logp(layout, samples, loss_mask)
-    return TrainMicroBatch(microbatch_id, layout, *(to_device(t) for t in (
-        layout.tokens, layout.position_ids, labels, loss_mask, token_adv.float(), rollout_logp)))
+    rollout_logp = _label_rollout_logp(grid, samples, loss_mask)
+    return TrainMicroBatch(microbatch_id, grid, *(to_device(t) for t in (
+        grid.tokens, grid.position_ids, labels, loss_mask, token_adv.float(), rollout_logp)))
 
 
-def _pad_layout(layout: MicroBatch, width: int, pad_token_id: int) -> None:
-    extra = width - layout.tokens.shape[1]
+def _pad_grid(grid: MicroBatch, width: int, pad_token_id: int) -> None:
+    extra = width - grid.tokens.shape[1]
     if extra <= 0:
         return
 
     def pad(tensor, value):
         return torch.nn.functional.pad(tensor, (0, extra), value=value)
 
-    layout.tokens = pad(layout.tokens, pad_token_id)
-    layout.position_ids = pad(layout.position_ids, 0)
-    layout.sample_of = pad(layout.sample_of, -1)
-    layout.token_of = pad(layout.token_of, -1)
-    layout.response_mask = pad(layout.response_mask, False)
+    grid.tokens = pad(grid.tokens, pad_token_id)
+    grid.position_ids = pad(grid.position_ids, 0)
+    grid.sample_of = pad(grid.sample_of, -1)
+    grid.token_of = pad(grid.token_of, -1)
+    grid.response_mask = pad(grid.response_mask, False)
 
 
 def needs_uniform_width(config) -> bool:
@@ -129,12 +129,12 @@ def build_train_microbatches(samples: Sequence[Sample], indices: Sequence[int],
     ``uniform_width`` (see :func:`needs_uniform_width`) to the longest sample of the whole rollout
     batch, which every rank holds, so all ranks agree on it.
     """
-    layouts = build_micro_batches(samples, list(indices), micro_batch_size, "bshd", parallel,
-                                  pad_token_id)
+    grids = build_micro_batches(samples, list(indices), micro_batch_size, "bshd", parallel,
+                                pad_token_id)
     if uniform_width:
         multiple = parallel.sequence_multiple
         width = -(-max(s.total_length for s in samples) // multiple) * multiple
-        for layout in layouts:
-            _pad_layout(layout, width, pad_token_id)
-    return [to_train_microbatch(layout, samples, advantages, i, pad_token_id)
-            for i, layout in enumerate(layouts)]
+        for grid in grids:
+            _pad_grid(grid, width, pad_token_id)
+    return [to_train_microbatch(grid, samples, advantages, i, pad_token_id)
+            for i, grid in enumerate(grids)]

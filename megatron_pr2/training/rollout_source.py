@@ -3,7 +3,7 @@
 Rank 0 (the rollout driver) alone holds the engine: it generates the batch, scores each sample
 in a worker thread as soon as the engine hands it over (while the others still generate), and
 sends every rank only what its data-parallel rank trains on (its share whole, the rest as
-token-only stubs; :func:`~megatron_pr2.rollout.distributed.dp_view`). The other ranks wait on
+token-only stubs; :func:`~megatron_pr2.rollout.exchange.dp_view`). The other ranks wait on
 the gloo host group, bounded by ``--distributed-timeout-minutes``, never inside an NCCL
 collective.
 """
@@ -19,12 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.rollout.distributed import (
-    broadcast_object,
-    dp_view,
-    gather_dp_ranks,
-    scatter_object,
-)
+from megatron_pr2.rollout.exchange import broadcast_object, dp_view, gather_dp_ranks, scatter_object
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, prompt_ids
 

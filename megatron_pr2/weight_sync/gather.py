@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_pr2.convert.adapter import StateDictAdapter
-from megatron_pr2.convert.layout import merge_tp_shards
+from megatron_pr2.convert.sharding import merge_tp_shards
 from megatron_pr2.weight_sync.plan import ParallelSizes, ParamSlot, stage_slots
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from megatron_pr2.convert.adapter import PREDICTOR_SUFFIX, StateDictAdapter
 from megatron_pr2.convert.errors import ConversionError
-from megatron_pr2.convert.layout import global_megatron_name
+from megatron_pr2.convert.sharding import global_megatron_name
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = ".mlp.experts."

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.rollout.alignment import shard_for_dp
-from megatron_pr2.rollout.distributed import all_gather_samples, scatter_object
+from megatron_pr2.rollout.exchange import all_gather_samples, scatter_object
 from megatron_pr2.rollout.sample import Sample, SampleStatus
 from tests.multiproc import run_distributed
 

@@ -11,10 +11,10 @@ order (the negative control) does not.
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.convert.layout import ParallelLayout
 from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.convert.pipeline import hf_to_megatron
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
+from megatron_pr2.convert.sharding import TargetParallelism
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.pipeline_stages import stage_layer_numbers
 from megatron_pr2.models.presets import preset
@@ -26,14 +26,14 @@ from megatron_pr2.rollout.alignment import (
     local_moe_layer_numbers,
 )
 from megatron_pr2.rollout.inprocess import InProcessEngine
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import SamplingParams
 from megatron_pr2.routing.route_plan import LayerRoutes, RoutePlan
 from tests.multiproc import run_distributed
 
 CFG = preset("tiny-qwen3-moe", mlp_only_layers=[1])  # MoE layers 1, 3, 4 (global numbers)
 PROMPTS = [[5, 7, 9, 11, 13], [3, 4, 6], [8, 9, 10, 11, 12, 13, 14], [20, 21]]
-LAYOUTS = {
+ROUTE_SHAPES = {
     "tp2-sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
     "pp2": ParallelConfig(pipeline_model_parallel_size=2),
 }
@@ -70,9 +70,9 @@ def _replay(rank, ckpt_dir, samples):
     from megatron_pr2.routing.controller import RoutingController
     from megatron_pr2.routing.router import PR2Router
 
-    layout = RouteLayout.from_hf_config(CFG)
+    route_shape = RouteShape.from_hf_config(CFG)
     results = {}
-    for name, parallel in LAYOUTS.items():
+    for name, parallel in ROUTE_SHAPES.items():
         initialize_model_parallel(parallel)
         _, _, model = build_model(CFG, parallel, ModelOptions(router_class=PR2Router))
         load_megatron_checkpoint(model, ckpt_dir)
@@ -84,9 +84,9 @@ def _replay(rank, ckpt_dir, samples):
         stage = stage_layer_numbers(CFG["num_hidden_layers"], parallel.pipeline_model_parallel_size,
                                     parallel_state.get_pipeline_model_parallel_rank())
         controller = RoutingController(model)
-        assert controller.layer_numbers() == local_moe_layer_numbers(stage, layout)
+        assert controller.layer_numbers() == local_moe_layer_numbers(stage, route_shape)
         micro_batches = build_micro_batches(samples, list(range(len(samples))), 2, "bshd", token_parallel)
-        plan = build_route_plan(micro_batches, samples, layout, layer_numbers=stage,
+        plan = build_route_plan(micro_batches, samples, route_shape, layer_numbers=stage,
                                 parallel=token_parallel)
         for label, this_plan in (("aligned", plan), ("scrambled", _scrambled(plan))):
             controller.begin_step("replay", plan=this_plan)
@@ -108,7 +108,7 @@ def _replay(rank, ckpt_dir, samples):
 def test_engine_routes_replayed_in_megatron_match_its_live_routes(megatron_single_process, tmp_path):
     hf_dir, ckpt_dir = str(tmp_path / "hf"), str(tmp_path / "megatron")
     save_random_hf_checkpoint(CFG, hf_dir, seed=4)
-    hf_to_megatron(hf_dir, ckpt_dir, ParallelLayout(2, 2, 2))
+    hf_to_megatron(hf_dir, ckpt_dir, TargetParallelism(2, 2, 2))
     engine = InProcessEngine.from_pretrained(hf_dir)
     samples = engine.generate(PROMPTS, SamplingParams(max_new_tokens=5, greedy=True, ignore_eos=True))
 
@@ -116,7 +116,7 @@ def test_engine_routes_replayed_in_megatron_match_its_live_routes(megatron_singl
 
     layers_seen = {"tp2-sp": set(), "pp2": set()}
     for rank, results in enumerate(per_rank):
-        for name in LAYOUTS:
+        for name in ROUTE_SHAPES:
             aligned, scrambled = results[(name, "aligned")], results[(name, "scrambled")]
             for layer, (ratio, tokens) in aligned.items():
                 assert tokens == results[(name, "valid_rows")][layer] > 0

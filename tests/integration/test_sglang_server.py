@@ -15,7 +15,7 @@ import torch
 from megatron_pr2.models.presets import preset
 from megatron_pr2.rollout.engine import PartialRolloutError
 from megatron_pr2.rollout.inprocess import InProcessEngine, build_hf_model
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import SamplingParams
 from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
 from megatron_pr2.rollout.sglang_server import SGLangServer
@@ -78,13 +78,13 @@ def test_routed_experts_start_len_returns_the_tail(client):
     payload = build_generate_payload(PROMPTS[0], GREEDY, return_logprobs=True,
                                      return_routed_experts=True, routed_experts_start_len=3)
     body, _ = client._request("POST", "/generate", payload)
-    tail = parse_generate_response(body, PROMPTS[0], client.layout, vocab_size=64, return_logprobs=True,
+    tail = parse_generate_response(body, PROMPTS[0], client.route_shape, vocab_size=64, return_logprobs=True,
                                    return_routed_experts=True, routed_experts_start_len=3)
     assert torch.equal(tail.metadata["routed_experts_tail"], full.routed_experts[3:])
 
 
 def test_answer_that_breaks_the_layout_is_a_clear_error(server):
-    wrong = SGLangClient([server.address], RouteLayout(4, (0, 1, 2, 3), top_k=3, num_experts=8),
+    wrong = SGLangClient([server.address], RouteShape(4, (0, 1, 2, 3), top_k=3, num_experts=8),
                          vocab_size=64)
     message = r"routed_experts has \d+ int32 entries \(\d+ bytes\), expected \d+ = \d+ rows x 4 layers"
     with pytest.raises(PartialRolloutError, match=message + " x top-3") as info:

@@ -8,15 +8,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from megatron_pr2.convert.layout import (
-    ParallelLayout,
-    global_megatron_name,
-    merge_tp_shards,
-)
 from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.convert.pipeline import describe_megatron_checkpoint, hf_to_megatron
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.convert.registry import adapter_for
+from megatron_pr2.convert.sharding import TargetParallelism, global_megatron_name, merge_tp_shards
 from megatron_pr2.convert.verify import hf_forward, megatron_forward
 from megatron_pr2.models import build_model
 from megatron_pr2.models.presets import preset
@@ -105,7 +101,7 @@ def test_converted_checkpoint_loads_under_tp_ep_pp(megatron_single_process, tmp_
     for name, (cfg, _) in CONFIGS.items():
         hf_model = save_random_hf_checkpoint(cfg, str(tmp_path / name / "hf"), seed=11)
         ckpt_dir = str(tmp_path / name / "megatron")
-        hf_to_megatron(str(tmp_path / name / "hf"), ckpt_dir, ParallelLayout(2, 2, 2))
+        hf_to_megatron(str(tmp_path / name / "hf"), ckpt_dir, TargetParallelism(2, 2, 2))
         assert describe_megatron_checkpoint(ckpt_dir)["parallel_layout"][
             "tensor_model_parallel_size"] == 2
         hf_tensors = {}

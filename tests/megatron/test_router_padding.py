@@ -99,7 +99,7 @@ def test_the_actor_passes_the_padding_mask_of_its_microbatches(megatron_single_p
     actor = PolicyActor([model], None, PolicyLossConfig(), controller)
     actor.logprob_pass(microbatches, "predict")
     for mb in microbatches:
-        pad = mb.layout.sample_of < 0
+        pad = mb.grid.sample_of < 0
         batch, seq = pad.shape
         real = [s * batch + b for s in range(seq) for b in range(batch) if not pad[b, s]]
         for router in controller.routers:

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_pr2.convert.errors import ConversionError
-from megatron_pr2.convert.layout import ParallelLayout, dist_key, tp_chunks
 from megatron_pr2.convert.rules import (
     PredictiveGateRule,
     fuse_glu,
@@ -13,6 +12,7 @@ from megatron_pr2.convert.rules import (
     split_glu,
     split_qkv,
 )
+from megatron_pr2.convert.sharding import TargetParallelism, dist_key, tp_chunks
 from megatron_pr2.models import parse_hf_config
 from megatron_pr2.models.presets import preset
 
@@ -82,18 +82,18 @@ def test_routed_experts_share_one_key_with_a_prepended_expert_axis():
 
 
 @pytest.mark.parametrize("layout,message", [
-    (ParallelLayout(tensor_model_parallel_size=3), "num_attention_heads=4 is not divisible by --tp=3"),
-    (ParallelLayout(tensor_model_parallel_size=4), "num_key_value_heads=2 is not divisible by --tp=4"),
-    (ParallelLayout(pipeline_model_parallel_size=3), "num_hidden_layers=4 is not divisible by --pp=3"),
-    (ParallelLayout(expert_model_parallel_size=3), "num_experts=8 is not divisible by --ep=3"),
-    (ParallelLayout(expert_tensor_parallel_size=3), "moe_intermediate_size=32 is not divisible"),
-    (ParallelLayout(tensor_model_parallel_size=0), "--tp must be >= 1"),
+    (TargetParallelism(tensor_model_parallel_size=3), "num_attention_heads=4 is not divisible by --tp=3"),
+    (TargetParallelism(tensor_model_parallel_size=4), "num_key_value_heads=2 is not divisible by --tp=4"),
+    (TargetParallelism(pipeline_model_parallel_size=3), "num_hidden_layers=4 is not divisible by --pp=3"),
+    (TargetParallelism(expert_model_parallel_size=3), "num_experts=8 is not divisible by --ep=3"),
+    (TargetParallelism(expert_tensor_parallel_size=3), "moe_intermediate_size=32 is not divisible"),
+    (TargetParallelism(tensor_model_parallel_size=0), "--tp must be >= 1"),
 ])
 def test_layout_that_does_not_divide_the_model_is_refused(layout, message):
     spec = parse_hf_config(preset("tiny-qwen3-moe"))
     with pytest.raises(ConversionError, match=message.replace("+", r"\+")):
         layout.validate(spec)
-    ParallelLayout(2, 2, 4).validate(spec)   # a layout that divides passes
+    TargetParallelism(2, 2, 4).validate(spec)   # a layout that divides passes
 
 
 def test_predictive_gate_adds_predictor_to_router_and_checks_shape():
@@ -108,7 +108,7 @@ def test_predictive_gate_adds_predictor_to_router_and_checks_shape():
 
 
 def test_merging_tp_shards_inverts_what_each_rank_holds():
-    from megatron_pr2.convert.layout import merge_tp_shards
+    from megatron_pr2.convert.sharding import merge_tp_shards
 
     gen = torch.Generator().manual_seed(2)
     gate, up = torch.randn(8, 3, generator=gen), torch.randn(8, 3, generator=gen)
@@ -119,7 +119,7 @@ def test_merging_tp_shards_inverts_what_each_rank_holds():
 
 
 def test_rank_local_names_map_to_single_process_names():
-    from megatron_pr2.convert.layout import global_megatron_name
+    from megatron_pr2.convert.sharding import global_megatron_name
 
     assert global_megatron_name(
         "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight", 2, 4

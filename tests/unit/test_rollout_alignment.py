@@ -20,11 +20,11 @@ from megatron_pr2.rollout.alignment import (
     router_token_index,
     shard_for_dp,
 )
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample
 
 E, K = 256, 3
-LAYOUT = RouteLayout(num_hidden_layers=4, moe_layer_indices=(0, 1, 3), top_k=K, num_experts=E)
+ROUTE_SHAPE = RouteShape(num_hidden_layers=4, moe_layer_indices=(0, 1, 3), top_k=K, num_experts=E)
 
 
 def known_route(sample, t, slot):
@@ -74,14 +74,14 @@ def test_padded_batch_rows_are_sequence_first_and_sp_sliced(tp):
         mb = build_micro_batch(samples, [0, 1, 2], "bshd", par)
         batch, width = mb.shape
         assert batch == 3 and width == 8  # longest sample, already a multiple of TP
-        plan = build_route_plan([mb], samples, LAYOUT, parallel=par)
+        plan = build_route_plan([mb], samples, ROUTE_SHAPE, parallel=par)
         local = width // tp
         expected = []
         for row in range(local * batch):  # router row = s_local * B + b
             s = tp_rank * local + row // batch
             b = row % batch
             expected.append((b, s, LENGTHS[b]) if s < LENGTHS[b] else (None, s, 0))
-        for slot, number in enumerate(LAYOUT.moe_layer_numbers):
+        for slot, number in enumerate(ROUTE_SHAPE.moe_layer_numbers):
             check_layer(plan.get(0, number), expected, slot)
 
 
@@ -121,8 +121,8 @@ def test_padded_batch_with_context_parallel_matches_megatron_split(tp, monkeypat
             for index in rows.tolist():
                 b, s = divmod(index, width)
                 expected.append((b, s, LENGTHS[b]) if s < LENGTHS[b] else (None, s, 0))
-            plan = build_route_plan([mb], samples, LAYOUT, parallel=par)
-            for slot, number in enumerate(LAYOUT.moe_layer_numbers):
+            plan = build_route_plan([mb], samples, ROUTE_SHAPE, parallel=par)
+            for slot, number in enumerate(ROUTE_SHAPE.moe_layer_numbers):
                 check_layer(plan.get(0, number), expected, slot)
 
 
@@ -153,8 +153,8 @@ def test_packed_batch_rows(tp, cp):
             assert mb.cu_seqlens.tolist() == [0, 5, 13, 16]
             assert mb.cu_seqlens_padded.tolist() == [0, padded[0], padded[0] + padded[1], sum(padded)]
             expected = thd_reference_rows(LENGTHS, multiple, cp, cp_rank, tp, tp_rank)
-            plan = build_route_plan([mb], samples, LAYOUT, parallel=par)
-            for slot, number in enumerate(LAYOUT.moe_layer_numbers):
+            plan = build_route_plan([mb], samples, ROUTE_SHAPE, parallel=par)
+            for slot, number in enumerate(ROUTE_SHAPE.moe_layer_numbers):
                 check_layer(plan.get(0, number), expected, slot)
 
 
@@ -171,7 +171,7 @@ def test_pipeline_stage_gets_only_its_moe_layers():
     mbs = build_micro_batches(samples, [0, 1, 2], micro_batch_size=2)
     stage = stage_layer_numbers(4, pp_size=2, pp_rank=1)
     assert stage == [3, 4]
-    plan = build_route_plan(mbs, samples, LAYOUT, layer_numbers=stage, first_microbatch_id=10)
+    plan = build_route_plan(mbs, samples, ROUTE_SHAPE, layer_numbers=stage, first_microbatch_id=10)
     assert plan.layer_numbers() == [4] and plan.microbatch_ids() == [10, 11]
     mb1 = mbs[1]  # one sample (index 2), rows = positions
     expected = [(2, s, LENGTHS[2]) for s in range(mb1.shape[1])]
@@ -198,7 +198,7 @@ def test_stage_layer_numbers_match_megatron_offsets():
 
 def test_layer_numbers_outside_the_model_are_rejected():
     with pytest.raises(ValueError, match=r"layer numbers \[5\] outside \[1, 4\]"):
-        local_moe_layer_numbers([4, 5], LAYOUT)
+        local_moe_layer_numbers([4, 5], ROUTE_SHAPE)
 
 
 def test_dp_shards_are_contiguous_and_even():
@@ -212,10 +212,10 @@ def test_samples_without_routes_or_with_wrong_shape_are_rejected():
     samples[1].routed_experts = None
     mb = build_micro_batch(samples, [0, 1], "bshd")
     with pytest.raises(ValueError, match="sample 1 has no routed experts"):
-        build_route_plan([mb], samples, LAYOUT)
+        build_route_plan([mb], samples, ROUTE_SHAPE)
     samples[1].routed_experts = torch.zeros(3, 2, K, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"expected \[T-1, 3, 3\]"):
-        build_route_plan([mb], samples, LAYOUT)
+        build_route_plan([mb], samples, ROUTE_SHAPE)
 
 
 def test_router_index_covers_each_grid_position_once_across_ranks():
@@ -229,6 +229,6 @@ def test_router_index_covers_each_grid_position_once_across_ranks():
     assert sorted(torch.cat(seen).tolist()) == list(range(mb.tokens.numel()))
 
 
-def test_unknown_layout_is_rejected():
-    with pytest.raises(ValueError, match="unknown micro-batch layout 'sbhd'"):
+def test_unknown_token_format_is_rejected():
+    with pytest.raises(ValueError, match="unknown micro-batch token format 'sbhd'"):
         build_micro_batch(make_samples([3]), [0], "sbhd")

@@ -20,7 +20,7 @@ from megatron_pr2.rollout.engine import (
     PartialRolloutError,
     RolloutError,
 )
-from megatron_pr2.rollout.route_codec import RouteLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import SampleStatus, SamplingParams
 from megatron_pr2.rollout.sglang_client import (
     SGLangClient,
@@ -30,7 +30,8 @@ from megatron_pr2.rollout.sglang_client import (
 
 VOCAB, LAYERS, TOP_K, EXPERTS = 64, 4, 2, 8
 # The served model has a dense layer 1: SGLang still sends 4 layers, layer 1 all zero.
-LAYOUT = RouteLayout(num_hidden_layers=LAYERS, moe_layer_indices=(0, 2, 3), top_k=TOP_K, num_experts=EXPERTS)
+ROUTE_SHAPE = RouteShape(num_hidden_layers=LAYERS, moe_layer_indices=(0, 2, 3), top_k=TOP_K,
+                         num_experts=EXPERTS)
 FAST = SGLangClientConfig(connect_timeout=1.0, request_timeout=5.0, max_attempts=2, backoff=0.01,
                           max_concurrency=1)
 
@@ -131,7 +132,7 @@ def closed_address():
 
 def client(addresses, **config):
     cfg = SGLangClientConfig(**{**FAST.__dict__, **config})
-    return SGLangClient(addresses, LAYOUT, vocab_size=VOCAB, config=cfg)
+    return SGLangClient(addresses, ROUTE_SHAPE, vocab_size=VOCAB, config=cfg)
 
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]

@@ -1,0 +1,62 @@
+"""Move samples (with their compact routes) between ranks over a host (gloo) group.
+
+Routes travel in their compact dtype (uint8 for E <= 256) inside the pickled samples. The
+rollout driver (rank 0) sends each rank only what its data-parallel rank trains on
+(:func:`dp_view`, cut by :func:`megatron_pr2.rollout.alignment.shard_for_dp`); the other ranks
+wait on the host group, whose timeout (``--distributed-timeout-minutes``) bounds the wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_pr2.rollout.alignment import shard_for_dp
+from megatron_pr2.rollout.sample import Sample
+
+
+def all_gather_samples(local: Sequence[Sample], group=None) -> list[Sample]:
+    """Every rank's samples, concatenated in rank order, on every rank of ``group``."""
+    gathered: list[list[Sample] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(local), group=group)
+    return [sample for part in gathered for sample in part]
+
+
+def token_stub(sample: Sample) -> Sample:
+    """``sample`` without its routes and log-probs (tokens, reward, status and plain metadata):
+    enough for batch-wide facts (group rewards, the padded width), ~2% of the routed bytes."""
+    metadata = {k: v for k, v in sample.metadata.items() if not isinstance(v, torch.Tensor)}
+    return Sample(tokens=sample.tokens, prompt_length=sample.prompt_length, reward=sample.reward,
+                  status=sample.status, metadata={**metadata, "dp_remote": True})
+
+
+def dp_view(samples: Sequence[Sample], dp_size: int, dp_rank: int) -> list[Sample]:
+    """The batch as data-parallel rank ``dp_rank`` needs it: its share (``shard_for_dp``) whole,
+    every other sample as a :func:`token_stub` (no routes, no log-probs)."""
+    share = set(shard_for_dp(len(samples), dp_size, dp_rank))
+    return [s if i in share else token_stub(s) for i, s in enumerate(samples)]
+
+
+def scatter_object(per_rank: Sequence[Any] | None, src: int = 0, group=None) -> Any:
+    """Entry ``r`` of ``per_rank`` (given on ``src`` only; others pass None) on rank ``r``."""
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, list(per_rank) if dist.get_rank() == src else None, src=src,
+                             group=group)
+    return box[0]
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """``obj`` of rank ``src`` on every rank of ``group`` (others pass anything)."""
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def gather_dp_ranks(dp_size: int, dp_rank: int, group=None) -> list[tuple[int, int]]:
+    """``(dp_size, dp_rank)`` of every rank of ``group``, in rank order, on every rank."""
+    gathered: list[tuple[int, int] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (dp_size, dp_rank), group=group)
+    return gathered
