@@ -13,7 +13,9 @@ import os
 import sys
 
 from megatron_pr2.config import RunConfig, parse_config
+from megatron_pr2.launch.checks import check_model_settings
 from megatron_pr2.launch.inputs import InputError, check_inputs
+from megatron_pr2.launch.problems import ValidationError
 from megatron_pr2.platform import destroy_model_parallel
 from megatron_pr2.training.checkpointing import CheckpointError
 from megatron_pr2.training.nonfinite import NonFiniteError
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         check_inputs(cfg)
-    except InputError as err:
+        check_model_settings(cfg)
+    except (InputError, ValidationError) as err:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2

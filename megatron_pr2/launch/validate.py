@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from megatron_pr2.config import RunConfig
 from megatron_pr2.launch.checks import (
-    config_problems,
+    model_setting_problems,
     package_problems,
     runtime_problems,
 )
@@ -202,8 +202,9 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
     world = nnodes * gpus_per_node
     layout = Placement.of(cfg.parallel, world)
     world_problems = placement_problems(cfg.parallel, world)
-    problems = [*world_problems, *model_division_problems(spec, layout),
-                *config_problems(cfg, spec, layout), *package_problems(cfg)]
+    problems = [*world_problems,
+                *model_division_problems(spec, layout, fp8=bool(cfg.model.fp8_format)),
+                *model_setting_problems(cfg, spec), *package_problems(cfg)]
     batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
     if cfg.rollout.rollout_engine == "sglang":
         collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)

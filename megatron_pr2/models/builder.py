@@ -23,6 +23,7 @@ from megatron_pr2.models.hf_config import (
 from megatron_pr2.models.moe_options import check_routes_reach_experts
 from megatron_pr2.models.spec import decoder_block_spec
 from megatron_pr2.platform.device import module_to_device
+from megatron_pr2.platform.distributed import ParallelConfig
 from megatron_pr2.platform.strict_device import guard_model_inputs
 
 
@@ -53,8 +54,8 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
     """
     options = options or ModelOptions()
     spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
+    _check_divisibility(spec, parallel or ParallelConfig(), bool(options.config_overrides.get("fp8")))
     config = to_transformer_config(spec, parallel, **options.config_overrides)
-    _check_divisibility(spec, config)
     check_routes_reach_experts(config)
     vpp = config.virtual_pipeline_model_parallel_size or 1
     groups = options.pg_collection or ProcessGroupCollection.use_mpu_process_groups()
@@ -95,10 +96,11 @@ def build_model(hf_config, parallel=None, options: ModelOptions | None = None):
     return spec, config, chunks[0]
 
 
-def _check_divisibility(spec: QwenMoeSpec, config) -> None:
+def _check_divisibility(spec: QwenMoeSpec, parallel: ParallelConfig, fp8: bool) -> None:
+    """Before ``TransformerConfig`` exists (its own FP8 checks need TransformerEngine)."""
     problems = division_problems(
-        spec, tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
-        ep=config.expert_model_parallel_size, etp=config.expert_tensor_parallel_size,
-        vpp=config.virtual_pipeline_model_parallel_size or 1)
+        spec, tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
+        ep=parallel.expert_model_parallel_size, etp=parallel.expert_tensor_parallel_size,
+        vpp=parallel.virtual_pipeline_model_parallel_size or 1, fp8=fp8)
     if problems:
         raise ValueError("; ".join(problems))
