@@ -105,7 +105,8 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
 
 def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,
                 gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
-    with_predictor = routing_method(cfg.algo.routing_method).trains_predictor
+    method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
+    with_predictor = method.builds_predictor
     params = estimate_params(spec, layout, with_predictor)
     states, per_param = _training_state_gib(cfg, params, layout)
     predictor = (f" incl. {params.predictor_per_gpu / 1e6:.1f}M PR2 predictor"
@@ -126,7 +127,7 @@ def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: 
     if states > 0.75 * gpu_memory_gib:
         report.notes.append("weights+grads+Adam use over 75% of GPU memory: little room is left "
                             "for activations")
-    if with_predictor:
+    if method.trains_predictor:
         host = predictor_host_gib_per_gpu(spec, layout, batch, cfg, prompt_tokens)
         report.lines.append(
             f"PR2 recorded predictor inputs: <= {host:.1f} GiB pinned host memory per GPU, "

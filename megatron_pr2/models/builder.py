@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel.utils import (
@@ -31,7 +32,8 @@ from megatron_pr2.platform.strict_device import guard_model_inputs
 class ModelOptions:
     """How to build the model, beyond what the HF config fixes."""
 
-    router_class: type = TopKRouter
+    # the router class, or a callable that builds one like it (functools.partial of a class)
+    router_class: Callable = TopKRouter
     use_transformer_engine: bool = False
     config_overrides: dict = dataclasses.field(default_factory=dict)
     # Megatron's process groups for the model; None: those initialize_model_parallel set up.

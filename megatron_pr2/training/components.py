@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -20,6 +21,7 @@ from megatron_pr2.platform import initialize_model_parallel
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.routing.controller import RoutingController
+from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.routing.predictor import PredictorConfig, predictor_optimizer_overrides
 from megatron_pr2.routing.router import PR2Router
 from megatron_pr2.training.actor import PolicyActor
@@ -62,7 +64,9 @@ def _model_options(cfg: RunConfig) -> ModelOptions:
             overrides["recompute_modules"] = ["moe"]
     overrides.update(precision_overrides(cfg.train.bf16))
     overrides.update(moe_overrides(cfg.model, cfg.parallel))
-    return ModelOptions(router_class=PR2Router,
+    method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
+    router = functools.partial(PR2Router, use_predictor=method.builds_predictor)
+    return ModelOptions(router_class=router,
                         use_transformer_engine=cfg.model.transformer_impl == "transformer_engine",
                         config_overrides=overrides)
 
