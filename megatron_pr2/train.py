@@ -50,9 +50,10 @@ def run_training(cfg: RunConfig) -> None:
                     raise ValueError("--warmup-sft-steps is for the embedded digit task")
                 sft_warmup(parts.model, parts.actor.controller, prompts.task,
                            cfg.train.warmup_sft_steps, cfg.train.warmup_sft_lr,
-                           max_consecutive_skips=cfg.train.max_consecutive_skips)
+                           max_consecutive_skips=cfg.train.max_consecutive_skips,
+                           groups=parts.groups)
             source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
-                                   dp=data_parallel_coordinates())
+                                   dp=data_parallel_coordinates(parts.groups))
             RLLoop(parts, source).run()
         finally:
             parts.actor.controller.close()

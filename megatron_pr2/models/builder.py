@@ -24,7 +24,7 @@ from megatron_pr2.models.hf_config import (
 from megatron_pr2.models.moe_options import check_routes_reach_experts
 from megatron_pr2.models.spec import decoder_block_spec
 from megatron_pr2.platform.device import module_to_device
-from megatron_pr2.platform.distributed import ParallelConfig
+from megatron_pr2.platform.distributed import ParallelConfig, process_groups
 from megatron_pr2.platform.strict_device import guard_model_inputs
 
 
@@ -60,7 +60,7 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
     config = to_transformer_config(spec, parallel, **options.config_overrides)
     check_routes_reach_experts(config)
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    groups = options.pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+    groups = process_groups(options.pg_collection)
     pp_rank = groups.pp.rank()
     chunks = []
     for vp_stage in range(vpp):

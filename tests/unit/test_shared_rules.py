@@ -82,14 +82,25 @@ def test_fp8_gemm_sizes_refused_alike():
     validate([*argv, "--expert-tensor-parallel-size", "2"], nnodes=1, gpus_per_node=4)  # 16: fits
 
 
-def test_data_parallel_batch_split_refused_alike(monkeypatch):
-    from megatron_pr2.training import loop as loop_module
+class _DataParallelGroup:
+    """Stands in for a data-parallel process group of two ranks (this one rank 0)."""
+
+    def size(self) -> int:
+        return 2
+
+    def rank(self) -> int:
+        return 0
+
+
+def test_data_parallel_batch_split_refused_alike():
+    from types import SimpleNamespace
+
+    from megatron_pr2.training.loop import RLLoop
 
     argv = [*SMALL, "--rollout-batch-prompts", "2"]  # 4 samples: 2 x 2 at DP 1, not at DP 2
-    loop = object.__new__(loop_module.RLLoop)
+    loop = object.__new__(RLLoop)
     loop.cfg = parse_config(argv)
-    monkeypatch.setattr(loop_module.parallel_state, "get_data_parallel_world_size", lambda: 2)
-    monkeypatch.setattr(loop_module.parallel_state, "get_data_parallel_rank", lambda: 0)
+    loop.parts = SimpleNamespace(groups=SimpleNamespace(dp=_DataParallelGroup()))
     with pytest.raises(ValueError) as err:
         loop._microbatches(samples=[None] * 4, advantages=None)
     assert "= 2 x 2 x 2 = 8" in str(err.value)
