@@ -107,22 +107,19 @@ class StageGatherer:
         if not pos.dense_member:
             return []
         if slot.tp_axis is not None and pos.sizes.tp > 1:
-            shards = _gather_to_first(tensor, self.groups.tp, pos.tp_rank, pos.sizes.tp)
-            if shards is None:
-                return []
-            tensor = merge_tp_shards(shards, slot.tp_axis, slot.glu)
-        return [(slot.global_name, tensor)]
+            tensor = _merged_shards(tensor, slot, self.groups.tp, pos.tp_rank, pos.sizes.tp)
+        return [(slot.global_name, tensor)] if tensor is not None else []
 
     def _expert(self, slot: ParamSlot, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         pos = self.position
         if not pos.expert_member:
             return []
         if slot.tp_axis is not None and pos.sizes.etp > 1:
-            shards = _gather_to_first(tensor, self.groups.expt_tp, pos.etp_rank, pos.sizes.etp)
-            if shards is None:
-                return []
-            tensor = merge_tp_shards(shards, slot.tp_axis, slot.glu)
+            tensor = _merged_shards(tensor, slot, self.groups.expt_tp, pos.etp_rank,
+                                    pos.sizes.etp)
         elif pos.etp_rank != 0:
+            return []
+        if tensor is None:
             return []
         if pos.sizes.ep == 1:
             return [(slot.global_name, tensor)]
@@ -137,6 +134,13 @@ class StageGatherer:
         return _LOCAL_EXPERT.sub(
             lambda m: f".local_experts.{int(m.group(1)) - mine + ep_rank * self.local_experts}.",
             name)
+
+
+def _merged_shards(tensor: torch.Tensor, slot: ParamSlot, group, rank: int,
+                   size: int) -> torch.Tensor | None:
+    """The whole parameter from its tensor-parallel shards, on group rank 0 (None elsewhere)."""
+    shards = _gather_to_first(tensor, group, rank, size)
+    return None if shards is None else merge_tp_shards(shards, slot.tp_axis, slot.glu)
 
 
 def _gather_to_first(tensor: torch.Tensor, group, rank: int, size: int) -> list | None:
