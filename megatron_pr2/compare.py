@@ -111,7 +111,7 @@ def warm_start(args, out_dir: str) -> str:
     parts = build_components(cfg)
     try:
         sft_warmup(parts.model, parts.actor.controller, make_prompts(cfg).task,
-                   args.warmup_steps, cfg.train.warmup_sft_lr)
+                   args.warmup_steps, cfg.train.warmup_sft_lr, groups=parts.groups)
         save_model_checkpoint([c.module for c in parts.model], path)
     finally:
         parts.actor.controller.close()

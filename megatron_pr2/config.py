@@ -44,6 +44,8 @@ class ModelArgs:
                 (None, "allgather", "alltoall"))
         _choice("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
         _choice("device", self.device, (None, "cpu", "cuda"))
+        if self.transformer_impl == "transformer_engine" and self.device == "cpu":
+            raise ValueError("--transformer-impl transformer_engine cannot run with --device cpu")
         if self.fp8_format and self.transformer_impl != "transformer_engine":
             raise ValueError("--fp8-format needs --transformer-impl transformer_engine")
         if self.strict_device and self.device == "cuda":

@@ -13,7 +13,9 @@ import os
 import sys
 
 from megatron_pr2.config import RunConfig, parse_config
+from megatron_pr2.launch.checks import check_model_settings
 from megatron_pr2.launch.inputs import InputError, check_inputs
+from megatron_pr2.launch.problems import ValidationError
 from megatron_pr2.platform import destroy_model_parallel
 from megatron_pr2.training.checkpointing import CheckpointError
 from megatron_pr2.training.nonfinite import NonFiniteError
@@ -48,9 +50,10 @@ def run_training(cfg: RunConfig) -> None:
                     raise ValueError("--warmup-sft-steps is for the embedded digit task")
                 sft_warmup(parts.model, parts.actor.controller, prompts.task,
                            cfg.train.warmup_sft_steps, cfg.train.warmup_sft_lr,
-                           max_consecutive_skips=cfg.train.max_consecutive_skips)
+                           max_consecutive_skips=cfg.train.max_consecutive_skips,
+                           groups=parts.groups)
             source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
-                                   dp=data_parallel_coordinates())
+                                   dp=data_parallel_coordinates(parts.groups))
             RLLoop(parts, source).run()
         finally:
             parts.actor.controller.close()
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         check_inputs(cfg)
-    except InputError as err:
+        check_model_settings(cfg)
+    except (InputError, ValidationError) as err:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2

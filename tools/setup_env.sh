@@ -5,24 +5,14 @@
 #   VENV=path   where to put it (default: .venv in the repository)
 #   SGLANG_VENV=path  where to put SGLang's (default: .venv-sglang in the repository)
 #   TORCH_SPEC  what torch to install when none is present (default: torch==2.13.0, the CPU wheel)
+#   PYTHON      interpreter for the venv (default: python3.11)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv}"
-torch_spec="${TORCH_SPEC:-torch==2.13.0}"
-python_bin="${PYTHON:-python3.11}"
-command -v "$python_bin" >/dev/null || python_bin=python3
+# shellcheck source=tools/torch_venv.sh
+source "$repo/tools/torch_venv.sh"
 
-if [ ! -x "$venv/bin/python" ]; then
-  echo "[setup] creating virtual environment $venv"
-  "$python_bin" -m venv "$venv"
-fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  echo "[setup] installing $torch_spec"
-  "${pip[@]}" install "$torch_spec"
-fi
-constraints="$venv/torch-constraints.txt"
-"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+torch_venv "$venv" setup
 echo "[setup] installing megatron_pr2 (holding $(cat "$constraints"))"
 "${pip[@]}" install -c "$constraints" -e "$repo[dev]"
 echo "[setup] ready: $venv"

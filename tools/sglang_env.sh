@@ -14,9 +14,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv-sglang}"
-torch_spec="${TORCH_SPEC:-torch==2.13.0}"
-python_bin="${PYTHON:-python3.11}"
-command -v "$python_bin" >/dev/null || python_bin=python3
+# shellcheck source=tools/torch_venv.sh
+source "$repo/tools/torch_venv.sh"
 sglang_spec="sglang==0.5.23"
 triton_spec="triton==3.9.0"
 light_deps=(
@@ -30,17 +29,7 @@ start=$(date +%s)
 marker="$venv/sglang-cpu-ready"
 rm -f "$marker"
 
-if [ ! -x "$venv/bin/python" ]; then
-  echo "[sglang-env] creating virtual environment $venv"
-  "$python_bin" -m venv "$venv"
-fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  echo "[sglang-env] installing $torch_spec"
-  "${pip[@]}" install "$torch_spec"
-fi
-constraints="$venv/torch-constraints.txt"
-"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > "$constraints"
+torch_venv "$venv" sglang-env
 echo "[sglang-env] installing SGLang's light dependencies (holding $(cat "$constraints"))"
 "${pip[@]}" install -c "$constraints" "${light_deps[@]}"
 echo "[sglang-env] installing $sglang_spec and $triton_spec without their dependencies"

@@ -50,12 +50,24 @@ def _check_against_checkpoint(sharded: dict, stored: dict, ckpt_dir: str) -> lis
     return absent_optional
 
 
+def _note_unused_predictor(chunks, stored: dict, ckpt_dir: str) -> None:
+    """A checkpoint's PR2 predictor weights are left out on purpose when the model has no
+    predictor (its routing method uses none): the policy's weights are what ``--load`` gives."""
+    has_predictor = any(name.endswith(PREDICTOR_SUFFIX)
+                        for chunk in chunks for name, _ in chunk.named_parameters())
+    unused = [key for key in stored if _is_optional(key)]
+    if unused and not has_predictor:
+        logger.info("%s holds %d PR2 predictor tensors; this model has no predictor (its "
+                    "routing method uses none), so they are not loaded", ckpt_dir, len(unused))
+
+
 def load_megatron_checkpoint(model_chunks, ckpt_dir: str) -> dict:
     """Load weights into this rank's model chunks (one per virtual pipeline stage).
 
     Works for any TP/PP/EP/VPP layout: Megatron-Core reshards each tensor on load. Tensors
     that only exist in the trainer (the PR2 predictor) keep their initial values when the
-    checkpoint does not have them (an HF-converted checkpoint). Must be called on every rank.
+    checkpoint does not have them (an HF-converted checkpoint); a checkpoint's predictor
+    weights are skipped when the model has no predictor. Must be called on every rank.
 
     Args:
         model_chunks: a ``GPTModel`` or the list from ``build_model_chunks``.
@@ -82,6 +94,7 @@ def load_megatron_checkpoint(model_chunks, ckpt_dir: str) -> dict:
     if skipped:
         logger.info("checkpoint has no %d optional tensors (e.g. %s); they keep their initial "
                     "values", len(skipped), skipped[0])
+    _note_unused_predictor(chunks, stored, ckpt_dir)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     content = loaded.pop(CONTENT_METADATA_KEY, None) or {}
     for index, chunk in enumerate(chunks):

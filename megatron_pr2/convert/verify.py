@@ -26,48 +26,47 @@ class Comparison:
 
 
 @contextlib.contextmanager
+def _capture_routes(modules: dict[int, torch.nn.Module], routes_of):
+    """Yield ``{layer: routes_of(output)}``, filled by forward hooks on ``modules`` during the
+    block's forward passes and removed after it."""
+    routes: dict[int, torch.Tensor] = {}
+
+    def hook_for(index):
+        def hook(module, args, output):
+            routes[index] = routes_of(output)
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(index)) for index, module in modules.items()]
+    try:
+        yield routes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_hf_routes(hf_model):
-    """Yield ``{layer: [B*S, K] sorted expert ids}`` filled by the next forward passes."""
-    routes: dict[int, torch.Tensor] = {}
-    handles = []
-    for index, layer in enumerate(hf_model.model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if gate is None or not hasattr(gate, "top_k"):
-            continue
-
-        def hook(module, args, output, index=index):
-            routes[index] = output[2].sort(dim=-1).values
-        handles.append(gate.register_forward_hook(hook))
-    try:
-        yield routes
-    finally:
-        for handle in handles:
-            handle.remove()
+    """Context manager yielding ``{layer: [B*S, K] sorted expert ids}`` filled by the next
+    forward passes."""
+    gates = {index: layer.mlp.gate for index, layer in enumerate(hf_model.model.layers)
+             if hasattr(getattr(layer.mlp, "gate", None), "top_k")}
+    return _capture_routes(gates, lambda output: output[2].sort(dim=-1).values)
 
 
-@contextlib.contextmanager
 def capture_megatron_routes(model, batch_size: int):
-    """Yield ``{global layer: [B*S, K] sorted expert ids}`` (batch-first, like HF)."""
-    routes: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in model.decoder.layers:
-        router = getattr(layer.mlp, "router", None)
-        if router is None:
-            continue
+    """Context manager yielding ``{global layer: [B*S, K] sorted expert ids}`` (batch-first,
+    like HF)."""
+    routers = {layer.layer_number - 1: layer.mlp.router for layer in model.decoder.layers
+               if getattr(layer.mlp, "router", None) is not None}
+    return _capture_routes(routers, lambda output: _batch_first_ids(output[1], batch_size))
 
-        def hook(module, args, output, index=layer.layer_number - 1):
-            routing_map = output[1]
-            num_experts = routing_map.shape[-1]
-            top_k = int(routing_map[0].sum())
-            by_seq = routing_map.reshape(-1, batch_size, num_experts).transpose(0, 1)
-            ids = by_seq.reshape(-1, num_experts).nonzero()[:, 1].reshape(-1, top_k)
-            routes[index] = ids.sort(dim=-1).values
-        handles.append(router.register_forward_hook(hook))
-    try:
-        yield routes
-    finally:
-        for handle in handles:
-            handle.remove()
+
+def _batch_first_ids(routing_map: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[S*B, E]`` sequence-first routing map -> ``[B*S, K]`` sorted expert ids."""
+    num_experts = routing_map.shape[-1]
+    top_k = int(routing_map[0].sum())
+    by_seq = routing_map.reshape(-1, batch_size, num_experts).transpose(0, 1)
+    ids = by_seq.reshape(-1, num_experts).nonzero()[:, 1].reshape(-1, top_k)
+    return ids.sort(dim=-1).values
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Settings that contradict each other or the model, missing packages, and what only the launch
-machine can tell (inputs, CUDA, GPU count, TransformerEngine, FP8)."""
+"""Settings that contradict the model (checked by the trainer and the dry run alike), missing
+packages, and what only the launch machine can tell (inputs, CUDA, GPU count, TransformerEngine,
+FP8)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,29 @@ import importlib.util
 
 from megatron_pr2.config import RunConfig
 from megatron_pr2.launch.inputs import input_problems
-from megatron_pr2.launch.placement import Placement
+from megatron_pr2.launch.parsing import load_model_spec
+from megatron_pr2.launch.problems import ValidationError
 
 
-def config_problems(cfg: RunConfig, spec, layout: Placement) -> list[str]:
-    """Settings that contradict each other or the model."""
-    problems = []
-    if cfg.model.transformer_impl == "transformer_engine" and cfg.model.device == "cpu":
-        problems.append("--transformer-impl transformer_engine cannot run with --device cpu")
-    if cfg.rollout.max_new_tokens >= spec.max_position_embeddings:
-        problems.append(f"--max-new-tokens {cfg.rollout.max_new_tokens} does not fit the model's "
-                        f"max_position_embeddings {spec.max_position_embeddings}")
-    if cfg.model.fp8_format:
-        sizes = (("hidden_size", spec.hidden_size),
-                 ("moe_intermediate_size / ETP", spec.moe_ffn_hidden_size // max(layout.etp, 1)))
-        problems += [f"FP8 GEMMs need {name} divisible by 16, got {size}"
-                     for name, size in sizes if size % 16]
-    return problems
+def model_setting_problems(cfg: RunConfig, spec) -> list[str]:
+    """Run settings the model ``spec`` (a ``QwenMoeSpec``) cannot serve, one message each."""
+    positions = spec.max_position_embeddings
+    if cfg.rollout.max_new_tokens >= positions:
+        return [(f"--max-new-tokens {cfg.rollout.max_new_tokens} does not fit the model's "
+                 f"max_position_embeddings {positions} (prompt and response share them)")]
+    return []
+
+
+def check_model_settings(cfg: RunConfig) -> None:
+    """The trainer's check before it builds anything: the HF config parses and the run's
+    settings fit the model.
+
+    Raises:
+        ValidationError: one entry per problem.
+    """
+    problems = model_setting_problems(cfg, load_model_spec(cfg.model.hf_config))
+    if problems:
+        raise ValidationError(problems)
 
 
 def _importable(module: str) -> bool:

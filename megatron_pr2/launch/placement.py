@@ -75,8 +75,9 @@ def plan_placement(parallel, world_size: int) -> Placement:
     return Placement.of(parallel, world_size)
 
 
-def model_division_problems(spec, placement: Placement) -> list[str]:
-    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSpec``) evenly.
+def model_division_problems(spec, placement: Placement, fp8: bool = False) -> list[str]:
+    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSpec``) evenly
+    (into FP8-sized GEMMs with ``fp8``).
 
     The builder's own rule (:func:`megatron_pr2.models.divisibility.division_problems`); sizes
     below 1 are skipped here (:func:`placement_problems` names them).
@@ -85,4 +86,4 @@ def model_division_problems(spec, placement: Placement) -> list[str]:
     from megatron_pr2.models.divisibility import division_problems
 
     return division_problems(spec, tp=placement.tp, pp=placement.pp, ep=placement.ep,
-                             etp=placement.etp, vpp=placement.vpp)
+                             etp=placement.etp, vpp=placement.vpp, fp8=fp8)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from megatron_pr2.config import RunConfig
 from megatron_pr2.launch.checks import (
-    config_problems,
+    model_setting_problems,
     package_problems,
     runtime_problems,
 )
@@ -105,7 +105,8 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
 
 def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,
                 gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
-    with_predictor = routing_method(cfg.algo.routing_method).trains_predictor
+    method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
+    with_predictor = method.builds_predictor
     params = estimate_params(spec, layout, with_predictor)
     states, per_param = _training_state_gib(cfg, params, layout)
     predictor = (f" incl. {params.predictor_per_gpu / 1e6:.1f}M PR2 predictor"
@@ -126,7 +127,7 @@ def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: 
     if states > 0.75 * gpu_memory_gib:
         report.notes.append("weights+grads+Adam use over 75% of GPU memory: little room is left "
                             "for activations")
-    if with_predictor:
+    if method.trains_predictor:
         host = predictor_host_gib_per_gpu(spec, layout, batch, cfg, prompt_tokens)
         report.lines.append(
             f"PR2 recorded predictor inputs: <= {host:.1f} GiB pinned host memory per GPU, "
@@ -202,8 +203,9 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
     world = nnodes * gpus_per_node
     layout = Placement.of(cfg.parallel, world)
     world_problems = placement_problems(cfg.parallel, world)
-    problems = [*world_problems, *model_division_problems(spec, layout),
-                *config_problems(cfg, spec, layout), *package_problems(cfg)]
+    problems = [*world_problems,
+                *model_division_problems(spec, layout, fp8=bool(cfg.model.fp8_format)),
+                *model_setting_problems(cfg, spec), *package_problems(cfg)]
     batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
     if cfg.rollout.rollout_engine == "sglang":
         collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)

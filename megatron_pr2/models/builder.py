@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel.utils import (
@@ -23,6 +24,7 @@ from megatron_pr2.models.hf_config import (
 from megatron_pr2.models.moe_options import check_routes_reach_experts
 from megatron_pr2.models.spec import decoder_block_spec
 from megatron_pr2.platform.device import module_to_device
+from megatron_pr2.platform.distributed import ParallelConfig, process_groups
 from megatron_pr2.platform.strict_device import guard_model_inputs
 
 
@@ -30,7 +32,8 @@ from megatron_pr2.platform.strict_device import guard_model_inputs
 class ModelOptions:
     """How to build the model, beyond what the HF config fixes."""
 
-    router_class: type = TopKRouter
+    # the router class, or a callable that builds one like it (functools.partial of a class)
+    router_class: Callable = TopKRouter
     use_transformer_engine: bool = False
     config_overrides: dict = dataclasses.field(default_factory=dict)
     # Megatron's process groups for the model; None: those initialize_model_parallel set up.
@@ -53,11 +56,11 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
     """
     options = options or ModelOptions()
     spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
+    _check_divisibility(spec, parallel or ParallelConfig(), bool(options.config_overrides.get("fp8")))
     config = to_transformer_config(spec, parallel, **options.config_overrides)
-    _check_divisibility(spec, config)
     check_routes_reach_experts(config)
     vpp = config.virtual_pipeline_model_parallel_size or 1
-    groups = options.pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+    groups = process_groups(options.pg_collection)
     pp_rank = groups.pp.rank()
     chunks = []
     for vp_stage in range(vpp):
@@ -95,10 +98,11 @@ def build_model(hf_config, parallel=None, options: ModelOptions | None = None):
     return spec, config, chunks[0]
 
 
-def _check_divisibility(spec: QwenMoeSpec, config) -> None:
+def _check_divisibility(spec: QwenMoeSpec, parallel: ParallelConfig, fp8: bool) -> None:
+    """Before ``TransformerConfig`` exists (its own FP8 checks need TransformerEngine)."""
     problems = division_problems(
-        spec, tp=config.tensor_model_parallel_size, pp=config.pipeline_model_parallel_size,
-        ep=config.expert_model_parallel_size, etp=config.expert_tensor_parallel_size,
-        vpp=config.virtual_pipeline_model_parallel_size or 1)
+        spec, tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
+        ep=parallel.expert_model_parallel_size, etp=parallel.expert_tensor_parallel_size,
+        vpp=parallel.virtual_pipeline_model_parallel_size or 1, fp8=fp8)
     if problems:
         raise ValueError("; ".join(problems))

@@ -1,5 +1,5 @@
-"""Which parallel sizes split a Qwen-MoE model evenly: the one rule the builder, the converter
-and the launch-side validation all apply."""
+"""Which parallel sizes split a Qwen-MoE model evenly (and, with FP8, into GEMMs FP8 can run):
+the one rule the builder, the converter and the launch-side validation all apply."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from megatron_pr2.models.hf_config import QwenMoeSpec
 MEGATRON_FLAGS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
                   "vpp": "--virtual-pipeline-model-parallel-size",
                   "ep": "--expert-model-parallel-size", "etp": "--expert-tensor-parallel-size"}
+FP8_GEMM_MULTIPLE = 16  # TransformerEngine's FP8 GEMMs need both weight dimensions divisible by it
 
 
 def division_problems(spec: QwenMoeSpec, tp: int = 1, pp: int = 1, ep: int = 1,
-                      etp: int | None = None, vpp: int = 1,
+                      etp: int | None = None, vpp: int = 1, fp8: bool = False,
                       flags: dict[str, str] = MEGATRON_FLAGS) -> list[str]:
     """Every way the sizes fail to split ``spec`` evenly, one message each (empty if none).
 
@@ -22,6 +23,8 @@ def division_problems(spec: QwenMoeSpec, tp: int = 1, pp: int = 1, ep: int = 1,
         spec: the parsed HF config.
         tp, pp, ep, etp, vpp: tensor, pipeline, expert, expert-tensor (default: ``tp``) and
             virtual-pipeline sizes.
+        fp8: the GEMMs run in FP8 (``--fp8-format``): the hidden size and each expert-tensor-
+            parallel shard of the expert FFN must be multiples of 16.
         flags: how each size is named in the messages (keys ``tp pp vpp ep etp``).
     """
     etp = etp or tp
@@ -39,5 +42,13 @@ def division_problems(spec: QwenMoeSpec, tp: int = 1, pp: int = 1, ep: int = 1,
     if spec.shared_expert_intermediate_size:
         checks.append(("shared_expert_intermediate_size", spec.shared_expert_intermediate_size,
                        flags["tp"], tp))
-    return [f"{name}={value} is not divisible by {flag}={size}"
-            for name, value, flag, size in checks if size >= 1 and value % size]
+    problems = [f"{name}={value} is not divisible by {flag}={size}"
+                for name, value, flag, size in checks if size >= 1 and value % size]
+    return problems + (_fp8_problems(spec, etp) if fp8 else [])
+
+
+def _fp8_problems(spec: QwenMoeSpec, etp: int) -> list[str]:
+    sizes = (("hidden_size", spec.hidden_size),
+             ("moe_intermediate_size / ETP", spec.moe_ffn_hidden_size // max(etp, 1)))
+    return [f"FP8 GEMMs need {name} divisible by {FP8_GEMM_MULTIPLE}, got {size}"
+            for name, size in sizes if size % FP8_GEMM_MULTIPLE]

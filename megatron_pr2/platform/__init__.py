@@ -20,6 +20,7 @@ from megatron_pr2.platform.distributed import (
     host_group,
     init_process_group,
     initialize_model_parallel,
+    process_groups,
     seed_model_parallel,
 )
 from megatron_pr2.platform.strict_device import (
@@ -44,6 +45,7 @@ __all__ = [
     "init_process_group",
     "initialize_model_parallel",
     "module_to_device",
+    "process_groups",
     "seed_model_parallel",
     "strict_device_enabled",
     "to_device",

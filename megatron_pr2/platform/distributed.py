@@ -150,8 +150,13 @@ def host_group() -> dist.ProcessGroup:
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
-                              device: str | None = None, strict_device: bool = False) -> None:
-    """Set up the process group, Megatron's parallel state and the model-parallel RNG."""
+                              device: str | None = None, strict_device: bool = False):
+    """Set up the process group, Megatron's parallel state and the model-parallel RNG.
+
+    Returns:
+        the ``ProcessGroupCollection`` of the new groups: the trainer hands it to every part
+        that communicates (model, DDP, schedule, actor, loop, rollout, weight sync).
+    """
     from megatron.core import parallel_state
 
     init_process_group(device, parallel.distributed_timeout_minutes, strict_device)
@@ -163,6 +168,21 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_model_parallel(seed)
+    return process_groups()
+
+
+def process_groups(groups=None):
+    """``groups``, or else the groups Megatron's ``initialize_model_parallel`` set up, as one
+    ``ProcessGroupCollection`` (Megatron-Core's own default when no collection is passed).
+
+    The trainer passes its collection explicitly; the default serves standalone use (tools,
+    tests) of functions that take ``groups=None``.
+    """
+    if groups is not None:
+        return groups
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def seed_model_parallel(seed: int) -> None:

@@ -25,8 +25,7 @@ class RoutingMethod:
             then replayed in the old pass at ``theta_0``; :mod:`megatron_pr2.training.lookahead`)
             or ``"current"`` (the current router's live route at each mini-step, with the old
             log-probs recomputed at ``theta_0`` under it; :mod:`megatron_pr2.training.current_route`).
-        trains_predictor: the PR2 evolution predictor is trained (and must be built, saved,
-            counted in memory estimates).
+        trains_predictor: the PR2 evolution predictor is trained (see :attr:`builds_predictor`).
         predictive_engine_gate: weight sync writes ``W_r + W_p^T`` as the engine's gate.
         summary: one line for tables and ``--help``.
         predictor: where PR2's evolution predictor comes from: ``"learned"`` (``W_p``
@@ -42,6 +41,12 @@ class RoutingMethod:
     predictive_engine_gate: bool
     summary: str
     predictor: str | None = None
+
+    @property
+    def builds_predictor(self) -> bool:
+        """The routers hold ``W_p`` (trained, folded into the engine's gate, or set from the
+        optimizer's step); other methods build no predictor, save none and count none."""
+        return self.trains_predictor or self.predictive_engine_gate or self.predictor is not None
 
     @property
     def uses_engine_routes(self) -> bool:

@@ -7,9 +7,9 @@ import functools
 from collections.abc import Sequence
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_pr2.platform.device import compute_device
+from megatron_pr2.platform.distributed import process_groups
 from megatron_pr2.rl.losses import PolicyLossConfig, PolicyLossInputs, policy_loss
 from megatron_pr2.routing.controller import RoutingController, StepRouting
 from megatron_pr2.routing.route_plan import RoutePlan
@@ -28,9 +28,9 @@ class PassResult:
     metrics: dict[str, float]
 
 
-def _shape(microbatches: Sequence[TrainMicroBatch]) -> tuple[int, int]:
+def _shape(microbatches: Sequence[TrainMicroBatch], pipeline_size: int) -> tuple[int, int]:
     shapes = {tuple(mb.grid.tokens.shape) for mb in microbatches}
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if pipeline_size == 1:
         return max(shapes)  # no stage-to-stage tensors: each micro-batch keeps its own width
     if len(shapes) != 1:
         raise ValueError(f"micro-batches must share one shape for the schedule, got {shapes}")
@@ -44,16 +44,16 @@ def _mean_metrics(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
             for key in keys}
 
 
-def _reduce_metrics(metrics: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[str, float]:
+def _reduce_metrics(metrics: dict[str, torch.Tensor], keys: Sequence[str],
+                    groups) -> dict[str, float]:
     """Last-stage metrics made identical on every rank (mean over data-parallel ranks)."""
     values = torch.zeros(len(keys), dtype=torch.float64, device=compute_device())
     for index, key in enumerate(keys):
         if key in metrics:
             values[index] = metrics[key]
-    values = broadcast_from_last_stage(values)
-    group = parallel_state.get_data_parallel_group()
-    torch.distributed.all_reduce(values, group=group)
-    values /= group.size()
+    values = broadcast_from_last_stage(values, groups.pp)
+    torch.distributed.all_reduce(values, group=groups.dp)
+    values /= groups.dp.size()
     return dict(zip(keys, values.tolist()))
 
 
@@ -66,10 +66,13 @@ class PolicyActor:
         loss_config: the policy loss and its options.
         controller: the routing controller of the chunks.
         nonfinite: skips steps with a non-finite loss or gradient (default: 8 in a row stop).
+        groups: the run's ``ProcessGroupCollection`` (default: Megatron's initialised groups).
     """
 
     def __init__(self, model, optimizer, loss_config: PolicyLossConfig,
-                 controller: RoutingController, nonfinite: NonFiniteGuard | None = None):
+                 controller: RoutingController, nonfinite: NonFiniteGuard | None = None,
+                 groups=None):
+        self.groups = process_groups(groups)
         self.model = model
         self.optimizer = optimizer
         self.loss_config = loss_config
@@ -99,7 +102,7 @@ class PolicyActor:
         routing = self.controller.end_step()
         _store_old_logprobs(microbatches, outputs)
         local = _mean_metrics([out["metrics"] for out in outputs])
-        return PassResult(routing, _reduce_metrics(local, ["entropy"]))
+        return PassResult(routing, _reduce_metrics(local, ["entropy"], self.groups))
 
     def train_ministep(self, microbatches: Sequence[TrainMicroBatch], plan: RoutePlan | None,
                        mode: str, train_predictor: bool) -> PassResult:
@@ -125,22 +128,23 @@ class PolicyActor:
         local = _mean_metrics(outputs)
         keys = sorted(local) if local else []
         keys = self._agree_on_keys(keys)
-        metrics = _reduce_metrics(local, keys)
+        metrics = _reduce_metrics(local, keys, self.groups)
         metrics["grad_norm"] = step.grad_norm
         metrics["update_skipped"] = float(not step.success)
         return PassResult(routing, metrics)
 
     # ----------------------------------------------------------------------------- internals
     def _run(self, microbatches, step, forward_only: bool) -> list[dict]:
-        batch, seq = _shape(microbatches)
+        batch, seq = _shape(microbatches, self.groups.pp.size())
         return run_schedule(self.model, [mb.model_inputs() for mb in microbatches], step,
-                            seq_length=seq, micro_batch_size=batch, forward_only=forward_only)
+                            seq_length=seq, micro_batch_size=batch, forward_only=forward_only,
+                            groups=self.groups)
 
     def _agree_on_keys(self, keys: list[str]) -> list[str]:
         """Metric names known only on the last stage, shared with every stage."""
         holder = [keys]
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            group = parallel_state.get_pipeline_model_parallel_group()
+        group = self.groups.pp
+        if group.size() > 1:
             last = torch.distributed.get_global_rank(group, group.size() - 1)
             torch.distributed.broadcast_object_list(holder, src=last, group=group)
         return holder[0]
@@ -151,7 +155,7 @@ class PolicyActor:
         for mb in microbatches:
             count += (len(mb.grid.sample_indices) if self.loss_config.aggregation == "seq_mean"
                       else mb.loss_mask.sum())
-        group = parallel_state.get_data_parallel_group()
+        group = self.groups.dp
         torch.distributed.all_reduce(count, group=group)
         return max(float(count), 1.0) / (len(microbatches) * group.size())
 
@@ -176,8 +180,7 @@ class PolicyActor:
 
         def collect(logits_BSV):
             mask = mb.loss_mask
-            entropy = token_entropy(logits_BSV,
-                                    parallel_state.get_tensor_model_parallel_group())[mask]
+            entropy = token_entropy(logits_BSV, self.groups.tp)[mask]
             out = {"microbatch_id": mb.microbatch_id,
                    "old_logp": token_logprobs(logits_BSV, mb.labels).detach(),
                    "metrics": {"entropy": entropy.mean() if entropy.numel()

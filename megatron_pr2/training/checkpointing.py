@@ -34,6 +34,7 @@ from megatron_pr2.training.checkpoint_verify import (
 from megatron_pr2.training.model_setup import unwrap_ddp
 from megatron_pr2.training.nonfinite import assert_finite_weights
 from megatron_pr2.training.resume_config import (
+    check_checkpoint_predictor,
     check_resume_config,
     configured_learning_rates,
     restore_learning_rates,
@@ -276,6 +277,7 @@ def resume(root: str | None, model, optimizer, config: dict,
         state, reason = _verified_state(directory)
         if reason is None:
             check_resume_config(state.get("config", {}), config, directory, allow_resharding)
+            check_checkpoint_predictor(directory, config)
             reason = _load_weights(directory, model, optimizer)
         if reason is None:
             if skipped:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_pr2.config import RunConfig
 from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_config
@@ -20,6 +20,7 @@ from megatron_pr2.platform import initialize_model_parallel
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.routing.controller import RoutingController
+from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.routing.predictor import PredictorConfig, predictor_optimizer_overrides
 from megatron_pr2.routing.router import PR2Router
 from megatron_pr2.training.actor import PolicyActor
@@ -41,6 +42,7 @@ class Components:
     optimizer: object
     actor: PolicyActor
     token_parallel: TokenParallel
+    groups: object  # the run's ProcessGroupCollection, handed to every part that communicates
 
 
 def loss_config(cfg: RunConfig) -> PolicyLossConfig:
@@ -52,7 +54,7 @@ def loss_config(cfg: RunConfig) -> PolicyLossConfig:
     )
 
 
-def _model_options(cfg: RunConfig) -> ModelOptions:
+def _model_options(cfg: RunConfig, groups=None) -> ModelOptions:
     overrides = {}
     if cfg.model.recompute_granularity:
         overrides["recompute_granularity"] = cfg.model.recompute_granularity
@@ -62,9 +64,11 @@ def _model_options(cfg: RunConfig) -> ModelOptions:
             overrides["recompute_modules"] = ["moe"]
     overrides.update(precision_overrides(cfg.train.bf16))
     overrides.update(moe_overrides(cfg.model, cfg.parallel))
-    return ModelOptions(router_class=PR2Router,
+    method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
+    router = functools.partial(PR2Router, use_predictor=method.builds_predictor)
+    return ModelOptions(router_class=router,
                         use_transformer_engine=cfg.model.transformer_impl == "transformer_engine",
-                        config_overrides=overrides)
+                        config_overrides=overrides, pg_collection=groups)
 
 
 def _optimizer(cfg: RunConfig, model):
@@ -87,27 +91,28 @@ def _optimizer(cfg: RunConfig, model):
 def build_components(cfg: RunConfig) -> Components:
     """Initialise the process groups and build model, optimizer and actor for ``cfg``."""
     parallel = cfg.parallel
-    initialize_model_parallel(parallel, seed=cfg.train.seed, device=cfg.model.device,
-                              strict_device=cfg.model.strict_device)
+    groups = initialize_model_parallel(parallel, seed=cfg.train.seed, device=cfg.model.device,
+                                       strict_device=cfg.model.strict_device)
     hf_config = resolve_hf_config(cfg.model.hf_config)
     spec = parse_hf_config(hf_config)
-    _, config, chunks = build_model_chunks(spec, parallel, _model_options(cfg))
+    _, config, chunks = build_model_chunks(spec, parallel, _model_options(cfg, groups))
     if cfg.model.load:
         from megatron_pr2.convert.loading import load_megatron_checkpoint
 
         load_megatron_checkpoint(chunks, cfg.model.load)
     model = wrap_with_ddp(chunks, config,
-                          use_distributed_optimizer=cfg.train.use_distributed_optimizer)
+                          use_distributed_optimizer=cfg.train.use_distributed_optimizer,
+                          groups=groups)
     optimizer = _optimizer(cfg, model)
     predictor = PredictorConfig(loss=cfg.predictor.predictor_loss,
                                 sample_ratio=cfg.predictor.predictor_sample_ratio,
                                 lr_mult=cfg.predictor.predictor_lr_mult, seed=cfg.train.seed)
     controller = RoutingController(model, predictor)
     actor = PolicyActor(model, optimizer, loss_config(cfg), controller,
-                        nonfinite=NonFiniteGuard(cfg.train.max_consecutive_skips))
+                        nonfinite=NonFiniteGuard(cfg.train.max_consecutive_skips), groups=groups)
     token_parallel = TokenParallel(
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=groups.tp.size(),
+        tp_rank=groups.tp.rank(),
         sequence_parallel=parallel.sequence_parallel,
         token_multiple=fp8_token_multiple(cfg.model.fp8_format, cfg.model.fp8_recipe),
     )
@@ -115,4 +120,4 @@ def build_components(cfg: RunConfig) -> Components:
                 spec.architecture, spec.num_layers, len(spec.moe_layer_indices), spec.num_experts,
                 spec.top_k, sum(p.numel() for c in chunks for p in c.parameters()) / 1e6,
                 torch.distributed.get_rank())
-    return Components(cfg, hf_config, spec, model, optimizer, actor, token_parallel)
+    return Components(cfg, hf_config, spec, model, optimizer, actor, token_parallel, groups)

@@ -11,7 +11,7 @@ import random
 import time
 
 import torch
-from megatron.core import parallel_state
+from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from megatron_pr2.platform.device import compute_device
 from megatron_pr2.platform.distributed import host_group
@@ -157,9 +157,9 @@ class RLLoop:
         return self.drift_probe.capture(phase, microbatch_ids)
 
     def _microbatches(self, samples, advantages):
-        dp_size = parallel_state.get_data_parallel_world_size()
-        plan_batch(self.cfg, dp_size)
-        indices = shard_for_dp(len(samples), dp_size, parallel_state.get_data_parallel_rank())
+        dp_group = self.parts.groups.dp
+        plan_batch(self.cfg, dp_group.size())
+        indices = shard_for_dp(len(samples), dp_group.size(), dp_group.rank())
         mbs = self.cfg.train.micro_batch_size
         return build_train_microbatches(samples, indices, advantages, mbs,
                                         self.parts.token_parallel,
@@ -174,7 +174,7 @@ class RLLoop:
                                 parallel=self.parts.token_parallel)
 
     def _mismatch(self, microbatches) -> dict[str, float]:
-        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        if not is_pp_last_stage(self.parts.groups.pp):
             local = None
         else:
             train = torch.cat([mb.old_logp[mb.loss_mask] for mb in microbatches])
@@ -226,7 +226,8 @@ class RLLoop:
     def _build_weight_syncer(self):
         """Collective: the syncer for the engine's live servers (rank 0 holds the engine)."""
         return build_weight_syncer(self.parts.model, self.source.engine, self.parts.hf_config,
-                                   WeightSyncOptions.from_run_config(self.cfg))
+                                   WeightSyncOptions.from_run_config(self.cfg),
+                                   groups=self.parts.groups)
 
     def _sync_weights(self) -> None:
         try:

@@ -15,12 +15,13 @@ from megatron.core.transformer.module import Float16Module
 
 
 def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False,
-                  use_distributed_optimizer: bool = False):
+                  use_distributed_optimizer: bool = False, groups=None):
     """Wrap each model chunk in Megatron's DDP (contiguous fp32 grad buffers, bucketed reductions).
 
     With ``config.bf16`` each chunk is first wrapped in Megatron's ``Float16Module`` (bf16
     weights and compute; the optimizer keeps fp32 main params). ``use_distributed_optimizer``
     lays the grad buffer out for the sharded optimizer (reduce-scatter instead of all-reduce).
+    ``groups``: the run's ``ProcessGroupCollection`` (default: Megatron's initialised groups).
     """
     if config.bf16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
@@ -31,7 +32,7 @@ def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False,
     )
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
-                                disable_bucketing=(index > 0))
+                                disable_bucketing=(index > 0), pg_collection=groups)
         for index, chunk in enumerate(chunks)
     ]
     config.finalize_model_grads_func = finalize_model_grads

@@ -7,6 +7,8 @@ new config is compared field by field with it:
   (unless ``--allow-resharding``: Megatron's ``torch_dist`` format reshards on load), and the
   predictor learning-rate multiplier crossing 1 (the predictor then joins or leaves another
   optimizer parameter group, and the saved Adam state no longer matches);
+* refused too: a checkpoint with PR2 predictor weights for a model without a predictor, or the
+  reverse (:func:`check_predictor_presence`; the model and optimizer state would not match);
 * applied and logged: everything else. Learning rates, intervals, logging and timeouts are the
   intended use; any other change (batching, loss options, seeds ...) is applied with a warning
   that the resumed run is no longer the same experiment.
@@ -117,3 +119,40 @@ def restore_learning_rates(optimizer, configured: list[dict]) -> None:
         if changed and "lr" in changed:
             logger.info("resume: learning rate %g -> %g (from the command line)",
                         changed["lr"][0], changed["lr"][1])
+
+
+def check_predictor_presence(checkpoint_keys, model_has_predictor: bool, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint whose PR2 predictor weights the model lacks, or the reverse.
+
+    Args:
+        checkpoint_keys: the tensor keys stored in the checkpoint.
+        model_has_predictor: this run's routers hold ``W_p``.
+        checkpoint: the checkpoint directory (for the message).
+
+    Raises:
+        ResumeConfigError: the checkpoint and the model disagree.
+    """
+    from megatron_pr2.convert.adapter import PREDICTOR_SUFFIX
+
+    saved = any(key.endswith(PREDICTOR_SUFFIX) for key in checkpoint_keys)
+    if saved == model_has_predictor:
+        return
+    if saved:
+        problem = ("holds PR2 predictor weights, but this run's routing method builds no "
+                   "predictor (checkpoints of older versions hold one for every method)")
+        hint = "--load it as the starting weights (its predictor is then left out)"
+    else:
+        problem = "has no PR2 predictor weights, but this run's routing method builds a predictor"
+        hint = "--load it as the starting weights (the predictor then starts at zero)"
+    raise ResumeConfigError(f"cannot resume {checkpoint}: it {problem}. Resume with the routing "
+                            f"method it was saved with, or {hint} with a new --save")
+
+
+def check_checkpoint_predictor(checkpoint: str, config: dict) -> None:
+    """:func:`check_predictor_presence` for a distributed checkpoint and a run config
+    (``RunConfig.to_dict()``; the same answer on every rank, whatever layers it holds)."""
+    from megatron_pr2.convert.dist_checkpoint import read_tensor_metadata
+    from megatron_pr2.routing.methods import routing_method
+
+    method = routing_method(config["algo"]["routing_method"], config["predictor"]["predictor"])
+    check_predictor_presence(read_tensor_metadata(checkpoint), method.builds_predictor, checkpoint)

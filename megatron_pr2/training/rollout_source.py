@@ -206,12 +206,9 @@ class RolloutSource:
         return {"eval/greedy_reward": value}
 
 
-def data_parallel_coordinates() -> tuple[int, int]:
-    """``(dp_size, dp_rank)`` of this rank in Megatron's initialised model-parallel state."""
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_data_parallel_world_size(),
-            parallel_state.get_data_parallel_rank())
+def data_parallel_coordinates(groups) -> tuple[int, int]:
+    """``(dp_size, dp_rank)`` of this rank in the run's ``ProcessGroupCollection``."""
+    return groups.dp.size(), groups.dp.rank()
 
 
 def make_engine(cfg: RunConfig, hf_config: dict):

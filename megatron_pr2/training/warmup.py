@@ -7,6 +7,7 @@ import logging
 import torch
 
 from megatron_pr2.platform.device import compute_device, to_device
+from megatron_pr2.platform.distributed import process_groups
 from megatron_pr2.tasks import CharTokenizer, DigitTask, sft_batch
 from megatron_pr2.training.model_setup import build_optimizer
 from megatron_pr2.training.nonfinite import NonFiniteGuard
@@ -28,13 +29,15 @@ def _sft_step(inputs, model):
 
 def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_size: int = 32,
                micro_batch_size: int = 8, log_every: int = 25,
-               max_consecutive_skips: int = 8) -> float:
+               max_consecutive_skips: int = 8, groups=None) -> float:
     """Train ``model`` on answer tokens for ``steps`` steps (live routing); return the last loss.
 
     Uses its own Megatron optimizer (Adam at ``lr``), discarded afterwards. A step with a
     non-finite loss or gradient is skipped; ``max_consecutive_skips`` in a row stop the run
-    (:class:`~megatron_pr2.training.nonfinite.NonFiniteError`).
+    (:class:`~megatron_pr2.training.nonfinite.NonFiniteError`). ``groups``: the run's
+    ``ProcessGroupCollection`` (default: Megatron's initialised groups).
     """
+    groups = process_groups(groups)
     guard = NonFiniteGuard(max_consecutive_skips, where="warm-up")
     tokenizer = CharTokenizer()
     optimizer = build_optimizer(model, lr=lr)
@@ -56,12 +59,12 @@ def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         losses = run_schedule(model, micro, _sft_step, seq_length=batch.input_ids.shape[1],
-                              micro_batch_size=micro_batch_size)
+                              micro_batch_size=micro_batch_size, groups=groups)
         guard.step(optimizer, model, [float(item["loss"]) for item in losses],
                    label=f"step {step + 1}")
         local = torch.stack([item["loss"] for item in losses]).mean() if losses else \
             torch.zeros((), device=compute_device())
-        loss_value = float(broadcast_from_last_stage(local))
+        loss_value = float(broadcast_from_last_stage(local, groups.pp))
         if (step + 1) % log_every == 0 or step + 1 == steps or guard.consecutive:
             logger.info("warm-up step %d/%d: answer loss %.4f", step + 1, steps, loss_value)
     return loss_value

@@ -168,9 +168,10 @@ def build_transport(name: str, engine, hf_config: dict, options: WeightSyncOptio
 
 
 def build_weight_syncer(model_chunks, engine, hf_config: dict,
-                        options: WeightSyncOptions | None = None) -> WeightSyncer:
-    """The weight syncer of this rank for ``engine`` (call on every rank)."""
-    from megatron_pr2.platform.distributed import host_group
+                        options: WeightSyncOptions | None = None, groups=None) -> WeightSyncer:
+    """The weight syncer of this rank for ``engine`` (call on every rank; ``groups``: the run's
+    ``ProcessGroupCollection``, default Megatron's initialised groups)."""
+    from megatron_pr2.platform.distributed import host_group, process_groups
     from megatron_pr2.weight_sync.gather import StagePosition
 
     options = options or WeightSyncOptions()
@@ -178,7 +179,8 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
     if servers is not None and engine is None:
         engine = servers  # ranks other than 0 push to rank 0's servers
     name = resolve_transport(engine, options.transport)
-    position = StagePosition.current()
+    groups = process_groups(groups)
+    position = StagePosition.of(groups)
     talks = position.is_pusher or dist.get_rank() == 0
     apis = _apis(servers) if servers is not None and talks else []
     error, dtype = None, None
@@ -202,4 +204,5 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
     dist.all_gather_object(errors, error, group=host_group())
     if any(errors):
         raise WeightUpdateError("weight sync set-up: " + "; ".join(e for e in errors if e))
-    return WeightSyncer(model_chunks, hf_config, transport, box[0][1], options.bucket_bytes)
+    return WeightSyncer(model_chunks, hf_config, transport, box[0][1], options.bucket_bytes,
+                        groups)

@@ -15,10 +15,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_pr2.convert.adapter import StateDictAdapter
 from megatron_pr2.convert.sharding import merge_tp_shards
+from megatron_pr2.platform.distributed import process_groups
 from megatron_pr2.weight_sync.plan import ParallelSizes, ParamSlot, stage_slots
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
@@ -50,17 +50,17 @@ class StagePosition:
                 and self.etp_rank == 0 and self.ep_rank == 0)
 
     @classmethod
-    def current(cls) -> StagePosition:
+    def of(cls, groups) -> StagePosition:
+        """This rank's place in a ``ProcessGroupCollection``."""
         return cls(
-            stage=ps.get_pipeline_model_parallel_rank(),
-            sizes=ParallelSizes(tp=ps.get_tensor_model_parallel_world_size(),
-                                etp=ps.get_expert_tensor_parallel_world_size(),
-                                ep=ps.get_expert_model_parallel_world_size()),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            etp_rank=ps.get_expert_tensor_parallel_rank(),
-            ep_rank=ps.get_expert_model_parallel_rank(),
-            dense_member=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
-            expert_member=ps.get_expert_data_parallel_rank() == 0,
+            stage=groups.pp.rank(),
+            sizes=ParallelSizes(tp=groups.tp.size(), etp=groups.expt_tp.size(),
+                                ep=groups.ep.size()),
+            tp_rank=groups.tp.rank(),
+            etp_rank=groups.expt_tp.rank(),
+            ep_rank=groups.ep.rank(),
+            dense_member=groups.dp_cp.rank() == 0,
+            expert_member=groups.expt_dp.rank() == 0,
         )
 
 
@@ -70,14 +70,14 @@ class StageGatherer:
     Args:
         model_chunks: this rank's model chunks (wrapped or not).
         adapter: the model family's key table.
-        position: this rank's place (default: from Megatron's parallel state).
+        groups: the run's ``ProcessGroupCollection`` (default: Megatron's initialised groups).
     """
 
-    def __init__(self, model_chunks, adapter: StateDictAdapter,
-                 position: StagePosition | None = None):
+    def __init__(self, model_chunks, adapter: StateDictAdapter, groups=None):
         self.chunks = [unwrap_model(c) for c in model_chunks]
         self.adapter = adapter
-        self.position = position or StagePosition.current()
+        self.groups = process_groups(groups)
+        self.position = StagePosition.of(self.groups)
         self.local_experts = adapter.spec.num_experts // self.position.sizes.ep
 
     def slots(self, predictive_gate: bool) -> list[ParamSlot]:
@@ -107,29 +107,23 @@ class StageGatherer:
         if not pos.dense_member:
             return []
         if slot.tp_axis is not None and pos.sizes.tp > 1:
-            shards = _gather_to_first(tensor, ps.get_tensor_model_parallel_group(), pos.tp_rank,
-                                      pos.sizes.tp)
-            if shards is None:
-                return []
-            tensor = merge_tp_shards(shards, slot.tp_axis, slot.glu)
-        return [(slot.global_name, tensor)]
+            tensor = _merged_shards(tensor, slot, self.groups.tp, pos.tp_rank, pos.sizes.tp)
+        return [(slot.global_name, tensor)] if tensor is not None else []
 
     def _expert(self, slot: ParamSlot, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         pos = self.position
         if not pos.expert_member:
             return []
         if slot.tp_axis is not None and pos.sizes.etp > 1:
-            shards = _gather_to_first(tensor, ps.get_expert_tensor_parallel_group(),
-                                      pos.etp_rank, pos.sizes.etp)
-            if shards is None:
-                return []
-            tensor = merge_tp_shards(shards, slot.tp_axis, slot.glu)
+            tensor = _merged_shards(tensor, slot, self.groups.expt_tp, pos.etp_rank,
+                                    pos.sizes.etp)
         elif pos.etp_rank != 0:
+            return []
+        if tensor is None:
             return []
         if pos.sizes.ep == 1:
             return [(slot.global_name, tensor)]
-        per_rank = _gather_to_first(tensor, ps.get_expert_model_parallel_group(), pos.ep_rank,
-                                    pos.sizes.ep)
+        per_rank = _gather_to_first(tensor, self.groups.ep, pos.ep_rank, pos.sizes.ep)
         if per_rank is None:
             return []
         return [(self._expert_name(slot.global_name, rank), t) for rank, t in enumerate(per_rank)]
@@ -140,6 +134,13 @@ class StageGatherer:
         return _LOCAL_EXPERT.sub(
             lambda m: f".local_experts.{int(m.group(1)) - mine + ep_rank * self.local_experts}.",
             name)
+
+
+def _merged_shards(tensor: torch.Tensor, slot: ParamSlot, group, rank: int,
+                   size: int) -> torch.Tensor | None:
+    """The whole parameter from its tensor-parallel shards, on group rank 0 (None elsewhere)."""
+    shards = _gather_to_first(tensor, group, rank, size)
+    return None if shards is None else merge_tp_shards(shards, slot.tp_axis, slot.glu)
 
 
 def _gather_to_first(tensor: torch.Tensor, group, rank: int, size: int) -> list | None:

@@ -55,12 +55,13 @@ class WeightSyncer:
         transport: this rank's transport (the pushing ranks and rank 0 use it).
         dtype: dtype the weights are sent in (the engine's).
         bucket_bytes: maximum bucket size.
+        groups: the run's ``ProcessGroupCollection`` (default: Megatron's initialised groups).
     """
 
     def __init__(self, model_chunks, hf_config: dict, transport: Transport, dtype: torch.dtype,
-                 bucket_bytes: int = 512 << 20):
+                 bucket_bytes: int = 512 << 20, groups=None):
         self.adapter = adapter_for(hf_config)
-        self.gatherer = StageGatherer(model_chunks, self.adapter)
+        self.gatherer = StageGatherer(model_chunks, self.adapter, groups)
         self.transport = transport
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes

@@ -56,6 +56,19 @@ def test_routing_method_rows_and_the_optimizer_predictor_variant():
     assert routing_method("pr2").predictor == "learned" and routing_method("pr2").trains_predictor
     with pytest.raises(ValueError, match="variant of --routing-method pr2, not r2"):
         routing_method("r2", "optimizer")
+
+
+def test_only_methods_that_use_the_predictor_build_it():
+    import dataclasses
+
+    from megatron_pr2.routing.methods import ROUTING_METHODS, routing_method
+
+    built = {name for name, row in ROUTING_METHODS.items() if row.builds_predictor}
+    assert built == {"pr2", "pr2-engine"}
+    assert routing_method("pr2", "optimizer").builds_predictor  # W_p set from Adam's step
+    # docs/architecture.md's example row: trains W_p on engine routes, no predictor field given
+    r3_pr2 = dataclasses.replace(routing_method("r3"), name="r3-pr2", trains_predictor=True)
+    assert r3_pr2.builds_predictor
     with pytest.raises(ValueError, match="--predictor must be one of"):
         routing_method("pr2", "linear")
 

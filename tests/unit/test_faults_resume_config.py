@@ -85,3 +85,19 @@ def test_learning_rates_of_the_new_config_survive_an_optimizer_state_load():
     assert [(g["lr"], g["max_lr"]) for g in new.param_groups] == [(5e-3, 5e-3), (5e-4, 5e-4)]
     with pytest.raises(ResumeConfigError, match="2 parameter groups"):
         restore_learning_rates(new, configured[:1])
+
+
+@pytest.mark.parametrize("saved_keys,builds,needle", [
+    (["decoder.layers.0.mlp.router.predictor.weight"], False,
+     "holds PR2 predictor weights, but this run's routing method builds no predictor"),
+    (["decoder.layers.0.mlp.router.weight"], True,
+     "has no PR2 predictor weights, but this run's routing method builds a predictor"),
+])
+def test_resume_refuses_a_checkpoint_whose_predictor_the_model_lacks(saved_keys, builds, needle):
+    from megatron_pr2.training.resume_config import check_predictor_presence
+
+    with pytest.raises(ResumeConfigError, match=needle) as err:
+        check_predictor_presence(saved_keys, builds, "/ckpt/iter_0000002")
+    assert str(err.value).startswith("cannot resume /ckpt/iter_0000002")
+    assert "--load" in str(err.value)
+    check_predictor_presence(saved_keys, not builds, "/ckpt/iter_0000002")  # matching: accepted

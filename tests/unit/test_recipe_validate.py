@@ -413,3 +413,20 @@ def test_validate_counts_the_weight_copies_of_lookahead_and_current_route(method
     (line,) = lines
     assert f"{method}: {copies} copy(ies)" in line
     assert float(line.split(", ")[1].split(" GiB")[0]) == pytest.approx(expected, abs=0.1)
+
+
+@pytest.mark.parametrize("flags,counted", [
+    (["--routing-method", "pr2"], True),
+    (["--routing-method", "pr2", "--predictor", "optimizer"], True),
+    (["--routing-method", "pr2-engine"], True),
+    (["--routing-method", "r2"], False),
+    (["--routing-method", "r3"], False),
+    (["--routing-method", "none"], False),
+])
+def test_dry_run_counts_the_predictor_only_where_the_routers_hold_one(flags, counted):
+    """The routers of Qwen3-30B-A3B's fullest stage hold E x d = 128 x 2048 per MoE layer."""
+    lines = validate([*RECIPE_ARGS, *flags], nnodes=2, gpus_per_node=8).lines
+    per_gpu = next(line for line in lines if line.startswith("parameters per GPU"))
+    layers_per_stage = 48 // RECIPE_LAYOUT.pipeline_model_parallel_size
+    expected = f"incl. {layers_per_stage * 128 * 2048 / 1e6:.1f}M PR2 predictor"
+    assert (expected in per_gpu) == counted, per_gpu
