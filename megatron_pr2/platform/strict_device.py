@@ -223,6 +223,22 @@ def _checked_collective(name: str, original):
     return collective
 
 
+def _unwrapped(op):
+    """torch's own ``isend``/``irecv`` for a strict-mode wrapper (``P2POp`` accepts only those)."""
+    return next((o for n, o in _ORIGINAL_COLLECTIVES.items() if getattr(dist, n) is op), op)
+
+
+class _CheckedP2POp(dist.P2POp):
+    """``P2POp`` that checks its tensor like a collective and hands torch its own op."""
+
+    def __new__(cls, op, tensor, peer=None, group=None, tag=0, group_peer=None):
+        _check_collective(_func_name(op), (tensor,), {"group": group})
+        return super().__new__(cls, _unwrapped(op), tensor, peer, group, tag, group_peer)
+
+    def __init__(self, op, tensor, peer=None, group=None, tag=0, group_peer=None):
+        super().__init__(_unwrapped(op), tensor, peer, group, tag, group_peer)
+
+
 # --------------------------------------------------------------------------------- model input
 def guard_model_inputs(module: torch.nn.Module):
     """Refuse (in strict mode) a forward of ``module`` whose tensor inputs are not device tensors.
@@ -267,6 +283,8 @@ def enable_strict_device_mode() -> None:
         original = getattr(dist, name)
         _ORIGINAL_COLLECTIVES[name] = original
         setattr(dist, name, _checked_collective(name, original))
+    _ORIGINAL_COLLECTIVES["P2POp"] = dist.P2POp
+    dist.P2POp = _CheckedP2POp
     _MODE = _StrictDeviceMode()
     _MODE.__enter__()
     logger.info("strict device mode: compute device %s; host tensors are refused at the model's "

@@ -73,3 +73,11 @@ def test_expert_parallel_two_processes(tmp_path):
     records = _run("pr2", tmp_path, {"expert_model_parallel_size": 2}, world=2)
     assert [r["step"] for r in records] == [1, 2]
     assert records[0][ZERO_DEV_STEP1] == 1.0
+
+
+def test_pipeline_parallel_two_processes_in_strict_device_mode(tmp_path):
+    """PP=2 sends activations with ``P2POp``/``batch_isend_irecv``: strict mode checks them
+    without breaking torch's own ``isend``/``irecv`` identity check."""
+    records = _run("pr2", tmp_path, {"pipeline_model_parallel_size": 2}, world=2)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0][ZERO_DEV_STEP1] == 1.0

@@ -55,6 +55,10 @@ def _strict_worker(rank):
     out["collective"] = _refused(lambda: torch.distributed.all_reduce(metrics, group=dp))
     torch.distributed.all_reduce(metrics, group=host_group())  # host values on the host group
     torch.distributed.all_reduce(to_device(metrics), group=dp)
+    # pipeline sends go through P2POp: a host activation is refused, a device one accepted
+    out["p2p"] = _refused(lambda: torch.distributed.P2POp(torch.distributed.isend, metrics, 0, dp))
+    out["p2p_device_op"] = torch.distributed.P2POp(
+        torch.distributed.isend, to_device(metrics), 0, dp).op.__module__
 
     logp = torch.log_softmax(logits.float(), -1)[..., 0]
     host_inputs = PolicyLossInputs(logp=logp, old_logp=logp.detach(),
@@ -91,6 +95,12 @@ def test_host_tensor_reaching_the_model_is_refused(strict_run):
 
 def test_host_tensor_in_a_device_collective_is_refused(strict_run):
     assert "torch.distributed.all_reduce got a host tensor (2,) float64" in strict_run["collective"]
+
+
+def test_host_tensor_in_a_pipeline_send_is_refused(strict_run):
+    assert "torch.distributed.isend got a host tensor" in strict_run["p2p"]
+    # torch's own isend reaches batch_isend_irecv (its identity check refuses any wrapper)
+    assert strict_run["p2p_device_op"] == "torch.distributed.distributed_c10d"
 
 
 def test_host_tensor_in_the_loss_is_refused(strict_run):
