@@ -7,8 +7,11 @@
 computed at ``theta_0`` replaying those routes, so the importance ratio uses one route for both
 policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
 
-Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch, and a copy of this rank's
-parameters (kept in host memory on GPU machines), restored bit for bit after each shifted forward.
+Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch, and a copy of the weights each
+rank updates (kept in host memory on GPU machines), restored bit for bit after each shifted
+forward. Under the distributed optimizer a rank updates only its slice of DDP's parameter buffer
+(1/DP of the weights), so it shifts and saves only that slice; two all-gathers of the parameter
+buffer per shifted forward (after the shift, after the restore) complete the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.training.optimizer_state import adam_next_step, adam_param_states
+from megatron_pr2.training.optimizer_state import (
+    adam_next_step,
+    adam_param_states,
+    sharded_model_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +40,23 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone()
 
 
+def all_gather_params(chunks) -> None:
+    """All-gather each DDP chunk's parameter buffer over its (expert) data-parallel group, as
+    Megatron's distributed optimizer does after a step: every rank's slice to every rank."""
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)
+
+
 class WeightLookahead:
     """Shift this rank's parameters along Adam's next step and restore them exactly.
 
-    Each rank shifts the parameters (shards) it holds, with the optimizer state that lives with
-    them, so every TP/EP/PP/DP layout works unchanged: replicated parameters have replicated
-    state. ``u`` is recomputed per parameter when shifting (no second full-size buffer on the
-    device); the saved weights live in host memory on GPU machines.
+    Each rank shifts the parameters (shards) it updates, with the optimizer state that lives with
+    them, so every TP/EP/PP/VPP/DP layout works unchanged: replicated parameters have replicated
+    state. Under Megatron's distributed optimizer a rank writes only its slice of the parameter
+    buffer, and the buffer is all-gathered over the data-parallel group after the shift and after
+    the restore. ``u`` is recomputed per parameter when shifting (no second full-size buffer on
+    the device); the saved weights (what this rank updates only) live in host memory on GPU
+    machines, allocated once per instance.
 
     Args:
         optimizer: the Megatron (or torch) Adam optimizer of the model.
@@ -47,7 +64,12 @@ class WeightLookahead:
 
     def __init__(self, optimizer):
         self.states = [s for s in adam_param_states(optimizer) if s.step > 0]
+        self._gathered = sharded_model_chunks(optimizer)
+        if any(chunk.ddp_config.overlap_param_gather for chunk in self._gathered):
+            raise ValueError("pr2-lookahead all-gathers the shifted parameters synchronously; "
+                             "Megatron's overlap_param_gather is not supported with it")
         self._saved: list[torch.Tensor] | None = None
+        self._active = False
 
     @property
     def has_state(self) -> bool:
@@ -60,22 +82,38 @@ class WeightLookahead:
 
     @contextlib.contextmanager
     def shifted(self, scale: float):
-        """Within the block the model runs at ``theta_0 + scale * u``; restored bit for bit."""
-        if self._saved is not None:
+        """Within the block the model runs at ``theta_0 + scale * u``; restored bit for bit.
+
+        Collective under the distributed optimizer: every data-parallel rank enters it with the
+        same ``scale``.
+        """
+        if self._active:
             raise RuntimeError("WeightLookahead.shifted does not nest")
-        self._saved = [host_copy(s.model_param) for s in self.states]
+        if not scale:
+            yield self
+            return
+        self._active = True
+        self._save()
         try:
-            if scale:
-                with torch.no_grad():
-                    for state in self.states:
-                        shifted = state.main_param.detach().float() + scale * adam_next_step(state)
-                        state.model_param.copy_(shifted.to(state.model_param.dtype))
+            with torch.no_grad():
+                for state in self.states:
+                    shifted = state.main_param.detach().float() + scale * adam_next_step(state)
+                    state.model_param.copy_(shifted.to(state.model_param.dtype))
+            all_gather_params(self._gathered)
             yield self
         finally:
             with torch.no_grad():
                 for state, saved in zip(self.states, self._saved):
                     state.model_param.copy_(saved, non_blocking=False)
-            self._saved = None
+            all_gather_params(self._gathered)
+            self._active = False
+
+    def _save(self) -> None:
+        if self._saved is None:
+            self._saved = [host_copy(s.model_param) for s in self.states]
+            return
+        for saved, state in zip(self._saved, self.states):
+            saved.copy_(state.model_param.detach(), non_blocking=saved.is_pinned())
 
 
 def lookahead_routes(actor, minibatches: Sequence[Sequence], scale: float) -> RoutePlan:
