@@ -7,7 +7,8 @@ with a zero step) and at ``theta_0 + 1.5 u``. Under the distributed optimizer ea
 ``u`` only for its slice of the parameter buffer and the buffer is all-gathered; the plain
 optimizer forms it for every whole parameter. Checked: the shifted weights are replicated bit for
 bit and equal the plain optimizer's, the routes equal the plain optimizer's, ``u = 0`` is R2 bit
-for bit, and the weights after each shifted forward are bit-identical to before. EP=2 (dense
+for bit, and the weights after each shifted forward are bit-identical to before (fp32: from a
+host copy of the slice a rank updates; bf16: cast again from the fp32 main shard, no copy). EP=2 (dense
 parameters sharded over DP=2 by one distributed optimizer, experts unsharded by another) runs
 the same against EP=2 with the plain optimizer.
 """
@@ -102,7 +103,8 @@ def _lookahead_run(ckpt_dir, tokens, layout, bf16, distributed) -> dict:
     result["restored_zero"] = _bit_equal(_weights(model), before)
 
     lookahead = WeightLookahead(optimizer)
-    result["saved_numel"] = sum(s.model_param.numel() for s in lookahead.states)
+    result["updated_numel"] = sum(s.model_param.numel() for s in lookahead.states)
+    result["saved_bytes"] = lookahead.saved_bytes()
     result["param_numel"] = sum(p.numel() for p in before)
     with lookahead.shifted(SCALE):
         result["shifted"] = _weights(model)
@@ -166,10 +168,15 @@ def test_distributed_optimizer_shifts_like_the_plain_optimizer(runs, plain, shar
         assert _bit_equal(runs[0][sharded]["shifted"], runs[1][sharded]["shifted"])
 
 
-def test_the_distributed_optimizer_saves_only_the_slice_a_rank_updates(runs):
+def test_the_distributed_optimizer_shifts_and_saves_only_the_slice_a_rank_updates(runs):
     for name in ("fp32_dist", "bf16_dist"):
-        saved = [results[name]["saved_numel"] for results in runs]
+        updated = [results[name]["updated_numel"] for results in runs]
         total = runs[0][name]["param_numel"]
-        assert sum(saved) == total  # the two slices partition the weights (DP = 2)
-        assert max(saved) < 0.51 * total  # half each, up to the buffer's alignment padding
-        assert runs[0][name.split("_")[0]]["saved_numel"] == total  # plain: every weight
+        assert sum(updated) == total  # the two slices partition the weights (DP = 2)
+        assert max(updated) < 0.51 * total  # half each, up to the buffer's alignment padding
+        assert runs[0][name.split("_")[0]]["updated_numel"] == total  # plain: every weight
+    for results in runs:
+        # fp32: a host copy of the slice; bf16: rebuilt from the fp32 main shard, no copy
+        assert results["fp32_dist"]["saved_bytes"] == 4 * results["fp32_dist"]["updated_numel"]
+        assert results["fp32"]["saved_bytes"] == 4 * results["fp32"]["param_numel"]
+        assert results["bf16_dist"]["saved_bytes"] == results["bf16"]["saved_bytes"] == 0
