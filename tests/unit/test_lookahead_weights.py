@@ -70,7 +70,7 @@ def test_zero_scale_leaves_the_weights_alone_and_shifts_do_not_nest():
     before = param.detach().clone()
     with lookahead.shifted(0.0):
         assert torch.equal(param, before)
-    with lookahead.shifted(SCALE), pytest.raises(RuntimeError, match="does not nest"):
-        with lookahead.shifted(SCALE):
-            pass
+    with (lookahead.shifted(SCALE), pytest.raises(RuntimeError, match="does not nest"),
+          lookahead.shifted(SCALE)):
+        pass
     assert torch.equal(param, before)
