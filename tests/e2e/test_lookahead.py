@@ -51,3 +51,20 @@ def test_pr2_with_the_optimizer_predictor_trains_without_predictor_loss(tmp_path
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["routing/zero_deviation_ratio/ministep1"] == 1.0
     assert not any("predictor_loss" in key for record in records for key in record)
+
+
+def test_lookahead_under_the_distributed_optimizer_matches_the_plain_optimizer(tmp_path):
+    """DP=2: u formed per owned slice and all-gathered trains like u formed per whole weight."""
+    runs = {}
+    for name, distributed in (("plain", False), ("sharded", True)):
+        records = run_distributed(_train_worker, 2, "pr2-lookahead", {}, str(tmp_path / name),
+                                  {"train.use_distributed_optimizer": distributed})[0]
+        runs[name] = [_comparable(r) for r in records]
+    plain, sharded = runs["plain"], runs["sharded"]
+    assert [r["step"] for r in sharded] == [1, 2]
+    # iteration 2 routes mini-batch 2 at theta_0 + c u (Adam has state): still one run
+    assert plain[1]["routing/zero_deviation_ratio/ministep1"] == 1.0
+    for mine, reference in zip(sharded, plain):
+        assert mine.keys() == reference.keys()
+        # the global grad norm sums its squares in another order (per slice, then over DP)
+        assert mine == pytest.approx(reference, rel=1e-5, abs=1e-7)
