@@ -10,9 +10,13 @@ variants alternated (machine-load drift hits all alike), median of ``--repeats``
 - current-route: R2's old pass + per mini-step m >= 2 a record pass and a frozen-weight replay
   pass + the mini-steps.
 
-Memory: the bytes of the parameter copies each keeps (deterministic). Not part of CI.
+Memory: the bytes of the parameter copies each keeps (deterministic). ``--nproc 2`` runs data
+parallel on 2 gloo processes (``--use-distributed-optimizer``: each rank shifts its slice and
+the parameter buffer is all-gathered), ``--bf16`` trains in bf16; the time of one lookahead
+shift + restore without a forward is printed too. Not part of CI.
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench_lookahead.py --repeats 5
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_lookahead.py --nproc 2 --use-distributed-optimizer
 """
 
 from __future__ import annotations
@@ -33,10 +37,48 @@ def _parse_args(argv=None):
     parser.add_argument("--off-policy-window", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--nproc", type=int, default=1, help="data-parallel gloo processes")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--use-distributed-optimizer", action="store_true")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args.nproc == 1:
+        return _bench(0, args)
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      WORLD_SIZE=str(args.nproc))
+    mp.spawn(_spawned, args=(args,), nprocs=args.nproc)
+    return 0
+
+
+def _spawned(rank: int, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    _bench(rank, args)
+
+
+def _time_shift(lookahead, repeats: int) -> float:
+    """Median seconds of one shift + restore (all-gathers included) without a forward."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with lookahead.shifted(0.75):
+            pass
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _bench(rank: int, args) -> int:
     import torch
 
     from megatron_pr2.config import RunConfig
@@ -51,9 +93,10 @@ def main(argv=None) -> int:
         make_prompts,
     )
 
-    args = _parse_args(argv)
     torch.set_num_threads(1)
     cfg = RunConfig()
+    cfg.train.bf16 = args.bf16
+    cfg.train.use_distributed_optimizer = args.use_distributed_optimizer
     cfg.model.hf_config = args.model
     cfg.algo.off_policy_window = args.off_policy_window
     cfg.algo.drift_attribution_tokens = 0
@@ -95,17 +138,29 @@ def main(argv=None) -> int:
             times[name].append(time.perf_counter() - started)
     base = statistics.median(times["r2"])
     params = sum(p.numel() * p.element_size() for c in parts.model for p in c.parameters())
-    copies = {"r2": 0, "pr2-lookahead": WeightLookahead(parts.optimizer).saved_bytes(),
+    lookahead_weights = WeightLookahead(parts.optimizer)
+    copies = {"r2": 0, "pr2-lookahead": lookahead_weights.saved_bytes(),
               "current-route": 2 * FrozenWeights(parts.model).nbytes()}
-    print(f"{args.model}, {len(microbatches)} micro-batches, off-policy window {window}, "
+    shift = _time_shift(lookahead_weights, args.repeats)
+    actor.controller.close()
+    if rank:
+        return 0
+    precision = ("bf16" if args.bf16 else "fp32") + (
+        ", distributed optimizer" if args.use_distributed_optimizer else "")
+    updated = sum(s.model_param.numel() for s in lookahead_weights.states)
+    count = sum(p.numel() for c in parts.model for p in c.parameters())
+    print(f"{args.model}, {args.nproc} data-parallel process(es), {precision}, "
+          f"{len(microbatches)} micro-batches per rank, off-policy window {window}, "
           f"{args.repeats} repeats, load average {os.getloadavg()[0]:.1f}")
+    print(f"lookahead shift + restore without a forward: {shift * 1e3:.1f} ms (median); rank 0 "
+          f"shifts {updated / 1e6:.2f}M of its {count / 1e6:.2f}M "
+          "weights")
     print("| variant | old pass + mini-steps (s, median) | relative to r2 | weight copies (MB) |")
     print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.3f} | {median / base:.2f}x | {copies[name] / 1e6:.2f} "
-              f"({copies[name] / params:.0f}x the weights) |")
-    actor.controller.close()
+              f"({copies[name] / params:.2f}x the weights) |")
     return 0
 
 

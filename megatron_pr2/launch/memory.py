@@ -13,7 +13,11 @@ GIB = 1024**3
 # fp32 parameters, fp32 gradients and Adam's two fp32 moments with Megatron's plain optimizer: 16
 # bytes per parameter (other precisions/optimizers: training_state_bytes_per_param).
 OPTIMIZER_STATE_BYTES_PER_PARAM = 16
-MODEL_WEIGHT_BYTES = 4  # fp32 model weights (what the lookahead/current-route copies hold)
+
+
+def model_weight_bytes(bf16: bool) -> int:
+    """Bytes per model weight (what the lookahead/current-route copies hold)."""
+    return 2 if bf16 else 4
 
 
 def training_state_bytes_per_param(bf16: bool, distributed_optimizer: bool,
@@ -37,6 +41,7 @@ class ParamEstimate:
     active: int  # per token: everything but the unselected experts
     per_gpu: int  # fullest pipeline stage, PR2 predictors included when used
     predictor_per_gpu: int
+    experts_per_gpu: int = 0  # routed-expert weights of that stage (the rest is dense)
 
     @property
     def optimizer_state_gib_per_gpu(self) -> float:
@@ -81,11 +86,11 @@ def estimate_params(spec, layout: Placement, with_predictor: bool) -> ParamEstim
     total = embedding + (0 if spec.tie_word_embeddings else embedding) + d + body
     all_experts = sum(p.experts for p in layers)
     active = total - all_experts * (spec.num_experts - spec.top_k) // spec.num_experts
-    per_gpu = predictor = 0
+    per_gpu = predictor = experts = 0
     for rank in range(layout.pp):
         held = [layers[i] for i in _stage_layer_indices(spec, layout, rank)]
-        count = sum(p.tp_split // layout.tp + p.replicated + p.experts // (layout.ep * layout.etp)
-                    for p in held)
+        stage_experts = sum(p.experts // (layout.ep * layout.etp) for p in held)
+        count = stage_experts + sum(p.tp_split // layout.tp + p.replicated for p in held)
         if rank == 0:
             count += embedding // layout.tp
         if rank == layout.pp - 1:  # output layer (a second copy when tied under PP) + final norm
@@ -94,7 +99,26 @@ def estimate_params(spec, layout: Placement, with_predictor: bool) -> ParamEstim
         stage_predictor = sum(p.predictor for p in held) if with_predictor else 0
         if count + stage_predictor > per_gpu:
             per_gpu, predictor = count + stage_predictor, stage_predictor
-    return ParamEstimate(total, active, per_gpu, predictor)
+            experts = stage_experts
+    return ParamEstimate(total, active, per_gpu, predictor, experts)
+
+
+def lookahead_copy_bytes(params: ParamEstimate, layout: Placement, bf16: bool,
+                         distributed_optimizer: bool) -> float:
+    """Host memory per GPU that ``pr2-lookahead`` keeps (``training/lookahead.py``).
+
+    bf16 training: none (the weights are cast again from the optimizer's fp32 main copy). fp32
+    training: a copy of the weights the GPU updates: all it holds with the plain optimizer; with
+    the distributed optimizer its slice, the dense weights over DP x CP and the experts over
+    the expert data-parallel ranks.
+    """
+    if bf16:
+        return 0.0
+    if not distributed_optimizer:
+        return params.per_gpu * model_weight_bytes(bf16)
+    dense = params.per_gpu - params.experts_per_gpu
+    updated = dense / (layout.dp * layout.cp) + params.experts_per_gpu / layout.expert_dp
+    return updated * model_weight_bytes(bf16)
 
 
 def predictor_host_gib_per_gpu(spec, layout: Placement, batch: BatchPlan, cfg: RunConfig,

@@ -32,8 +32,9 @@ from megatron_pr2.launch.checks import (
 from megatron_pr2.launch.inputs import input_problems
 from megatron_pr2.launch.memory import (
     GIB,
-    MODEL_WEIGHT_BYTES,
     estimate_params,
+    lookahead_copy_bytes,
+    model_weight_bytes,
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
 )
@@ -133,7 +134,7 @@ def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: 
             f"PR2 recorded predictor inputs: <= {host:.1f} GiB pinned host memory per GPU, "
             f"{host * gpus_per_node:.0f} GiB per node (--predictor-sample-ratio "
             f"{cfg.predictor.predictor_sample_ratio:g}, {prompt_tokens}-token prompts assumed)")
-    _add_weight_copies(report, cfg, params.per_gpu, gpus_per_node)
+    _add_weight_copies(report, cfg, params, layout, gpus_per_node)
     if batch.microbatches_per_ministep < layout.pp:
         report.notes.append(f"only {batch.microbatches_per_ministep} micro-batches per mini-step "
                             f"for {layout.pp} pipeline stages: the pipeline will mostly idle")
@@ -160,17 +161,28 @@ def _memory_by_node_count(cfg: RunConfig, spec, with_predictor: bool, gpus_per_n
         gib, _ = _training_state_gib(cfg, estimate_params(spec, layout, with_predictor), layout)
         figures.append(f"{nodes} nodes: {gib:.1f} GiB")
     return "weights+grads+Adam per GPU by node count: " + ", ".join(figures)
-def _add_weight_copies(report: Report, cfg: RunConfig, params_per_gpu: float,
+
+
+def _add_weight_copies(report: Report, cfg: RunConfig, params, layout: Placement,
                        gpus_per_node: int) -> None:
-    """pr2-lookahead keeps one copy of each rank's weights, current-route two (host memory)."""
-    copies = {"lookahead": 1, "current": 2}.get(
-        routing_method(cfg.algo.routing_method).replay_source, 0)
-    if copies:
-        gib = copies * params_per_gpu * MODEL_WEIGHT_BYTES / 2**30
+    """The pinned host memory pr2-lookahead and current-route keep for their weight copies."""
+    source = routing_method(cfg.algo.routing_method).replay_source
+    bf16, distributed = cfg.train.bf16, cfg.train.use_distributed_optimizer
+    if source == "lookahead":
+        gib = lookahead_copy_bytes(params, layout, bf16, distributed) / GIB
+        updated = "its distributed-optimizer slice of the" if distributed else "the"
+        what = ("bf16 weights are cast again from the fp32 main weights after each shifted "
+                "forward, no copy" if bf16 else f"a copy of {updated} fp32 weights each GPU updates")
         report.lines.append(
-            f"{cfg.algo.routing_method}: {copies} copy(ies) of the weights, {gib:.1f} GiB pinned "
-            f"host memory per GPU, {gib * gpus_per_node:.0f} GiB per node (fp32 weights; the "
-            "shifted/frozen forwards add no GPU memory beyond one parameter's Adam step)")
+            f"{cfg.algo.routing_method}: {gib:.1f} GiB pinned host memory per GPU, "
+            f"{gib * gpus_per_node:.0f} GiB per node ({what}); the shifted forwards add no GPU "
+            "memory beyond one parameter's Adam step")
+    elif source == "current":
+        gib = 2 * params.per_gpu * model_weight_bytes(bf16) / GIB
+        report.lines.append(
+            f"{cfg.algo.routing_method}: 2 copies of the weights, {gib:.1f} GiB pinned host "
+            f"memory per GPU, {gib * gpus_per_node:.0f} GiB per node; the frozen forwards add "
+            "no GPU memory")
 
 
 def _add_runtime(report: Report, cfg: RunConfig, gpus_per_node: int, check_runtime: bool) -> None:

@@ -7,8 +7,12 @@
 computed at ``theta_0`` replaying those routes, so the importance ratio uses one route for both
 policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
 
-Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch, and a copy of this rank's
-parameters (kept in host memory on GPU machines), restored bit for bit after each shifted forward.
+Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch. The weights are restored bit for
+bit after each shifted forward: in bf16 training cast again from the optimizer's fp32 main copy
+(no copy kept), in fp32 training from a host copy of the weights this rank updates. Under the
+distributed optimizer a rank updates only its slice of DDP's parameter buffer (1/DP of the
+weights), so it shifts (and copies) only that slice; two all-gathers of the parameter buffer per
+shifted forward (after the shift, after the restore) complete the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.training.optimizer_state import adam_next_step, adam_param_states
+from megatron_pr2.training.optimizer_state import (
+    adam_next_step,
+    adam_param_states,
+    sharded_model_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +41,37 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone()
 
 
+def all_gather_params(chunks) -> None:
+    """All-gather each DDP chunk's parameter buffer over its (expert) data-parallel group, as
+    Megatron's distributed optimizer does after a step: every rank's slice to every rank."""
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)
+
+
+def _main_cast(state) -> torch.Tensor:
+    return state.main_param.detach().to(state.model_param.dtype)
+
+
+def rebuilt_from_main(state) -> bool:
+    """The weight equals its fp32 main copy cast to the weight's dtype (bf16 training: Megatron
+    writes it so after every step), so it can be restored from there bit for bit, with no copy.
+    Never in fp32 training, where the main copy is the weight itself."""
+    if state.main_param is state.model_param:
+        return False
+    return torch.equal(state.model_param, _main_cast(state))
+
+
 class WeightLookahead:
     """Shift this rank's parameters along Adam's next step and restore them exactly.
 
-    Each rank shifts the parameters (shards) it holds, with the optimizer state that lives with
-    them, so every TP/EP/PP/DP layout works unchanged: replicated parameters have replicated
-    state. ``u`` is recomputed per parameter when shifting (no second full-size buffer on the
-    device); the saved weights live in host memory on GPU machines.
+    Each rank shifts the parameters (shards) it updates, with the optimizer state that lives with
+    them, so every TP/EP/PP/VPP/DP layout works unchanged: replicated parameters have replicated
+    state. Under Megatron's distributed optimizer a rank writes only its slice of the parameter
+    buffer, and the buffer is all-gathered over the data-parallel group after the shift and after
+    the restore. ``u`` is recomputed per parameter when shifting (no second full-size buffer on
+    the device). Restoring: bf16 weights are cast again from the optimizer's fp32 main copy
+    (checked bit-equal first: no copy); other weights (fp32 training) from a host copy of what
+    this rank updates, allocated once per instance.
 
     Args:
         optimizer: the Megatron (or torch) Adam optimizer of the model.
@@ -47,7 +79,12 @@ class WeightLookahead:
 
     def __init__(self, optimizer):
         self.states = [s for s in adam_param_states(optimizer) if s.step > 0]
-        self._saved: list[torch.Tensor] | None = None
+        self._gathered = sharded_model_chunks(optimizer)
+        if any(chunk.ddp_config.overlap_param_gather for chunk in self._gathered):
+            raise ValueError("pr2-lookahead all-gathers the shifted parameters synchronously; "
+                             "Megatron's overlap_param_gather is not supported with it")
+        self._saved: dict[int, torch.Tensor] = {}  # state index -> host copy
+        self._active = False
 
     @property
     def has_state(self) -> bool:
@@ -55,27 +92,55 @@ class WeightLookahead:
         return bool(self.states)
 
     def saved_bytes(self) -> int:
-        """Bytes of the parameter copy taken while shifted."""
-        return sum(s.model_param.numel() * s.model_param.element_size() for s in self.states)
+        """Bytes of the host copy a shift takes now (weights not rebuilt from their main copy)."""
+        return sum(s.model_param.numel() * s.model_param.element_size() for s in self.states
+                   if not rebuilt_from_main(s))
 
     @contextlib.contextmanager
     def shifted(self, scale: float):
-        """Within the block the model runs at ``theta_0 + scale * u``; restored bit for bit."""
-        if self._saved is not None:
+        """Within the block the model runs at ``theta_0 + scale * u``; restored bit for bit.
+
+        Collective under the distributed optimizer: every data-parallel rank enters it with the
+        same ``scale``.
+        """
+        if self._active:
             raise RuntimeError("WeightLookahead.shifted does not nest")
-        self._saved = [host_copy(s.model_param) for s in self.states]
+        if not scale:
+            yield self
+            return
+        self._active = True
+        rebuilt = self._save()
         try:
-            if scale:
-                with torch.no_grad():
-                    for state in self.states:
-                        shifted = state.main_param.detach().float() + scale * adam_next_step(state)
-                        state.model_param.copy_(shifted.to(state.model_param.dtype))
+            with torch.no_grad():
+                for state in self.states:
+                    shifted = state.main_param.detach().float() + scale * adam_next_step(state)
+                    state.model_param.copy_(shifted.to(state.model_param.dtype))
+            all_gather_params(self._gathered)
             yield self
         finally:
-            with torch.no_grad():
-                for state, saved in zip(self.states, self._saved):
-                    state.model_param.copy_(saved, non_blocking=False)
-            self._saved = None
+            self._restore(rebuilt)
+            all_gather_params(self._gathered)
+            self._active = False
+
+    def _save(self) -> list[bool]:
+        """Host copies of the weights that cannot be rebuilt from their main copy; returns
+        which are rebuilt."""
+        rebuilt = [rebuilt_from_main(s) for s in self.states]
+        for index, (state, from_main) in enumerate(zip(self.states, rebuilt)):
+            if from_main:
+                continue
+            saved = self._saved.get(index)
+            if saved is None:
+                self._saved[index] = host_copy(state.model_param)
+            else:
+                saved.copy_(state.model_param.detach(), non_blocking=saved.is_pinned())
+        return rebuilt
+
+    def _restore(self, rebuilt: list[bool]) -> None:
+        with torch.no_grad():
+            for index, (state, from_main) in enumerate(zip(self.states, rebuilt)):
+                source = _main_cast(state) if from_main else self._saved[index]
+                state.model_param.copy_(source, non_blocking=False)
 
 
 def lookahead_routes(actor, minibatches: Sequence[Sequence], scale: float) -> RoutePlan:

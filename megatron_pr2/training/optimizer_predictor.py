@@ -16,12 +16,23 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pr2.training.lookahead import merge_passes
-from megatron_pr2.training.optimizer_state import adam_next_step, adam_param_states
+from megatron_pr2.training.optimizer_state import (
+    adam_next_step,
+    adam_param_states,
+    sharded_model_chunks,
+)
+
+OPTIMIZER_PREDICTOR_SHARDED = (
+    "--predictor optimizer needs each router weight's whole Adam step on every rank, but "
+    "--use-distributed-optimizer shards Adam's state over data-parallel ranks: use --predictor "
+    "learned or train without --use-distributed-optimizer")
 
 
 @contextlib.contextmanager
 def router_steps_as_predictors(routers, optimizer, scale: float):
     """Within the block each router's ``W_p`` is ``scale * u_r``; restored bit for bit after."""
+    if sharded_model_chunks(optimizer):
+        raise ValueError(OPTIMIZER_PREDICTOR_SHARDED)
     states = {id(s.model_param): s for s in adam_param_states(optimizer)}
     saved = [router.predictor.weight.detach().clone() for router in routers]
     try:

@@ -10,6 +10,11 @@ tensor the forward uses (the *model* parameter) and the Adam state that moves it
 
 i.e. the step AdamW (decoupled weight decay, Megatron's default) would take if the next gradient
 kept the current moments, as torch's ``AdamW`` computes it.
+
+Under Megatron's distributed optimizer (``--use-distributed-optimizer``) each data-parallel rank
+holds Adam's state for one contiguous slice of DDP's parameter buffer: the states found are those
+slices (1-D views of the model parameters), and :func:`sharded_model_chunks` names the DDP chunks
+whose parameter buffers must be all-gathered after a rank writes its slices.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ class ParamAdamState:
     """One parameter (or parameter shard) with the Adam state that updates it.
 
     Attributes:
-        model_param: the tensor the model's forward reads.
+        model_param: the tensor the model's forward reads (under the distributed optimizer:
+            this rank's 1-D slice of it, a view into DDP's parameter buffer).
         main_param: the tensor the optimizer updates (``model_param`` itself in fp32 training).
         exp_avg, exp_avg_sq: Adam's first and second moments (shaped like ``main_param``).
         step: optimizer steps taken (``t``).
@@ -62,14 +68,13 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def _model_param_of(inner) -> dict[int, torch.Tensor]:
-    """``id(main param) -> model param`` where they differ (mixed-precision master copies)."""
-    kind = type(inner).__name__
-    if kind == "DistributedOptimizer":
-        raise ValueError(
-            "Adam's next step is read per parameter from the optimizer state, but Megatron's "
-            "DistributedOptimizer (--use-distributed-optimizer) shards that state over data-"
-            "parallel ranks; pr2-lookahead does not support it yet: train without "
-            "--use-distributed-optimizer")
+    """``id(main param) -> model param`` where they differ (mixed-precision master copies).
+
+    Under the distributed optimizer the model "param" is this rank's slice of the model
+    parameter (a view into DDP's parameter buffer); an fp32 shard is that slice itself.
+    """
+    if _is_distributed(inner):
+        return _distributed_model_slices(inner)
     pairs = {}
     for model_group, main_group in zip(getattr(inner, "float16_groups", []),
                                        getattr(inner, "fp32_from_float16_groups", [])):
@@ -78,12 +83,48 @@ def _model_param_of(inner) -> dict[int, torch.Tensor]:
     return pairs
 
 
+def _is_distributed(inner) -> bool:
+    return type(inner).__name__ == "DistributedOptimizer"
+
+
+def _distributed_model_slices(inner) -> dict[int, torch.Tensor]:
+    """``id(fp32 main shard) -> bf16 model slice`` of a Megatron ``DistributedOptimizer``."""
+    if getattr(inner.ddp_config, "use_megatron_fsdp", False):
+        raise ValueError("Adam's next step cannot be read from Megatron FSDP's optimizer state: "
+                         "use --use-distributed-optimizer without Megatron FSDP")
+    if getattr(inner.config, "use_precision_aware_optimizer", False):
+        raise ValueError("Adam's next step cannot be read with Megatron's precision-aware "
+                         "optimizer (its fp32 main weights live inside the fused Adam): train "
+                         "without use_precision_aware_optimizer")
+    pairs = {}
+    for model_group, main_group in zip(inner.shard_float16_groups,
+                                       inner.shard_fp32_from_float16_groups):
+        for model_slice, main_shard in zip(model_group, main_group):
+            if model_slice is None:
+                raise ValueError("Adam's next step cannot be written into FP8 (MXFP8/blockwise) "
+                                 "parameters under the distributed optimizer: train without "
+                                 "FP8 parameters")
+            pairs[id(main_shard)] = model_slice
+    return pairs
+
+
+def sharded_model_chunks(optimizer) -> list:
+    """DDP chunks whose parameters Megatron's distributed optimizer shards over data-parallel
+    ranks (each rank updates its slice, then DDP all-gathers the parameter buffer); ``[]`` with
+    the plain optimizer."""
+    chunks = {}
+    for inner in _inner_optimizers(optimizer):
+        if _is_distributed(inner):
+            chunks.update((id(chunk), chunk) for chunk in inner.model_chunks)
+    return list(chunks.values())
+
+
 def _scalar(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def adam_param_states(optimizer) -> Iterator[ParamAdamState]:
-    """Every parameter this rank's (Megatron or torch) Adam updates, with its state.
+    """Every parameter (or distributed-optimizer slice) this rank's Adam updates, with its state.
 
     Parameters that have no state yet (no step taken) are yielded with ``step = 0`` (``u = 0``).
 
@@ -91,6 +132,8 @@ def adam_param_states(optimizer) -> Iterator[ParamAdamState]:
         ValueError: the optimizer is not Adam, or keeps its state where this cannot read it.
     """
     for inner in _inner_optimizers(optimizer):
+        if getattr(inner, "is_stub_optimizer", False):  # no parameters on this rank
+            continue
         torch_optimizer = getattr(inner, "optimizer", inner)
         if not isinstance(torch_optimizer, torch.optim.Optimizer):
             raise TypeError(f"cannot read optimizer state from {type(inner).__name__}")

@@ -82,3 +82,9 @@ def test_lookahead_flags_are_checked():
         parse_config(["--lookahead-scale", "-1"])
     with pytest.raises(ValueError, match="variant of --routing-method pr2"):
         parse_config(["--routing-method", "r3", "--predictor", "optimizer"])
+    distributed = parse_config(["--routing-method", "pr2-lookahead",
+                                "--use-distributed-optimizer"])  # u per owned shard
+    assert distributed.train.use_distributed_optimizer
+    with pytest.raises(ValueError, match="--predictor optimizer .* --use-distributed-optimizer"):
+        parse_config(["--routing-method", "pr2", "--predictor", "optimizer",
+                      "--use-distributed-optimizer"])

@@ -399,25 +399,44 @@ def test_training_state_bytes_per_param_by_precision_and_optimizer(bf16, distrib
     assert training_state_bytes_per_param(bf16, distributed, dp) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("method, copies", [("pr2-lookahead", 1), ("current-route", 2),
-                                            ("r2", 0)])
-def test_validate_counts_the_weight_copies_of_lookahead_and_current_route(method, copies):
-    report = validate(RECIPE_ARGS + ["--routing-method", method], nnodes=2, gpus_per_node=8)
-    lines = [line for line in report.lines if "copy(ies) of the weights" in line]
-    if not copies:
-        assert not lines
-        return
-    per_gpu = next(line for line in report.lines if line.startswith("parameters per GPU"))
-    billions = float(per_gpu.split(": ")[1].split("B")[0])
-    expected = copies * billions * 1e9 * 4 / 2**30  # fp32 weights, by hand
-    (line,) = lines
-    assert f"{method}: {copies} copy(ies)" in line
-    assert float(line.split(", ")[1].split(" GiB")[0]) == pytest.approx(expected, abs=0.1)
+def _weight_copy_gib(method, extra):
+    report = validate(RECIPE_ARGS + ["--routing-method", method] + extra, nnodes=2,
+                      gpus_per_node=8)
+    lines = [line for line in report.lines if line.startswith(f"{method}: ")]
+    return float(lines[0].split("GiB pinned")[0].split()[-1]) if lines else None
+
+
+def _recipe_stage_params():
+    """The recipe's fullest GPU at 2 nodes (stage 1, see the H100 test): dense and expert
+    weights by hand."""
+    experts = 24 * 16 * 3 * 2048 * 768
+    dense = 24 * ((2 * 2048 * 4096 + 2 * 2048 * 512) // 4 + 128 * 2048 + 2 * 2048 + 2 * 128)
+    return dense + 151936 * 2048 // 4 + 2048, experts
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], lambda dense, experts: 0.0),  # bf16: cast again from the fp32 main weights
+    (["--no-bf16"],  # fp32, distributed optimizer: dense / DP 2, experts / expert DP 1
+     lambda dense, experts: 4 * (dense / 2 + experts)),
+    (["--no-bf16", "--no-use-distributed-optimizer"],
+     lambda dense, experts: 4 * (dense + experts)),
+])
+def test_validate_counts_the_host_copy_of_lookahead(extra, expected):
+    gib = _weight_copy_gib("pr2-lookahead", extra)
+    assert gib == pytest.approx(expected(*_recipe_stage_params()) / 2**30, abs=0.06)
+
+
+@pytest.mark.parametrize("extra, weight_bytes", [([], 2), (["--no-bf16"], 4)])
+def test_validate_counts_the_two_copies_of_current_route(extra, weight_bytes):
+    gib = _weight_copy_gib("current-route", extra)
+    assert gib == pytest.approx(2 * weight_bytes * sum(_recipe_stage_params()) / 2**30, abs=0.06)
+    assert _weight_copy_gib("r2", extra) is None
 
 
 @pytest.mark.parametrize("flags,counted", [
     (["--routing-method", "pr2"], True),
-    (["--routing-method", "pr2", "--predictor", "optimizer"], True),
+    (["--routing-method", "pr2", "--predictor", "optimizer",
+      "--no-use-distributed-optimizer"], True),  # it needs whole router weights' Adam state
     (["--routing-method", "pr2-engine"], True),
     (["--routing-method", "r2"], False),
     (["--routing-method", "r3"], False),
