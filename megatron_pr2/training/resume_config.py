@@ -106,19 +106,28 @@ def configured_learning_rates(optimizer) -> list[dict]:
 def restore_learning_rates(optimizer, configured: list[dict]) -> None:
     """Put the configured rates back after an optimizer-state load replaced them.
 
-    The one place where a resumed run's learning rates are decided (an LR scheduler's state
-    would be applied here instead).
+    The one place where a resumed run's learning rates are decided. With an LR scheduler
+    (``optimizer.scheduler``, whose step count the load restored) each group's current ``lr``
+    is the schedule's at that step, from the configured ``max_lr``/``min_lr``.
     """
     groups = optimizer.param_groups
     if len(groups) != len(configured):
         raise ResumeConfigError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
                                 f"this run builds {len(configured)}")
+    scheduler = getattr(optimizer, "scheduler", None)
     for group, rates in zip(groups, configured):
+        if scheduler is not None:
+            rates = {k: v for k, v in rates.items() if k != "lr"}
         changed = {k: (group.get(k), v) for k, v in rates.items() if group.get(k) != v}
         group.update(rates)
         if changed and "lr" in changed:
             logger.info("resume: learning rate %g -> %g (from the command line)",
                         changed["lr"][0], changed["lr"][1])
+        if changed and "max_lr" in changed:
+            logger.info("resume: peak learning rate %g -> %g (from the command line)",
+                        changed["max_lr"][0], changed["max_lr"][1])
+    if scheduler is not None:
+        scheduler.step(increment=0)
 
 
 def check_predictor_presence(checkpoint_keys, model_has_predictor: bool, checkpoint: str) -> None:
