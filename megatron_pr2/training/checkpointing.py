@@ -261,7 +261,7 @@ def _load_weights(directory: str, model, optimizer) -> str | None:
     reason = None
     try:
         _load_states(directory, model, optimizer)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- raised deep inside torch
+    except (Exception, CheckpointException) as err:  # raised deep inside torch
         reason = f"loading it failed ({type(err).__name__}: {str(err)[:300]})"
         logger.debug("loading %s failed", directory, exc_info=True)
     if _any_rank_failed(reason is not None):
