@@ -13,6 +13,9 @@ optimizer it uses without TransformerEngine or Apex, on GPUs as on the host) are
   copies it back over the checkpoint's), in one tensor shared by all parameters that torch's
   ``Adam`` would increment once per parameter: :func:`finish_optimizer_load` sets the
   checkpoint's count, in a tensor per parameter.
+
+The load also copies in place into views of fp32 model parameters, so it must run with autograd
+off (``checkpointing`` loads under ``torch.no_grad()``).
 """
 
 from __future__ import annotations

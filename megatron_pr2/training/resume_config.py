@@ -30,8 +30,8 @@ REFUSED = {
     "model.hf_config": "the model",
     "model.transformer_impl": "the model's modules",
     "algo.routing_method": "the routing method",
-    "train.use_distributed_optimizer": "the optimizer state's format (sharded or not)",
-    "train.bf16": "the optimizer state's format (fp32 main params beside bf16 weights or not)",
+    "train.use_distributed_optimizer": "the optimizer state's format: sharded or not",
+    "train.bf16": "the optimizer state's format: fp32 main params beside bf16 weights or not",
 }
 LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
           "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",

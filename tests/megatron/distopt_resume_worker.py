@@ -10,7 +10,6 @@ straight, or loads the trainer checkpoint another run wrote after ``SAVED`` step
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.models import ModelOptions, build_model_chunks
@@ -33,11 +32,11 @@ ADAM_EPS = 1e-3  # keeps Adam's step linear in tiny gradients: DP=1 vs DP=2 nois
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 
 
-def _build(bf16: bool, init_dir: str):
-    initialize_model_parallel(ParallelConfig(), seed=4321)
+def _build(bf16: bool, layout: dict, init_dir: str):
+    parallel = ParallelConfig(**layout)
+    initialize_model_parallel(parallel, seed=4321)
     overrides = precision_overrides(bf16)
-    spec, config, chunks = build_model_chunks(layout_worker.model_config("qwen3"),
-                                              ParallelConfig(),
+    spec, config, chunks = build_model_chunks(layout_worker.model_config("qwen3"), parallel,
                                               ModelOptions(config_overrides=overrides))
     load_megatron_checkpoint(chunks, init_dir)
     model = wrap_with_ddp(chunks, config, use_distributed_optimizer=True)
@@ -61,9 +60,9 @@ def _train(model, optimizer, vocab: int, steps: int) -> None:
 
 
 def adam_summary(optimizer) -> dict:
-    """Layout-free figures of the sharded Adam state: per parameter group, the sum over all
-    data-parallel ranks of each state tensor's squared norm (the shards are disjoint, so this is
-    the full state's), the set of step counts, and the group's lr and weight decay."""
+    """Layout-free figures of the sharded Adam state: per parameter group, the sum over the ranks
+    that shard it of each state tensor's squared norm (the shards are disjoint, so this is the
+    full state's), the set of step counts, and the group's lr and weight decay."""
     summary = {}
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     for index, opt in enumerate(chained):
@@ -75,7 +74,7 @@ def adam_summary(optimizer) -> dict:
                 state = {"param": param, **inner.state[param]}
                 sums += torch.stack([state[k].double().square().sum() for k in STATE_KEYS])
                 steps.add(float(state["step"]))
-            torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+            torch.distributed.all_reduce(sums, group=opt.data_parallel_group)  # its shards
             summary[(index, group_index)] = {
                 "sq_norms": sums.tolist(), "steps": sorted(steps),
                 "lr": group["lr"], "weight_decay": group["weight_decay"]}
@@ -96,7 +95,7 @@ def local_adam_state(optimizer) -> list[dict]:
 
 
 def _one_run(init_dir: str, run: dict) -> dict:
-    spec, model, optimizer = _build(run.get("bf16", False), init_dir)
+    spec, model, optimizer = _build(run.get("bf16", False), run.get("layout", {}), init_dir)
     result = {}
     if run.get("resume_from"):
         resumed = checkpointing.resume(run["resume_from"], model, optimizer, config={})
@@ -114,7 +113,7 @@ def _one_run(init_dir: str, run: dict) -> dict:
 
 
 def train_runs(rank: int, init_dir: str, runs: list[dict]) -> dict:
-    """Each of ``runs`` in turn: ``{"name", "bf16", "weights_to"}`` plus ``save_to`` (train
+    """Each of ``runs`` in turn: ``{"name", "bf16", "layout", "weights_to"}`` plus ``save_to`` (train
     ``SAVED`` steps, checkpoint, train on) or ``resume_from`` (resume, train the rest)."""
     del rank
     results = {run["name"]: _one_run(init_dir, run) for run in runs}

@@ -4,9 +4,10 @@ Two gloo processes (DP=2) train a tiny Qwen3-MoE with Megatron's distributed opt
 warm-up + cosine schedule and clipping, checkpoint after ``SAVED`` steps through the trainer's
 ``checkpointing`` module and train on (the uninterrupted reference). Resumed from that checkpoint:
 
-* at DP=2 (fp32, and bf16 with fp32 main params): every rank's Adam state (main params, both
-  moments, the step count of every parameter) equals what it saved, bit for bit, and the weights
-  after the remaining steps equal the uninterrupted run's;
+* at DP=2 (fp32; bf16 with fp32 main params; EP=2 with chained dense and expert optimizers):
+  every rank's Adam state (main params, both moments, the step count of every parameter) equals
+  what it saved, bit for bit, and the weights after the remaining steps equal the uninterrupted
+  run's;
 * at DP=1 (the state resharded over one rank): the full state's squared norms per parameter group
   equal the two saved shards' sum, step counts and learning rates equal the saved ones, and the
   weights after the remaining steps match the uninterrupted DP=2 run within fp32 reduction noise.
@@ -21,14 +22,18 @@ from tests.megatron import layout_worker
 from tests.multiproc import run_distributed
 
 PRECISIONS = ("fp32", "bf16")
+# EP=2 on two ranks: the dense and the expert parameters get one distributed optimizer each
+# (chained), sharded over DP=2 and expert-DP=1
+RUNS = {"fp32": {}, "bf16": {"bf16": True}, "fp32_ep2": {"layout": {"expert_model_parallel_size": 2}}}
 
 
 def _runs(root, resume: bool, dp: int) -> list[dict]:
-    return [{"name": name, "bf16": name == "bf16",
+    names = RUNS if dp == 2 else PRECISIONS
+    return [{"name": name, **RUNS[name],
              "weights_to": str(root / f"{name}_dp{dp}_{'resumed' if resume else 'straight'}"),
              **({"resume_from": str(root / f"{name}_ckpt")} if resume
                 else {"save_to": str(root / f"{name}_ckpt")})}
-            for name in PRECISIONS]
+            for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,7 @@ def _assert_same_weights(got, want, rtol, atol):
                                    msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", sorted(RUNS))
 def test_resume_at_dp2_restores_every_rank_s_adam_state_exactly(runs, precision):
     root, straight, resumed, _ = runs
     for rank in range(2):
