@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_pr2.config import RunConfig
 from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.models import ModelOptions, build_model_chunks
 from megatron_pr2.models.moe_options import precision_overrides
@@ -30,6 +31,13 @@ SAVED, TOTAL = 2, 4
 LR, CLIP = 1e-2, 0.05
 ADAM_EPS = 1e-3  # keeps Adam's step linear in tiny gradients: DP=1 vs DP=2 noise stays noise
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _run_config() -> dict:
+    """The config saved with the checkpoint and resumed under (this model has no predictor)."""
+    cfg = RunConfig()
+    cfg.algo.routing_method = "none"
+    return cfg.to_dict()
 
 
 def _build(bf16: bool, layout: dict, init_dir: str):
@@ -98,14 +106,14 @@ def _one_run(init_dir: str, run: dict) -> dict:
     spec, model, optimizer = _build(run.get("bf16", False), run.get("layout", {}), init_dir)
     result = {}
     if run.get("resume_from"):
-        resumed = checkpointing.resume(run["resume_from"], model, optimizer, config={})
+        resumed = checkpointing.resume(run["resume_from"], model, optimizer, _run_config())
         assert resumed is not None and resumed.iteration == SAVED
         result.update(loaded=adam_summary(optimizer), loaded_local=local_adam_state(optimizer))
     else:
         _train(model, optimizer, spec.vocab_size, SAVED)
         result.update(saved=adam_summary(optimizer), saved_local=local_adam_state(optimizer))
         checkpointing.save_checkpoint(run["save_to"], SAVED, model, optimizer,
-                                      {"iteration": SAVED, "config": {}})
+                                      {"iteration": SAVED, "config": _run_config()})
     _train(model, optimizer, spec.vocab_size, TOTAL - SAVED)
     result["scheduler_steps"] = optimizer.scheduler.num_steps
     save_model_checkpoint(model, run["weights_to"])
