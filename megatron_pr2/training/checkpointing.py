@@ -33,6 +33,10 @@ from megatron_pr2.training.checkpoint_verify import (
 )
 from megatron_pr2.training.model_setup import unwrap_ddp
 from megatron_pr2.training.nonfinite import assert_finite_weights
+from megatron_pr2.training.optimizer_checkpoint import (
+    finish_optimizer_load,
+    prepare_optimizer_for_load,
+)
 from megatron_pr2.training.resume_config import (
     check_checkpoint_predictor,
     check_resume_config,
@@ -70,6 +74,8 @@ def _sharded_state(model, optimizer, is_loading: bool = False) -> dict:
     for chunk_state in state.values():
         model_state.update(chunk_state)
     if optimizer is not None:
+        if is_loading:
+            prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
     return state
 
@@ -239,19 +245,25 @@ def _verified_state(directory: str) -> tuple[dict | None, str | None]:
     return (None, reason) if reason else (state, None)
 
 
+@torch.no_grad()  # the distributed optimizer copies into views of the fp32 parameters
+def _load_states(directory: str, model, optimizer) -> None:
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
+    for i, chunk in enumerate(model):
+        unwrap_ddp(chunk).load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        finish_optimizer_load(optimizer)
+
+
 def _load_weights(directory: str, model, optimizer) -> str | None:
     """Load model and optimizer state (collective); a reason string when it failed."""
     configured = configured_learning_rates(optimizer) if optimizer is not None else None
     reason = None
     try:
-        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True),
-                                         directory)
-        for i, chunk in enumerate(model):
-            unwrap_ddp(chunk).load_state_dict(loaded[f"model{i}"])
-        if optimizer is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 -- raised deep inside torch
+        _load_states(directory, model, optimizer)
+    except (Exception, CheckpointException) as err:  # raised deep inside torch
         reason = f"loading it failed ({type(err).__name__}: {str(err)[:300]})"
+        logger.debug("loading %s failed", directory, exc_info=True)
     if _any_rank_failed(reason is not None):
         return reason or "loading it failed on another rank"
     if optimizer is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_pr2.training.optimizer_checkpoint import SHARDING_METADATA
+
 SCHEDULER_STATE_KEY = "param_scheduler"
 
 
@@ -56,7 +58,7 @@ class ScheduledOptimizer:
         """The optimizer's sharded state plus the scheduler's; the distributed optimizer's state
         is laid out ``dp_reshardable`` (Megatron-LM's default; the older
         ``fully_sharded_model_space`` default of Megatron-Core 0.16 cannot be saved)."""
-        metadata = {"distrib_optim_sharding_type": "dp_reshardable", **(metadata or {})}
+        metadata = {**SHARDING_METADATA, **(metadata or {})}
         state = self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                                   metadata=metadata)
         state[SCHEDULER_STATE_KEY] = self.scheduler.state_dict()

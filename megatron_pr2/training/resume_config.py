@@ -4,7 +4,9 @@ The trainer state of a checkpoint holds the run's config (``RunConfig.to_dict()`
 new config is compared field by field with it:
 
 * refused (the run would be meaningless): the model, the routing method, and the parallel layout
-  (unless ``--allow-resharding``: Megatron's ``torch_dist`` format reshards on load), and the
+  (unless ``--allow-resharding``: Megatron's ``torch_dist`` format reshards on load; not with
+  the distributed optimizer, whose ``dp_reshardable`` state reshards only over data-parallel
+  ranks), the optimizer state's format (``--use-distributed-optimizer``, ``--bf16``), and the
   predictor learning-rate multiplier crossing 1 (the predictor then joins or leaves another
   optimizer parameter group, and the saved Adam state no longer matches);
 * refused too: a checkpoint with PR2 predictor weights for a model without a predictor, or the
@@ -28,10 +30,13 @@ REFUSED = {
     "model.hf_config": "the model",
     "model.transformer_impl": "the model's modules",
     "algo.routing_method": "the routing method",
+    "train.use_distributed_optimizer": "the optimizer state's format: sharded or not",
+    "train.bf16": "the optimizer state's format: fp32 main params beside bf16 weights or not",
 }
 LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
           "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
           "expert_tensor_parallel_size", "context_parallel_size", "sequence_parallel")
+PARAMETER_LAYOUT = tuple(f for f in LAYOUT if f != "sequence_parallel")  # SP keeps grad buffers
 SAFE_FIELDS = {
     "train.lr", "train.train_iters", "train.save_interval", "train.eval_interval",
     "train.eval_prompts", "train.tensorboard_dir", "train.log_jsonl", "train.keep_last",
@@ -59,12 +64,16 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
             if old[key] != new[key]}
 
 
-def _refusal(key: str, before, after, allow_resharding: bool) -> str | None:
+def _refusal(key: str, before, after, allow_resharding: bool,
+             sharded_optimizer: bool) -> str | None:
     section, field = key.split(".", 1)
     if key in REFUSED:
         return REFUSED[key]
     if section == "parallel" and field in LAYOUT and not allow_resharding:
         return "the parallel layout (pass --allow-resharding to reshard the checkpoint)"
+    if section == "parallel" and field in PARAMETER_LAYOUT and sharded_optimizer:
+        return ("the parallel layout: the distributed optimizer's checkpointed state "
+                "(dp_reshardable) reshards only over data-parallel ranks")
     if key == "predictor.predictor_lr_mult" and (before == 1.0) != (after == 1.0):
         return "the optimizer's parameter groups (the predictor LR multiplier crosses 1)"
     return None
@@ -75,12 +84,14 @@ def check_resume_config(saved: dict, current: dict, checkpoint: str,
     """Refuse meaningless changes (all listed in one error), log the others; return them.
 
     Raises:
-        ResumeConfigError: the model, routing method or (without resharding) layout changed.
+        ResumeConfigError: the model, routing method, optimizer state format or (without
+            resharding, or with the distributed optimizer) the layout changed.
     """
     changes = config_changes(saved, current)
+    sharded_optimizer = bool(_flatten(saved).get("train.use_distributed_optimizer"))
     refused = []
     for key, (before, after) in changes.items():
-        reason = _refusal(key, before, after, allow_resharding)
+        reason = _refusal(key, before, after, allow_resharding, sharded_optimizer)
         if reason:
             refused.append(f"--{key.split('.', 1)[1].replace('_', '-')} {before!r} -> {after!r} "
                            f"({reason})")
@@ -106,19 +117,28 @@ def configured_learning_rates(optimizer) -> list[dict]:
 def restore_learning_rates(optimizer, configured: list[dict]) -> None:
     """Put the configured rates back after an optimizer-state load replaced them.
 
-    The one place where a resumed run's learning rates are decided (an LR scheduler's state
-    would be applied here instead).
+    The one place where a resumed run's learning rates are decided. With an LR scheduler
+    (``optimizer.scheduler``, whose step count the load restored) each group's current ``lr``
+    is the schedule's at that step, from the configured ``max_lr``/``min_lr``.
     """
     groups = optimizer.param_groups
     if len(groups) != len(configured):
         raise ResumeConfigError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
                                 f"this run builds {len(configured)}")
+    scheduler = getattr(optimizer, "scheduler", None)
     for group, rates in zip(groups, configured):
+        if scheduler is not None:
+            rates = {k: v for k, v in rates.items() if k != "lr"}
         changed = {k: (group.get(k), v) for k, v in rates.items() if group.get(k) != v}
         group.update(rates)
         if changed and "lr" in changed:
             logger.info("resume: learning rate %g -> %g (from the command line)",
                         changed["lr"][0], changed["lr"][1])
+        if changed and "max_lr" in changed:
+            logger.info("resume: peak learning rate %g -> %g (from the command line)",
+                        changed["max_lr"][0], changed["max_lr"][1])
+    if scheduler is not None:
+        scheduler.step(increment=0)
 
 
 def check_predictor_presence(checkpoint_keys, model_has_predictor: bool, checkpoint: str) -> None:

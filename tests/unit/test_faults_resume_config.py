@@ -52,6 +52,26 @@ def test_layout_change_is_applied_when_resharding_is_intended(caplog):
     assert "--expert-model-parallel-size changed 1 -> 2 (applied)" in caplog.text
 
 
+def test_distributed_optimizer_state_reshards_only_over_data_parallel_ranks():
+    saved = _config(train__use_distributed_optimizer=True)
+    for field, value in [("expert_model_parallel_size", 2), ("tensor_model_parallel_size", 2),
+                         ("pipeline_model_parallel_size", 2)]:
+        current = _config(train__use_distributed_optimizer=True, **{f"parallel__{field}": value})
+        with pytest.raises(ResumeConfigError, match="reshards only over data-parallel ranks"):
+            check_resume_config(saved, current, "c", allow_resharding=True)
+    # sequence parallelism leaves every parameter (and grad buffer) as it is
+    current = _config(train__use_distributed_optimizer=True, parallel__sequence_parallel=True)
+    assert check_resume_config(saved, current, "c", allow_resharding=True)
+
+
+def test_the_optimizer_state_s_format_may_not_change():
+    with pytest.raises(ResumeConfigError) as err:
+        check_resume_config(_config(), _config(train__use_distributed_optimizer=True,
+                                               train__bf16=True), "c")
+    assert "--use-distributed-optimizer False -> True (the optimizer state's format" in str(err.value)
+    assert "--bf16 False -> True (the optimizer state's format" in str(err.value)
+
+
 def test_safe_changes_are_logged_and_others_warned(caplog):
     saved = _config()
     current = _config(train__lr=3e-4, train__save_interval=5, rollout__temperature=0.7)
@@ -101,3 +121,35 @@ def test_resume_refuses_a_checkpoint_whose_predictor_the_model_lacks(saved_keys,
     assert str(err.value).startswith("cannot resume /ckpt/iter_0000002")
     assert "--load" in str(err.value)
     check_predictor_presence(saved_keys, not builds, "/ckpt/iter_0000002")  # matching: accepted
+
+
+def test_a_resumed_schedule_sets_each_group_s_lr_at_its_restored_step():
+    """Warm-up over 4 steps from 0 to each group's max_lr: after a load at step 2 the groups run
+    at half their configured peak (the new --lr's), not at step 0's lr of 0 nor the saved one."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class Scheduled:  # the shape of ScheduledOptimizer: param_groups plus its scheduler
+        def __init__(self, peak):
+            params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+            self.optimizer = torch.optim.Adam([
+                {"params": [params[0]], "max_lr": peak, "min_lr": 0.0},
+                {"params": [params[1]], "max_lr": 10 * peak, "min_lr": 0.0}])
+            self.scheduler = OptimizerParamScheduler(
+                self.optimizer, init_lr=0.0, max_lr=peak, min_lr=0.0, lr_warmup_steps=4,
+                lr_decay_steps=8, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                wd_incr_steps=1, wd_incr_style="constant")
+
+        @property
+        def param_groups(self):  # a load replaces the optimizer's list
+            return self.optimizer.param_groups
+
+    old, new = Scheduled(1e-3), Scheduled(3e-3)
+    old.scheduler.step(increment=2)
+    configured = configured_learning_rates(new)
+    assert [g["lr"] for g in new.param_groups] == [0.0, 0.0]  # step 0 of the warm-up
+    new.optimizer.load_state_dict(old.optimizer.state_dict())
+    new.scheduler.load_state_dict(old.scheduler.state_dict())
+    restore_learning_rates(new, configured)
+    assert new.scheduler.num_steps == 2
+    assert [g["max_lr"] for g in new.param_groups] == [3e-3, 3e-2]
+    assert [g["lr"] for g in new.param_groups] == pytest.approx([1.5e-3, 1.5e-2], rel=1e-12)
