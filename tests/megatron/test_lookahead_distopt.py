@@ -23,6 +23,7 @@ from tests.megatron.test_router_parallel import (  # noqa: F401 (fixtures)
     checkpoint,
     rollouts,
 )
+from tests.megatron.test_lookahead_parallel import train_steps
 from tests.multiproc import run_distributed
 
 SCALE = 1.5
@@ -52,17 +53,6 @@ def _bit_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def _train(model, optimizer, controller, microbatches):
-    for _ in range(STEPS):
-        controller.begin_step("record")
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        _run_schedule(model, controller, microbatches, forward_only=False)
-        controller.end_step()
-        optimizer.step()
-
-
 def _lookahead_run(ckpt_dir, tokens, layout, bf16, distributed) -> dict:
     from megatron.core import parallel_state
 
@@ -88,7 +78,7 @@ def _lookahead_run(ckpt_dir, tokens, layout, bf16, distributed) -> dict:
     controller = RoutingController(model)
     microbatches = _microbatches(tokens, 0, parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size())
-    _train(model, optimizer, controller, microbatches)
+    train_steps(model, optimizer, controller, microbatches, STEPS)
 
     before = _weights(model)
     result = {"r2": _record(model, controller, microbatches)}

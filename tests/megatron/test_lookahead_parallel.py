@@ -26,6 +26,18 @@ CHECKED_LAYOUTS = ("tp2-sp", "ep2", "pp2")
 SCALES = (0.0, 1.5)
 
 
+def train_steps(model, optimizer, controller, microbatches, steps: int) -> None:
+    """``steps`` optimizer steps on the same micro-batches, routing live (record mode)."""
+    for _ in range(steps):
+        controller.begin_step("record")
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        _run_schedule(model, controller, microbatches, forward_only=False)
+        controller.end_step()
+        optimizer.step()
+
+
 def _record(model, controller, microbatches):
     controller.begin_step("record")
     _run_schedule(model, controller, microbatches, forward_only=True)
@@ -51,13 +63,7 @@ def lookahead_routes(parallel, ckpt_dir, tokens, config_overrides=None) -> dict:
     controller = RoutingController(model)
     microbatches = _microbatches(tokens, 0, parallel_state.get_data_parallel_rank(),
                                  parallel_state.get_data_parallel_world_size())
-    controller.begin_step("record")
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    _run_schedule(model, controller, microbatches, forward_only=False)
-    controller.end_step()
-    optimizer.step()
+    train_steps(model, optimizer, controller, microbatches, steps=1)
 
     params = [p for chunk in model for p in chunk.parameters()]
     before = [p.detach().clone() for p in params]
