@@ -23,16 +23,13 @@ from __future__ import annotations
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_pr2.training.optimizer_state import inner_optimizers
+
 SHARDING_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _chained(optimizer) -> list:
-    """The optimizers a Megatron optimizer (chained or not) is made of."""
-    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
-
-
 def _distributed(optimizer) -> list[DistributedOptimizer]:
-    return [opt for opt in _chained(optimizer) if isinstance(opt, DistributedOptimizer)
+    return [opt for opt in inner_optimizers(optimizer) if isinstance(opt, DistributedOptimizer)
             and not getattr(opt, "is_stub_optimizer", False)]
 
 

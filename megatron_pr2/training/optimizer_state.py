@@ -63,7 +63,8 @@ def adam_next_step(state: ParamAdamState) -> torch.Tensor:
     return step
 
 
-def _inner_optimizers(optimizer) -> list:
+def inner_optimizers(optimizer) -> list:
+    """The optimizers a Megatron optimizer (chained, e.g. dense + expert, or not) is made of."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
@@ -113,7 +114,7 @@ def sharded_model_chunks(optimizer) -> list:
     ranks (each rank updates its slice, then DDP all-gathers the parameter buffer); ``[]`` with
     the plain optimizer."""
     chunks = {}
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         if _is_distributed(inner):
             chunks.update((id(chunk), chunk) for chunk in inner.model_chunks)
     return list(chunks.values())
@@ -131,7 +132,7 @@ def adam_param_states(optimizer) -> Iterator[ParamAdamState]:
     Raises:
         ValueError: the optimizer is not Adam, or keeps its state where this cannot read it.
     """
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         if getattr(inner, "is_stub_optimizer", False):  # no parameters on this rank
             continue
         torch_optimizer = getattr(inner, "optimizer", inner)
