@@ -6,10 +6,13 @@ The one rule the config check, the launch-side dry run and the RL loop all apply
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from megatron_pr2.config import RunConfig
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,13 @@ def plan_batch(cfg: RunConfig, dp: int) -> BatchPlan:
     _check_interleaved_schedule(plan, cfg.parallel.pipeline_model_parallel_size,
                                 cfg.parallel.virtual_pipeline_model_parallel_size or 1)
     return plan
+
+
+def split_ministeps(microbatches: Sequence[T], window: int) -> list[Sequence[T]]:
+    """A rank's micro-batches cut into its ``window`` mini-batches, in order (equal counts, as
+    :func:`plan_batch` guarantees)."""
+    per_step = len(microbatches) // window
+    return [microbatches[m * per_step:(m + 1) * per_step] for m in range(window)]
 
 
 def _check_interleaved_schedule(plan: BatchPlan, pp: int, vpp: int) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from megatron_pr2.platform import host_group
 from megatron_pr2.routing.route_plan import RoutePlan
+from megatron_pr2.training.batch_plan import split_ministeps
 from megatron_pr2.training.optimizer_state import (
     adam_next_step,
     adam_param_states,
@@ -178,13 +179,12 @@ def lookahead_old_pass(actor, microbatches: Sequence, window: int, scale: float)
     The result's routes cover every micro-batch (what the mini-steps replay); its metrics are
     the micro-batch-weighted means of the two passes.
     """
-    per_step = len(microbatches) // window
-    minibatches = [microbatches[i * per_step:(i + 1) * per_step] for i in range(window)]
+    minibatches = split_ministeps(microbatches, window)
     first = actor.logprob_pass(minibatches[0], "record")
     if window == 1:
         return first
     plan = lookahead_routes(actor, minibatches, scale)
-    rest = actor.logprob_pass(microbatches[per_step:], "replay", plan)
+    rest = actor.logprob_pass(microbatches[len(minibatches[0]):], "replay", plan)
     return merge_passes([first, rest], [1, window - 1])
 
 

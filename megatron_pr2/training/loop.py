@@ -23,10 +23,11 @@ from megatron_pr2.rollout.alignment import (
     shard_for_dp,
 )
 from megatron_pr2.rollout.engine import RolloutError
+from megatron_pr2.rollout.exchange import broadcast_object
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
-from megatron_pr2.training.batch_plan import plan_batch
+from megatron_pr2.training.batch_plan import plan_batch, split_ministeps
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.current_route import CurrentRouteReplay
 from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
@@ -124,8 +125,8 @@ class RLLoop:
                                      normalize_std=self.cfg.algo.normalize_advantage_std)
         microbatches = self._microbatches(samples, advantages)
         engine_plan = self._engine_plan(microbatches, samples)
-        per_step = len(microbatches) // self.cfg.algo.off_policy_window
-        with self._drift_capture("old", [mb.microbatch_id for mb in microbatches[::per_step]]):
+        ministeps = split_ministeps(microbatches, self.cfg.algo.off_policy_window)
+        with self._drift_capture("old", [chunk[0].microbatch_id for chunk in ministeps]):
             old = self._old_pass(microbatches, engine_plan)
         metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
                    old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
@@ -189,14 +190,12 @@ class RLLoop:
 
     def _ministeps(self, microbatches, replay_plan) -> dict[str, float]:
         window = self.cfg.algo.off_policy_window
-        per_step = len(microbatches) // window
         mode = "live" if replay_plan is None else "replay"
         train_predictor = self.method.trains_predictor
         metrics, sums, drift = {}, {}, []
         current = (CurrentRouteReplay(self.parts.actor, replay_plan)
                    if self.method.replay_source == "current" else None)
-        for m in range(window):
-            chunk = microbatches[m * per_step:(m + 1) * per_step]
+        for m, chunk in enumerate(split_ministeps(microbatches, window)):
             plan = (current.ministep_plan(m, chunk) if current else None
                     if replay_plan is None else
                     replay_plan.select([mb.microbatch_id for mb in chunk]))
@@ -249,10 +248,9 @@ class RLLoop:
                 self.source.engine.pool.require_live()
             except RolloutError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-        box = [problem]
-        torch.distributed.broadcast_object_list(box, src=0, group=host_group())
-        if box[0]:
-            raise WeightSyncError(f"{failure}; {box[0]}") from failure
+        problem = broadcast_object(problem, group=host_group())
+        if problem:
+            raise WeightSyncError(f"{failure}; {problem}") from failure
         self.weight_sync = self._build_weight_syncer()
         self.weight_sync.sync(predictive_gate=self.method.predictive_engine_gate)
 

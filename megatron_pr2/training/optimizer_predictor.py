@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_pr2.training.batch_plan import split_ministeps
 from megatron_pr2.training.lookahead import merge_passes
 from megatron_pr2.training.optimizer_state import (
     adam_next_step,
@@ -51,8 +52,7 @@ def router_steps_as_predictors(routers, optimizer, scale: float):
 
 def optimizer_predictor_old_pass(actor, microbatches: Sequence, window: int, scale: float):
     """The old-log-prob pass of PR2 with the optimizer predictor; returns a ``PassResult``."""
-    per_step = len(microbatches) // window
-    minibatches = [microbatches[i * per_step:(i + 1) * per_step] for i in range(window)]
+    minibatches = split_ministeps(microbatches, window)
     results = [actor.logprob_pass(minibatches[0], "record")]
     routers = actor.controller.routers
     for m, chunk in enumerate(minibatches[1:], start=2):

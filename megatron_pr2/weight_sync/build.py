@@ -92,6 +92,7 @@ def _server_view(engine) -> ServerView | None:
     """Rank 0's SGLang servers (live ones only), shared with every rank over the host group;
     None for the in-process engine. Only rank 0 holds the engine."""
     from megatron_pr2.platform.distributed import host_group
+    from megatron_pr2.rollout.exchange import broadcast_object
 
     view = None
     if dist.get_rank() == 0 and engine_kind(engine) == "sglang":
@@ -99,9 +100,7 @@ def _server_view(engine) -> ServerView | None:
         view = ServerView(tuple(pool.live if pool is not None else engine.addresses),
                           getattr(engine, "api_key", None),
                           float(getattr(engine.config, "request_timeout", 600.0)))
-    box = [view]
-    dist.broadcast_object_list(box, src=0, group=host_group())
-    return box[0]
+    return broadcast_object(view, group=host_group())
 
 
 def _apis(servers: ServerView) -> list[SGLangWeightAPI]:
@@ -172,6 +171,7 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
     """The weight syncer of this rank for ``engine`` (call on every rank; ``groups``: the run's
     ``ProcessGroupCollection``, default Megatron's initialised groups)."""
     from megatron_pr2.platform.distributed import host_group, process_groups
+    from megatron_pr2.rollout.exchange import broadcast_object
     from megatron_pr2.weight_sync.gather import StagePosition
 
     options = options or WeightSyncOptions()
@@ -189,10 +189,9 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
             engine_dtype(engine, apis, hf_config) if dist.get_rank() == 0 else None)
     except (KeyError, WeightUpdateError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    box = [(error, dtype)]
-    dist.broadcast_object_list(box, src=0, group=host_group())
-    if box[0][0]:
-        raise WeightUpdateError(f"weight sync set-up: {box[0][0]}")
+    error, dtype = broadcast_object((error, dtype), group=host_group())
+    if error:
+        raise WeightUpdateError(f"weight sync set-up: {error}")
     transport, error = Transport(), None
     if talks:
         try:
@@ -204,5 +203,5 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
     dist.all_gather_object(errors, error, group=host_group())
     if any(errors):
         raise WeightUpdateError("weight sync set-up: " + "; ".join(e for e in errors if e))
-    return WeightSyncer(model_chunks, hf_config, transport, box[0][1], options.bucket_bytes,
+    return WeightSyncer(model_chunks, hf_config, transport, dtype, options.bucket_bytes,
                         groups)
