@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 
 import requests
+
+from megatron_pr2.platform.distributed import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ def sglang_venv_ready(venv: str = DEFAULT_VENV) -> bool:
 
 def _python(venv: str) -> str:
     return os.path.join(venv, "bin", "python")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class SGLangServer:

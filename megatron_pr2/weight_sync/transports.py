@@ -28,17 +28,14 @@ import torch.distributed as dist
 
 from megatron_pr2.convert.safetensors_io import SafetensorsStreamWriter
 from megatron_pr2.platform.device import compute_device
+from megatron_pr2.platform.distributed import free_port
 from megatron_pr2.weight_sync.bucket import FlatBucket
 from megatron_pr2.weight_sync.sglang_api import (
     SGLangWeightAPI,
     WeightUpdateError,
     serialize_named_tensors,
 )
-from megatron_pr2.weight_sync.update_group import (
-    create_update_group,
-    destroy_update_group,
-    free_port,
-)
+from megatron_pr2.weight_sync.update_group import create_update_group, destroy_update_group
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +232,7 @@ class SGLangDistributedTransport(_SGLangSession):
         if self.group is not None:
             return
         name = f"megatron_pr2_pp{self.stage}_{uuid.uuid4().hex[:8]}"
-        port = free_port()
+        port = free_port("")  # the servers connect from other hosts
         world = 1 + sum(self.tp_sizes)
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.apis))]
         futures = [self._pool.submit(api.init_weights_update_group, self.master_address, port,

@@ -9,16 +9,8 @@ it (torch has no public constructor for a group outside the default world).
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch.distributed as dist
-
-
-def free_port(host: str = "") -> int:
-    """A TCP port that was free a moment ago (for the group's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def create_update_group(backend: str, master_address: str, master_port: int, world_size: int,
