@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from megatron_pr2.models.moe_options import FP8_ALIGNMENT
 from megatron_pr2.platform.distributed import ParallelConfig
 from megatron_pr2.rl.losses import PolicyLossConfig
-from megatron_pr2.routing.methods import ROUTING_METHODS, routing_method
+from megatron_pr2.routing.methods import PREDICTORS, ROUTING_METHODS, routing_method
 from megatron_pr2.training.batch_plan import plan_batch
 
 
@@ -39,7 +40,7 @@ class ModelArgs:
     def validate(self) -> None:
         _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))
         _choice("fp8_format", self.fp8_format, (None, "e4m3", "hybrid"))
-        _choice("fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
+        _choice("fp8_recipe", self.fp8_recipe, tuple(FP8_ALIGNMENT))
         _choice("moe_token_dispatcher_type", self.moe_token_dispatcher_type,
                 (None, "allgather", "alltoall"))
         _choice("recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
@@ -136,7 +137,7 @@ class PredictorArgs:
     predictor_sample_ratio: float = 1.0
 
     def validate(self) -> None:
-        _choice("predictor", self.predictor, ("learned", "optimizer"))
+        _choice("predictor", self.predictor, PREDICTORS)
         _choice("predictor_loss", self.predictor_loss, ("kl-post", "kl", "l2"))
         if not 0 < self.predictor_sample_ratio <= 1:
             raise ValueError("--predictor-sample-ratio must be in (0, 1]")

@@ -28,7 +28,7 @@ def training_state_bytes_per_param(bf16: bool, distributed_optimizer: bool,
     fp32 main weights (bf16 only, 4 B) and Adam's two moments (8 B) are sharded over
     ``data_parallel`` ranks by the distributed optimizer.
     """
-    replicated = (2 if bf16 else 4) + 4
+    replicated = model_weight_bytes(bf16) + 4
     sharded = (4 if bf16 else 0) + 8
     return replicated + sharded / (data_parallel if distributed_optimizer else 1)
 

@@ -134,7 +134,7 @@ def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: 
             f"PR2 recorded predictor inputs: <= {host:.1f} GiB pinned host memory per GPU, "
             f"{host * gpus_per_node:.0f} GiB per node (--predictor-sample-ratio "
             f"{cfg.predictor.predictor_sample_ratio:g}, {prompt_tokens}-token prompts assumed)")
-    _add_weight_copies(report, cfg, params, layout, gpus_per_node)
+    _add_weight_copies(report, cfg, method, params, layout, gpus_per_node)
     if batch.microbatches_per_ministep < layout.pp:
         report.notes.append(f"only {batch.microbatches_per_ministep} micro-batches per mini-step "
                             f"for {layout.pp} pipeline stages: the pipeline will mostly idle")
@@ -163,10 +163,10 @@ def _memory_by_node_count(cfg: RunConfig, spec, with_predictor: bool, gpus_per_n
     return "weights+grads+Adam per GPU by node count: " + ", ".join(figures)
 
 
-def _add_weight_copies(report: Report, cfg: RunConfig, params, layout: Placement,
+def _add_weight_copies(report: Report, cfg: RunConfig, method, params, layout: Placement,
                        gpus_per_node: int) -> None:
     """The pinned host memory pr2-lookahead and current-route keep for their weight copies."""
-    source = routing_method(cfg.algo.routing_method).replay_source
+    source = method.replay_source
     bf16, distributed = cfg.train.bf16, cfg.train.use_distributed_optimizer
     if source == "lookahead":
         gib = lookahead_copy_bytes(params, layout, bf16, distributed) / GIB
