@@ -19,17 +19,10 @@ import torch.distributed as dist
 from megatron_pr2.convert.adapter import StateDictAdapter
 from megatron_pr2.convert.sharding import merge_tp_shards
 from megatron_pr2.platform.distributed import process_groups
+from megatron_pr2.training.model_setup import unwrap_ddp
 from megatron_pr2.weight_sync.plan import ParallelSizes, ParamSlot, stage_slots
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
-
-
-def unwrap_model(chunk):
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    module = chunk
-    while not hasattr(module, "decoder") and hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +67,7 @@ class StageGatherer:
     """
 
     def __init__(self, model_chunks, adapter: StateDictAdapter, groups=None):
-        self.chunks = [unwrap_model(c) for c in model_chunks]
+        self.chunks = [unwrap_ddp(c) for c in model_chunks]
         self.adapter = adapter
         self.groups = process_groups(groups)
         self.position = StagePosition.of(self.groups)
