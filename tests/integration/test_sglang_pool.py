@@ -66,20 +66,27 @@ def make_client(servers, **config):
     return SGLangClient.for_hf_config([s.address for s in servers[:2]], CFG, config=transport)
 
 
-def record_request_times(client):
-    """Wrap the client's transport to record (start, end) of every /generate call."""
-    times, original = [], client._request_once
+def hold_until_all_in_flight(client, parties, timeout=300.0):
+    """Wrap the client's transport so every /generate call waits at a barrier of ``parties``
+    before it is sent; return the list that records a broken barrier.
 
-    def timed(address, method, path, body=None, read_timeout=None):
-        start = time.monotonic()
-        try:
-            return original(address, method, path, body, read_timeout)
-        finally:
-            if path == "/generate":
-                times.append((start, time.monotonic()))
+    The barrier opens only when ``parties`` calls are inside the transport at the same time, so
+    a client that capped its requests in flight below ``parties`` breaks it (after ``timeout``).
+    This does not depend on how fast the server answers: a sample that stops at its first token
+    cannot finish before the last request has started.
+    """
+    barrier, broken, original = threading.Barrier(parties, timeout=timeout), [], client._request_once
 
-    client._request_once = timed
-    return times
+    def held(address, method, path, body=None, read_timeout=None):
+        if path == "/generate":
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                broken.append(address)
+        return original(address, method, path, body, read_timeout)
+
+    client._request_once = held
+    return broken
 
 
 def test_update_endpoints_refuse_a_request_without_the_key(servers, checkpoint):
@@ -108,12 +115,10 @@ def test_whole_batch_in_flight_and_rewards_scored_while_generation_continues(
     cfg.rollout.rollout_batch_prompts, cfg.rollout.n_samples_per_prompt = 4, 4
     cfg.rollout.max_new_tokens = 48
     client = make_client(servers)
-    times = record_request_times(client)
+    broken = hold_until_all_in_flight(client, parties=16)
     samples, metrics = RolloutSource(cfg, client, DigitPrompts(cfg)).collect(1)
-    assert len(samples) == 16 and len(times) == 16
-    last_start = max(start for start, _ in times)
-    first_end = min(end for _, end in times)
-    assert last_start < first_end, "some request started only after another had finished"
+    assert len(samples) == 16
+    assert not broken, "the 16 requests were never in flight at once: the client capped them"
     assert {s.metadata["engine"] for s in samples} == {s.address for s in servers[:2]}
     finished = sorted(s.metadata["finished_at"] for s in samples)
     scored = sorted(s.metadata["scored_at"] for s in samples)
