@@ -187,9 +187,21 @@ class TrainArgs:
             raise ValueError(f"--min-lr must be in [0, --lr={self.lr}], got {self.min_lr}")
         if self.lr_warmup_iters < 0 or self.clip_grad < 0 or self.weight_decay < 0:
             raise ValueError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
-        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.lr_warmup_iters:
-            raise ValueError(f"--lr-decay-iters ({self.lr_decay_iters}) must exceed "
-                             f"--lr-warmup-iters ({self.lr_warmup_iters})")
+        if self.lr_decay_iters is not None:
+            _positive("lr_decay_iters", self.lr_decay_iters)
+
+    def lr_decay_steps(self, optimizer_steps: int) -> int:
+        """Optimizer steps the LR decays over: ``--lr-decay-iters``, default the whole run."""
+        return self.lr_decay_iters or optimizer_steps
+
+    def check_lr_schedule(self, optimizer_steps: int) -> None:
+        """A decaying LR must decay after its warm-up ends (constant: decay steps unused)."""
+        decay = self.lr_decay_steps(optimizer_steps)
+        if self.lr_decay_style != "constant" and decay <= self.lr_warmup_iters:
+            source = ("--lr-decay-iters" if self.lr_decay_iters else
+                      "the run's optimizer steps (--train-iters x --off-policy-window)")
+            raise ValueError(f"--lr-decay-style {self.lr_decay_style}: {source} = {decay} must "
+                             f"exceed --lr-warmup-iters ({self.lr_warmup_iters})")
 
 
 @dataclasses.dataclass
@@ -239,6 +251,7 @@ class RunConfig:
         if self.parallel.context_parallel_size != 1:
             raise ValueError("--context-parallel-size > 1 is not supported by the RL trainer yet")
         plan_batch(self, dp=1)  # what every data-parallel size needs; the loop checks its own DP
+        self.train.check_lr_schedule(self.optimizer_steps)
         if self.train.save_interval and not self.train.save:
             raise ValueError("--save-interval needs --save DIR")
         routing_method(self.algo.routing_method, self.predictor.predictor)  # names bad pairs
@@ -250,6 +263,11 @@ class RunConfig:
             raise ValueError("--eval-interval with --task math needs held-out problems: "
                              "--eval-data-path FILE or --eval-fraction F")
         return self
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (each RL iteration takes ``--off-policy-window``)."""
+        return self.train.train_iters * self.algo.off_policy_window
 
     def _validate_rspo(self) -> None:
         """RSPO compares router log-probs at the old routes: mini-steps must replay them, and

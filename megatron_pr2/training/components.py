@@ -80,11 +80,10 @@ def _optimizer(cfg: RunConfig, model):
     overrides = predictor_optimizer_overrides(options.megatron_config(),
                                               cfg.predictor.predictor_lr_mult)
     optimizer = build_optimizer(model, options=options, config_overrides=overrides)
-    steps = train.train_iters * cfg.algo.off_policy_window
     scheduler = build_param_scheduler(
         optimizer, lr=train.lr, min_lr=train.min_lr, decay_style=train.lr_decay_style,
-        warmup_steps=train.lr_warmup_iters, decay_steps=train.lr_decay_iters or steps,
-        weight_decay=train.weight_decay)
+        warmup_steps=train.lr_warmup_iters,
+        decay_steps=train.lr_decay_steps(cfg.optimizer_steps), weight_decay=train.weight_decay)
     return ScheduledOptimizer(optimizer, scheduler)
 
 

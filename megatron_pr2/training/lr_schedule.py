@@ -20,11 +20,9 @@ def build_param_scheduler(optimizer, *, lr: float, min_lr: float, decay_style: s
                           warmup_steps: int, decay_steps: int, weight_decay: float):
     """An ``OptimizerParamScheduler`` (linear warm-up from 0, then ``decay_style`` to ``min_lr``).
 
-    Constructing it already applies step 0 to every group (LR and weight decay).
+    Constructing it already applies step 0 to every group (LR and weight decay). The steps are
+    checked once, by ``TrainArgs.check_lr_schedule`` (``RunConfig.validate``).
     """
-    if decay_steps <= warmup_steps and decay_style != "constant":
-        raise ValueError(f"LR decay over {decay_steps} optimizer steps must exceed the "
-                         f"{warmup_steps} warm-up steps")
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_steps,
         lr_decay_steps=max(decay_steps, warmup_steps + 1), lr_decay_style=decay_style,

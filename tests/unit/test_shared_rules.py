@@ -43,6 +43,8 @@ def _trainer_error(argv, capsys) -> str:
      "--transformer-impl transformer_engine cannot run with --device cpu"),
     (["--max-new-tokens", "256"],  # tiny-qwen3-moe has 256 positions
      "--max-new-tokens 256 does not fit the model's max_position_embeddings 256"),
+    (["--lr-decay-style", "cosine", "--lr-warmup-iters", "400"],  # 20 iterations x window 2
+     "the run's optimizer steps (--train-iters x --off-policy-window) = 40 must exceed"),
 ])
 def test_config_rules_refused_alike(extra, needle, capsys):
     argv = [*SMALL, *extra]
