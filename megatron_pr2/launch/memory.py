@@ -10,9 +10,6 @@ from megatron_pr2.models.pipeline_stages import rank_layer_numbers
 from megatron_pr2.training.batch_plan import BatchPlan
 
 GIB = 1024**3
-# fp32 parameters, fp32 gradients and Adam's two fp32 moments with Megatron's plain optimizer: 16
-# bytes per parameter (other precisions/optimizers: training_state_bytes_per_param).
-OPTIMIZER_STATE_BYTES_PER_PARAM = 16
 
 
 def model_weight_bytes(bf16: bool) -> int:
@@ -42,10 +39,6 @@ class ParamEstimate:
     per_gpu: int  # fullest pipeline stage, PR2 predictors included when used
     predictor_per_gpu: int
     experts_per_gpu: int = 0  # routed-expert weights of that stage (the rest is dense)
-
-    @property
-    def optimizer_state_gib_per_gpu(self) -> float:
-        return self.per_gpu * OPTIMIZER_STATE_BYTES_PER_PARAM / GIB
 
 
 @dataclasses.dataclass(frozen=True)
