@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+PREDICTORS = ("learned", "optimizer")
+
 
 @dataclasses.dataclass(frozen=True)
 class RoutingMethod:
@@ -25,8 +27,8 @@ class RoutingMethod:
             then replayed in the old pass at ``theta_0``; :mod:`megatron_pr2.training.lookahead`)
             or ``"current"`` (the current router's live route at each mini-step, with the old
             log-probs recomputed at ``theta_0`` under it; :mod:`megatron_pr2.training.current_route`).
-        trains_predictor: the PR2 evolution predictor is trained (see :attr:`builds_predictor`).
-        predictive_engine_gate: weight sync writes ``W_r + W_p^T`` as the engine's gate.
+        predictive_engine_gate: weight sync writes ``W_r + W_p^T`` as the engine's gate (needs
+            the learned predictor).
         summary: one line for tables and ``--help``.
         predictor: where PR2's evolution predictor comes from: ``"learned"`` (``W_p``
             trained by the predictor loss, as the paper defines it), ``"optimizer"`` (``W_p`` =
@@ -37,16 +39,26 @@ class RoutingMethod:
     name: str
     old_pass_mode: str
     replay_source: str | None
-    trains_predictor: bool
     predictive_engine_gate: bool
     summary: str
     predictor: str | None = None
 
+    def __post_init__(self):
+        if self.predictor not in (None, *PREDICTORS):
+            raise ValueError(f"{self.name}: predictor must be None or one of {PREDICTORS}")
+        if self.predictive_engine_gate and self.predictor != "learned":
+            raise ValueError(f"{self.name}: the predictive engine gate folds in a learned W_p")
+
+    @property
+    def trains_predictor(self) -> bool:
+        """The predictor loss trains ``W_p`` (the learned predictor)."""
+        return self.predictor == "learned"
+
     @property
     def builds_predictor(self) -> bool:
-        """The routers hold ``W_p`` (trained, folded into the engine's gate, or set from the
-        optimizer's step); other methods build no predictor, save none and count none."""
-        return self.trains_predictor or self.predictive_engine_gate or self.predictor is not None
+        """The routers hold ``W_p`` (learned, or set from the optimizer's step); other methods
+        build no predictor, save none and count none."""
+        return self.predictor is not None
 
     @property
     def uses_engine_routes(self) -> bool:
@@ -59,30 +71,27 @@ class RoutingMethod:
 
 
 _TABLE = (
-    RoutingMethod("none", "live", None, False, False,
+    RoutingMethod("none", "live", None, False,
                   "live top-k everywhere (no replay)"),
-    RoutingMethod("r2", "record", "old_pass", False, False,
+    RoutingMethod("r2", "record", "old_pass", False,
                   "record the old policy's live route, replay it in the mini-steps"),
-    RoutingMethod("r3", "replay", "engine", False, False,
+    RoutingMethod("r3", "replay", "engine", False,
                   "replay the rollout engine's routes in every trainer forward"),
-    RoutingMethod("pr2", "predict", "old_pass", True, False,
+    RoutingMethod("pr2", "predict", "old_pass", False,
                   "route with TopK(p_old + h_old W_p), replay it; train W_p from mini-step 2",
                   "learned"),
-    RoutingMethod("pr2-engine", "replay", "engine", True, True,
+    RoutingMethod("pr2-engine", "replay", "engine", True,
                   "engine routes with the predictive gate W_r + W_p^T; replay them (R3 transport)",
                   "learned"),
-    RoutingMethod("pr2-lookahead", "record", "lookahead", False, False,
+    RoutingMethod("pr2-lookahead", "record", "lookahead", False,
                   "route mini-batch m live at theta_0 + c(m-1)u (u = Adam's next step), "
                   "old log-probs at theta_0 under it; replay it"),
-    RoutingMethod("current-route", "record", "current", False, False,
+    RoutingMethod("current-route", "record", "current", False,
                   "zero-staleness reference: each mini-step's live route, old log-probs "
                   "recomputed at theta_0 (a frozen copy) under it; replay it"),
 )
 
 ROUTING_METHODS: dict[str, RoutingMethod] = {m.name: m for m in _TABLE}
-
-
-PREDICTORS = ("learned", "optimizer")
 
 
 def routing_method(name: str, predictor: str = "learned") -> RoutingMethod:
@@ -100,6 +109,6 @@ def routing_method(name: str, predictor: str = "learned") -> RoutingMethod:
     if name != "pr2":
         raise ValueError(f"--predictor optimizer is a variant of --routing-method pr2, not {name}")
     return dataclasses.replace(
-        row, trains_predictor=False, predictor="optimizer",
+        row, predictor="optimizer",
         summary="route mini-batch m with TopK(p_old + h_old (c(m-1) u_r)^T), u_r = the router "
                 "weight's Adam step; replay it")

@@ -40,6 +40,7 @@ from megatron_pr2.training.optimizer_checkpoint import (
 from megatron_pr2.training.resume_config import (
     check_checkpoint_predictor,
     check_resume_config,
+    check_world_size,
     configured_learning_rates,
     restore_learning_rates,
 )
@@ -84,6 +85,10 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -123,7 +128,8 @@ def _write_staging(root: str, staging: str, model, optimizer, trainer_state: dic
         os.makedirs(staging)
     _barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer), staging)
-    torch.save(trainer_state, trainer_state_path(staging, _rank()))
+    torch.save({**trainer_state, "world_size": _world_size()},
+               trainer_state_path(staging, _rank()))
 
 
 def _publish(root: str, staging: str, final: str, iteration: int) -> None:
@@ -233,6 +239,15 @@ def _candidates(root: str) -> list[int]:
     return [i for i in on_disk if i <= latest][::-1] or [latest]
 
 
+def _saved_world_size(directory: str) -> int | None:
+    """The number of ranks that wrote ``directory`` (rank 0's record; None when unreadable or
+    not recorded: the usual verification then names the problem)."""
+    try:
+        return load_trainer_state(directory, 0).get("world_size")
+    except CorruptCheckpointError:
+        return None
+
+
 def _verified_state(directory: str) -> tuple[dict | None, str | None]:
     """This rank's trainer state if every rank finds ``directory`` complete, else a reason."""
     try:
@@ -279,13 +294,15 @@ def resume(root: str | None, model, optimizer, config: dict,
     earlier one. The saved config is compared with ``config`` before any weight is loaded.
 
     Raises:
-        ResumeConfigError: ``config`` changes what the checkpoint's run is.
+        ResumeConfigError: ``config`` changes what the checkpoint's run is, or more ranks
+            resume it than wrote it (refused at once: an older checkpoint would not help).
         CheckpointError: checkpoints exist but none of them is usable.
     """
     candidates = _candidates(root) if root else []
     skipped = []
     for iteration in candidates:
         directory = _iter_dir(root, iteration)
+        check_world_size(_saved_world_size(directory), _world_size(), directory)  # every rank
         state, reason = _verified_state(directory)
         if reason is None:
             check_resume_config(state.get("config", {}), config, directory, allow_resharding)

@@ -109,6 +109,19 @@ def check_resume_config(saved: dict, current: dict, checkpoint: str,
     return changes
 
 
+def check_world_size(saved: int | None, current: int, checkpoint: str) -> None:
+    """Refuse a resume on more ranks than wrote ``checkpoint`` (``saved`` None: not recorded).
+
+    Each rank resumes its own trainer state (RNG streams, data position), so a rank the
+    checkpoint has no state for cannot resume; fewer ranks can (a smaller data-parallel size).
+    """
+    if saved is not None and current > saved:
+        raise ResumeConfigError(
+            f"cannot resume {checkpoint} on {current} ranks: it was written by {saved} ranks and "
+            f"holds a trainer state for each of them only. Resume on at most {saved} ranks "
+            f"(the data-parallel size may shrink), or start a new run with --load of its weights")
+
+
 def configured_learning_rates(optimizer) -> list[dict]:
     """The learning rates of each parameter group as the current config built them."""
     return [{k: group[k] for k in LR_KEYS if k in group} for group in optimizer.param_groups]

@@ -83,9 +83,11 @@ def test_only_methods_that_use_the_predictor_build_it():
     built = {name for name, row in ROUTING_METHODS.items() if row.builds_predictor}
     assert built == {"pr2", "pr2-engine"}
     assert routing_method("pr2", "optimizer").builds_predictor  # W_p set from Adam's step
-    # docs/architecture.md's example row: trains W_p on engine routes, no predictor field given
-    r3_pr2 = dataclasses.replace(routing_method("r3"), name="r3-pr2", trains_predictor=True)
-    assert r3_pr2.builds_predictor
+    # docs/architecture.md's example row: trains W_p on engine routes, the engine's gate unchanged
+    r3_pr2 = dataclasses.replace(routing_method("r3"), name="r3-pr2", predictor="learned")
+    assert r3_pr2.builds_predictor and r3_pr2.trains_predictor and not r3_pr2.predictive_engine_gate
+    with pytest.raises(ValueError, match="r3-gate: the predictive engine gate folds in a learned"):
+        dataclasses.replace(routing_method("r3"), name="r3-gate", predictive_engine_gate=True)
     with pytest.raises(ValueError, match="--predictor must be one of"):
         routing_method("pr2", "linear")
 

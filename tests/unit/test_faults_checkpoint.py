@@ -19,8 +19,9 @@ from megatron_pr2.training.checkpoint_verify import (
 from megatron_pr2.training.checkpointing import CheckpointError
 
 
-def _write_checkpoint(directory, iteration: int = 1):
-    """A checkpoint with the trainer's file layout: torch_dist shards + common + trainer state."""
+def _write_checkpoint(directory, iteration: int = 1, world_size: int | None = None):
+    """A checkpoint with the trainer's file layout: torch_dist shards + common + trainer state
+    (``world_size`` recorded as the trainer's save records it; None: an older checkpoint)."""
     os.makedirs(directory)
     dcp.save({"w": torch.arange(4096.0), "v": torch.ones(3, 5)}, checkpoint_id=str(directory),
              no_dist=True)
@@ -28,9 +29,11 @@ def _write_checkpoint(directory, iteration: int = 1):
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, handle)
     torch.save({"optimizer": {"param_groups": [{"lr": 1e-3}]}},
                os.path.join(directory, "common.pt"))
-    torch.save({"iteration": iteration, "torch_rng": torch.get_rng_state(),
-                "python_rng": (3, (1, 2, 3), None), "config": {"train": {"lr": 1e-3}}},
-               os.path.join(directory, "trainer_state_rank0.pt"))
+    state = {"iteration": iteration, "torch_rng": torch.get_rng_state(),
+             "python_rng": (3, (1, 2, 3), None), "config": {"train": {"lr": 1e-3}}}
+    if world_size is not None:
+        state["world_size"] = world_size
+    torch.save(state, os.path.join(directory, "trainer_state_rank0.pt"))
     return directory
 
 
@@ -74,6 +77,33 @@ def test_candidates_are_newest_first_up_to_latest_and_survive_a_garbled_latest(t
     assert checkpointing._candidates(str(tmp_path)) == [2, 1]
     (tmp_path / checkpointing.LATEST).write_text("2\x00garbage")
     assert checkpointing._candidates(str(tmp_path)) == [3, 2, 1]
+
+
+def test_more_ranks_than_wrote_the_checkpoint_are_refused_at_once(tmp_path, monkeypatch, caplog):
+    from megatron_pr2.training.resume_config import ResumeConfigError
+
+    for i in (1, 2):
+        _write_checkpoint(tmp_path / f"iter_{i:07d}", iteration=i, world_size=1)
+    (tmp_path / checkpointing.LATEST).write_text("2")
+    monkeypatch.setattr(checkpointing, "_world_size", lambda: 2)
+    tried = []
+    monkeypatch.setattr(checkpointing, "_verified_state", lambda d: tried.append(d))
+    with pytest.raises(ResumeConfigError) as err:
+        checkpointing.resume(str(tmp_path), model=[], optimizer=None, config={})
+    assert str(err.value).startswith(
+        f"cannot resume {tmp_path / 'iter_0000002'} on 2 ranks: it was written by 1 ranks")
+    assert tried == [] and "unusable" not in caplog.text  # no older checkpoint was tried
+
+
+def test_fewer_ranks_and_unrecorded_world_sizes_pass_the_rank_check(tmp_path, monkeypatch):
+    from megatron_pr2.training.resume_config import check_world_size
+
+    check_world_size(saved=4, current=2, checkpoint="c")  # data parallel shrinks
+    check_world_size(saved=None, current=8, checkpoint="c")  # older checkpoint: files decide
+    older = _write_checkpoint(tmp_path / "iter_0000001")
+    assert checkpointing._saved_world_size(str(older)) is None
+    os.remove(older / "trainer_state_rank0.pt")  # verification names the missing file later
+    assert checkpointing._saved_world_size(str(older)) is None
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints_only(tmp_path):
