@@ -74,6 +74,7 @@ class RolloutArgs:
     temperature: float = 1.0
     rollout_timeout: float = 120.0  # s per request; with the whole batch in flight ~ the batch time
     rollout_max_concurrency: int = 0  # SGLang requests in flight at once (0: the whole batch)
+    server_rejoin_interval: float = 60.0  # s between /health probes of an evicted server (0: off)
     weight_sync: str | None = None  # tensor | distributed | disk (default: tensor in-process, distributed for SGLang)
     weight_sync_bucket_mb: int = 512  # bucket size: peak extra memory of a sync
     weight_sync_dtype: str | None = None  # bf16 | fp32 | fp16 (default: the engine's dtype)
@@ -89,6 +90,9 @@ class RolloutArgs:
         if self.rollout_max_concurrency < 0:
             raise ValueError("--rollout-max-concurrency must be >= 0 (0: the whole batch), got "
                              f"{self.rollout_max_concurrency}")
+        if self.server_rejoin_interval < 0:
+            raise ValueError("--server-rejoin-interval must be >= 0 s (0: an evicted server never "
+                             f"rejoins), got {self.server_rejoin_interval}")
         _choice("rollout_dtype", self.rollout_dtype, ("bf16", "fp32"))
         if self.rollout_engine == "sglang" and not self.sglang_urls:
             raise ValueError("--rollout-engine sglang needs --sglang-urls http://host:port[,...]")

@@ -5,17 +5,20 @@ Every per-server operation (a generation request, a weight update) runs through
 (logged and counted), so the run goes on with the others and stops with
 :class:`NoServerLeftError` only when none is left. An evicted server rejoins only through
 :meth:`ServerPool.rejoin`, which the caller invokes after a full weight sync to it succeeded (a
-server that missed a sync holds stale weights).
+server that missed a sync holds stale weights); :meth:`ServerPool.probe_due` says which evicted
+servers are worth a health probe now (:mod:`~megatron_pr2.rollout.rejoin_schedule`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from megatron_pr2.rollout.engine import EngineUnavailableError, RolloutError
+from megatron_pr2.rollout.rejoin_schedule import RejoinSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,11 @@ class ServerPool:
 
     Args:
         addresses: base URLs, all live at the start.
+        rejoin_interval_s: seconds between two health probes of one evicted server (0: an
+            evicted server never rejoins).
     """
 
-    def __init__(self, addresses: Sequence[str]):
+    def __init__(self, addresses: Sequence[str], rejoin_interval_s: float = 60.0):
         if not addresses:
             raise ValueError("a server pool needs at least one address")
         if len(set(addresses)) != len(addresses):
@@ -45,6 +50,7 @@ class ServerPool:
         self._order = list(addresses)
         self._evicted: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._schedule = RejoinSchedule(rejoin_interval_s)
         self.evictions = 0
         self.rejoins = 0
         self.retries = 0
@@ -95,8 +101,30 @@ class ServerPool:
         with self._lock:
             if self._evicted.pop(address, None) is None:
                 return
+            self._schedule.forget(address)
             self.rejoins += 1
         logger.warning("SGLang server %s rejoined the pool after a full weight sync", address)
+
+    def probe_due(self, now: float | None = None) -> list[str]:
+        """Evicted servers to health-probe now (each at most once per interval); marks them."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            evicted = [a for a in self._order if a in self._evicted]
+            return self._schedule.due(evicted, now)
+
+    def rejoin_failed(self, addresses: Iterable[str], reason: str,
+                      now: float | None = None) -> None:
+        """A full sync with these probed servers failed: they stay evicted and are probed
+        again after a longer interval."""
+        now = time.monotonic() if now is None else now
+        addresses = list(addresses)
+        with self._lock:
+            self._schedule.failed(addresses, now)
+            waits = {a: self._schedule.next_probe(a) - now for a in addresses}
+        for address in addresses:
+            logger.warning("SGLang server %s answered /health but the full weight sync with it "
+                           "failed; it stays out of the pool (next probe in %.0f s): %s",
+                           address, waits[address], reason)
 
     def count_retry(self) -> None:
         with self._lock:

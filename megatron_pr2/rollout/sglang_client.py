@@ -56,6 +56,8 @@ class SGLangClientConfig:
         weight_chunk_bytes: tensor bytes per ``/update_weights_from_tensor`` request.
         tp_size: the servers' tensor-parallel size (the tensor payload is sent once per rank).
         api_key: sent as ``Authorization: Bearer`` (servers started with SGLang's ``--api-key``).
+        rejoin_interval: seconds between two ``/health`` probes of one evicted server (0: an
+            evicted server never rejoins).
     """
 
     connect_timeout: float = 5.0
@@ -66,10 +68,13 @@ class SGLangClientConfig:
     weight_chunk_bytes: int = 256 << 20
     tp_size: int = 1
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    rejoin_interval: float = 60.0
 
     def __post_init__(self):
         if self.max_attempts < 1 or self.tp_size < 1:
             raise ValueError("max_attempts and tp_size must be >= 1")
+        if self.rejoin_interval < 0:
+            raise ValueError(f"rejoin_interval must be >= 0 s (0: off), got {self.rejoin_interval}")
         if self.max_concurrency < 0:
             raise ValueError(f"max_concurrency must be >= 0 (0: all), got {self.max_concurrency}")
 
@@ -226,10 +231,10 @@ class SGLangClient:
         if not addresses:
             raise ValueError("SGLangClient needs at least one server address")
         self.addresses = [a.rstrip("/") for a in addresses]
-        self.pool = ServerPool(self.addresses)
+        self.config = config or SGLangClientConfig()
+        self.pool = ServerPool(self.addresses, self.config.rejoin_interval)
         self.route_shape = route_shape
         self.vocab_size = vocab_size
-        self.config = config or SGLangClientConfig()
         self._local = threading.local()
 
     @classmethod
@@ -363,20 +368,22 @@ class SGLangClient:
     # -- weights -------------------------------------------------------------------------------
 
     def on_each_server(self, operation: Callable[[str], None]) -> None:
-        """Run a weight operation on every live server, and on evicted ones that answer again.
+        """Run a weight operation on every live server, and on :meth:`rejoin_candidates`.
 
-        A server whose operation raises leaves the pool (the run goes on with the others); an
-        evicted server on which the operation succeeds rejoins it, so ``operation`` must be a
-        full weight sync.
+        A server whose operation raises leaves the pool (the run goes on with the others); a
+        candidate on which the operation succeeds rejoins it, so ``operation`` must be a full
+        weight sync.
 
         Raises:
             NoServerLeftError: no server is left after the operation.
         """
-        comeback = [a for a in self.pool.evicted if self._answers_health(a)]
+        comeback = self.rejoin_candidates()
         for address in self.pool.live + comeback:
             try:
                 self.pool.run_on(address, lambda a: self._as_server_failure(operation, a))
-            except ServerFailure:
+            except ServerFailure as exc:
+                if address in comeback:
+                    self.pool.rejoin_failed([address], str(exc))
                 continue
             if address in comeback:
                 self.pool.rejoin(address)
@@ -434,6 +441,23 @@ class SGLangClient:
 
     # -- health --------------------------------------------------------------------------------
 
+    def rejoin_candidates(self) -> list[str]:
+        """Evicted servers due for a probe (:meth:`ServerPool.probe_due`) that answer ``/health``.
+
+        The probes run concurrently, each bounded by ``connect_timeout`` + 10 s. A candidate
+        holds stale weights: it rejoins (:meth:`ServerPool.rejoin`) only after a full weight
+        sync to it succeeded, else the caller reports :meth:`ServerPool.rejoin_failed`.
+        """
+        due = self.pool.probe_due()
+        if not due:
+            return []
+        with concurrent.futures.ThreadPoolExecutor(len(due), thread_name_prefix="probe") as pool:
+            healthy = list(pool.map(self._answers_health, due))
+        candidates = [a for a, ok in zip(due, healthy) if ok]
+        if candidates:
+            logger.info("evicted SGLang server(s) answer /health again: %s", ", ".join(candidates))
+        return candidates
+
     def _answers_health(self, address: str) -> bool:
         try:
             timeout = (self.config.connect_timeout, 10.0)
@@ -445,7 +469,7 @@ class SGLangClient:
         """Ask each server's ``/health`` (``deep``: ``/health_generate``, which runs a generation).
 
         A live server that fails the check leaves the pool; an evicted one stays out until a
-        full weight sync (:meth:`on_each_server`).
+        full weight sync to it succeeded (:meth:`rejoin_candidates`).
         """
         path = "/health_generate" if deep else "/health"
         healthy, detail = {}, {}

@@ -14,7 +14,6 @@ import torch
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from megatron_pr2.platform.device import compute_device
-from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.rl.advantages import grpo_advantages
 from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import (
@@ -22,8 +21,6 @@ from megatron_pr2.rollout.alignment import (
     model_layer_numbers,
     shard_for_dp,
 )
-from megatron_pr2.rollout.engine import RolloutError
-from megatron_pr2.rollout.exchange import broadcast_object
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training import checkpointing
@@ -31,6 +28,7 @@ from megatron_pr2.training.batch_plan import plan_batch, split_ministeps
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.current_route import CurrentRouteReplay
 from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
+from megatron_pr2.training.engine_weight_sync import EngineWeightSync
 from megatron_pr2.training.lookahead import lookahead_old_pass
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
@@ -41,7 +39,6 @@ from megatron_pr2.training.rollout_batch import (
 )
 from megatron_pr2.training.rollout_source import RolloutSource
 from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
-from megatron_pr2.weight_sync.syncer import WeightSyncError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +85,8 @@ class RLLoop:
         self.method = routing_method(self.cfg.algo.routing_method, self.cfg.predictor.predictor)
         self.start_iteration = 0
         self.route_shape = RouteShape.from_hf_config(parts.spec)
-        self.weight_sync = self._build_weight_syncer()
+        self.weight_sync = EngineWeightSync(self._build_weight_syncer, source.engine,
+                                            server_pool=self.cfg.rollout.rollout_engine == "sglang")
         tokens = self.cfg.algo.drift_attribution_tokens
         self.drift_probe = (DriftProbe(parts.actor.controller.routers, parts.spec.num_layers,
                                        tokens) if tokens and self.method.replays else None)
@@ -112,6 +110,8 @@ class RLLoop:
                 self._progress(iteration, metrics)
                 if self._due(self.cfg.train.save_interval, iteration):
                     self._save(iteration)
+            self.weight_sync.close()  # the servers' update groups (not after a failure: a
+            # hung server would hold the exit for a request timeout)
         finally:
             metrics_log.close()
             if self.drift_probe is not None:
@@ -222,36 +222,17 @@ class RLLoop:
         metrics.update(drift_metrics(drift) if drift else {})
         return metrics
 
-    def _build_weight_syncer(self):
-        """Collective: the syncer for the engine's live servers (rank 0 holds the engine)."""
+    def _build_weight_syncer(self, rejoining=()):
+        """Collective: the syncer for the engine's live servers plus ``rejoining`` (evicted
+        servers to sync before they rejoin; rank 0's list) (rank 0 holds the engine)."""
         return build_weight_syncer(self.parts.model, self.source.engine, self.parts.hf_config,
                                    WeightSyncOptions.from_run_config(self.cfg),
-                                   groups=self.parts.groups)
+                                   groups=self.parts.groups, rejoining=rejoining)
 
     def _sync_weights(self) -> None:
-        try:
-            self.weight_sync.sync(predictive_gate=self.method.predictive_engine_gate)
-        except WeightSyncError as exc:
-            if self.cfg.rollout.rollout_engine != "sglang":
-                raise
-            self._resync_on_live_servers(exc)
-
-    def _resync_on_live_servers(self, failure: WeightSyncError) -> None:
-        """A server died: drop the servers that fail a health check, rebuild the syncer on the
-        live ones and sync once more (every rank sees the same failure and takes this path)."""
-        logger.warning("weight sync failed (%s); retrying on the servers that pass a health "
-                       "check", failure)
-        problem = None
-        if _is_rank0():
-            try:
-                self.source.engine.health()
-                self.source.engine.pool.require_live()
-            except RolloutError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-        problem = broadcast_object(problem, group=host_group())
-        if problem:
-            raise WeightSyncError(f"{failure}; {problem}") from failure
-        self.weight_sync = self._build_weight_syncer()
+        """Collective: evicted servers that answer again get this full sync, then rejoin; a
+        failed sync is redone on the servers that pass a health check
+        (:mod:`megatron_pr2.training.engine_weight_sync`)."""
         self.weight_sync.sync(predictive_gate=self.method.predictive_engine_gate)
 
     # ----------------------------------------------------------------------------- state

@@ -42,6 +42,7 @@ SAFE_FIELDS = {
     "train.eval_prompts", "train.tensorboard_dir", "train.log_jsonl", "train.keep_last",
     "train.max_consecutive_skips", "train.allow_resharding", "predictor.predictor_lr_mult",
     "rollout.rollout_timeout", "rollout.sglang_urls", "rollout.rollout_max_concurrency",
+    "rollout.server_rejoin_interval",
     "parallel.distributed_timeout_minutes",
     "model.load", "model.device",
 }

@@ -221,6 +221,7 @@ def make_engine(cfg: RunConfig, hf_config: dict):
         urls = [u.strip() for u in cfg.rollout.sglang_urls.split(",") if u.strip()]
         transport = SGLangClientConfig(request_timeout=cfg.rollout.rollout_timeout,
                                        max_concurrency=cfg.rollout.rollout_max_concurrency,
+                                       rejoin_interval=cfg.rollout.server_rejoin_interval,
                                        api_key=os.environ.get(API_KEY_ENV) or None)
         return SGLangClient.for_hf_config(urls, hf_config, config=transport)
     from megatron_pr2.rollout.inprocess import InProcessEngine

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -88,19 +89,45 @@ class ServerView:
     name: str = "sglang"
 
 
-def _server_view(engine) -> ServerView | None:
-    """Rank 0's SGLang servers (live ones only), shared with every rank over the host group;
-    None for the in-process engine. Only rank 0 holds the engine."""
+def _server_view(engine, rejoining: Sequence[str] = ()) -> ServerView | None:
+    """Rank 0's SGLang servers (the live ones and the evicted ones in ``rejoining``), shared
+    with every rank over the host group; None for the in-process engine. Only rank 0 holds the
+    engine; a bad ``rejoining`` raises the same error on every rank."""
     from megatron_pr2.platform.distributed import host_group
     from megatron_pr2.rollout.exchange import broadcast_object
 
-    view = None
-    if dist.get_rank() == 0 and engine_kind(engine) == "sglang":
-        pool = getattr(engine, "pool", None)
-        view = ServerView(tuple(pool.live if pool is not None else engine.addresses),
-                          getattr(engine, "api_key", None),
-                          float(getattr(engine.config, "request_timeout", 600.0)))
-    return broadcast_object(view, group=host_group())
+    view, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            view = _rank0_view(engine, rejoining)
+        except ValueError as exc:
+            error = str(exc)
+    view, error = broadcast_object((view, error), group=host_group())
+    if error:
+        raise ValueError(error)
+    return view
+
+
+def _rank0_view(engine, rejoining: Sequence[str]) -> ServerView | None:
+    if engine_kind(engine) != "sglang":
+        if rejoining:
+            raise ValueError(f"servers to rejoin {list(rejoining)} need an SGLang engine")
+        return None
+    pool = getattr(engine, "pool", None)
+    if pool is None:
+        if rejoining:
+            raise ValueError(f"servers to rejoin {list(rejoining)} need an engine with a pool")
+        addresses = tuple(engine.addresses)
+    else:
+        evicted = pool.evicted
+        unknown = [a for a in rejoining if a not in evicted]
+        if unknown:
+            raise ValueError(f"servers to rejoin must be evicted servers of the pool; not "
+                             f"evicted: {unknown}")
+        live = set(pool.live) | set(rejoining)
+        addresses = tuple(a for a in engine.addresses if a in live)
+    return ServerView(addresses, getattr(engine, "api_key", None),
+                      float(getattr(engine.config, "request_timeout", 600.0)))
 
 
 def _apis(servers: ServerView) -> list[SGLangWeightAPI]:
@@ -167,15 +194,19 @@ def build_transport(name: str, engine, hf_config: dict, options: WeightSyncOptio
 
 
 def build_weight_syncer(model_chunks, engine, hf_config: dict,
-                        options: WeightSyncOptions | None = None, groups=None) -> WeightSyncer:
+                        options: WeightSyncOptions | None = None, groups=None,
+                        rejoining: Sequence[str] = ()) -> WeightSyncer:
     """The weight syncer of this rank for ``engine`` (call on every rank; ``groups``: the run's
-    ``ProcessGroupCollection``, default Megatron's initialised groups)."""
+    ``ProcessGroupCollection``, default Megatron's initialised groups).
+
+    An SGLang engine's syncer targets its live servers plus ``rejoining`` (rank 0's list:
+    evicted servers of its pool that are to receive a full sync before they rejoin)."""
     from megatron_pr2.platform.distributed import host_group, process_groups
     from megatron_pr2.rollout.exchange import broadcast_object
     from megatron_pr2.weight_sync.gather import StagePosition
 
     options = options or WeightSyncOptions()
-    servers = _server_view(engine)
+    servers = _server_view(engine, rejoining)
     if servers is not None and engine is None:
         engine = servers  # ranks other than 0 push to rank 0's servers
     name = resolve_transport(engine, options.transport)

@@ -111,9 +111,9 @@ class WeightSyncer:
         return report
 
     def close(self) -> None:
-        """Release the transport's resources (SGLang update groups on both sides)."""
-        if self.is_pusher:
-            self.transport.reset()
+        """Release the transport's resources (SGLang update groups on both sides, threads);
+        call before building the next syncer. Local: no collective."""
+        self.transport.release()
 
     def _round(self, round_slots, predictive_gate: bool, local: dict) -> None:
         stream = self.gatherer.gathered(round_slots)

@@ -8,7 +8,8 @@ Every transport has the same life cycle within one sync (driven by
 * ``end_stage()`` on each pushing rank after its last bucket, ``receive()`` on rank 0 after its
   own stage (only the in-process engine moves buckets between trainer ranks);
 * ``close(manifests, ok)`` on rank 0 at the end, with every pushing rank's ``manifest()``;
-* ``reset()`` on a pushing rank whose push failed (the next sync starts afresh).
+* ``reset()`` on a pushing rank whose push failed (the next sync starts afresh);
+* ``release()`` when the syncer is dropped (``reset()`` and the transport's threads).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from megatron_pr2.weight_sync.sglang_api import (
     WeightUpdateError,
     serialize_named_tensors,
 )
-from megatron_pr2.weight_sync.update_group import create_update_group, destroy_update_group
+from megatron_pr2.weight_sync.update_group import (
+    create_update_group,
+    destroy_update_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +72,9 @@ class Transport:
 
     def reset(self) -> None:
         pass
+
+    def release(self) -> None:
+        self.reset()
 
 
 def _on_every_server(apis: Sequence[SGLangWeightAPI], call: Callable[[SGLangWeightAPI], None],
@@ -167,6 +174,10 @@ class _SGLangSession(Transport):
         _on_every_server(self.apis, lambda api: api.end_weight_update(), self._pool)
         if ok:
             _on_every_server(self.apis, lambda api: api.flush_cache(), self._pool)
+
+    def release(self) -> None:
+        self.reset()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def server_tp_sizes(apis: Sequence[SGLangWeightAPI]) -> list[int]:
