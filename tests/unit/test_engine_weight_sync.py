@@ -1,0 +1,140 @@
+"""The trainer's weight syncs while SGLang servers leave and come back (one gloo process, a tiny
+Megatron model, fake SGLang servers on 127.0.0.1 taking ``/update_weights_from_tensor``).
+
+References: each fake records the tensors of every update session it completed; a full sync must
+equal the single-process conversion adapter's output of the same model, tensor by tensor.
+"""
+
+import base64
+import pickle
+
+import pytest
+import torch
+
+from megatron_pr2.models.presets import preset
+from megatron_pr2.rollout.sample import SamplingParams
+from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
+from megatron_pr2.training.engine_weight_sync import EngineWeightSync
+from tests.fake_sglang import ROUTE_SHAPE, VOCAB, FakeSGLang, good_answer
+
+CFG = preset("tiny-qwen3-moe")
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+GREEDY = SamplingParams(max_new_tokens=3, greedy=True)
+
+
+class WeightServer:
+    """A fake SGLang server's weight side: sessions of ``/update_weights_from_tensor``."""
+
+    def __init__(self, refuse_weights=False):
+        self.refuse_weights = refuse_weights
+        self.session = None
+        self.completed = []  # one {name: tensor} per finished update session
+
+    def __call__(self, path, body, count):
+        if path == "/server_info":
+            return 200, {"dtype": "float32", "tp_size": 1, "pp_size": 1}
+        if path == "/generate":
+            return 200, good_answer(body)
+        if path == "/begin_weight_update":
+            self.session = {}
+        elif path == "/update_weights_from_tensor":
+            if self.refuse_weights:
+                return 500, {"success": False, "message": "out of memory"}
+            self.session.update(pickle.loads(base64.b64decode(body["serialized_named_tensors"][0])))
+        elif path == "/end_weight_update":
+            self.completed.append(self.session)
+            self.session = None
+        return 200, {"success": True}
+
+
+@pytest.fixture(scope="module")
+def model_and_reference(megatron_single_process):
+    from megatron_pr2.convert.loading import model_state_for_export
+    from megatron_pr2.convert.registry import adapter_for
+    from megatron_pr2.models import build_model
+    from megatron_pr2.platform import seed_model_parallel
+
+    seed_model_parallel(5)
+    _, _, model = build_model(CFG)
+    return model, dict(adapter_for(CFG).to_hf(model_state_for_export(model).items()))
+
+
+def engine_sync(model, client):
+    from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
+
+    def build(rejoining):
+        return build_weight_syncer([model], client, CFG, WeightSyncOptions(
+            transport="tensor", bucket_bytes=64 << 10), rejoining=rejoining)
+
+    return EngineWeightSync(build, client, server_pool=True)
+
+
+def make_client(addresses, interval):
+    config = SGLangClientConfig(connect_timeout=1.0, request_timeout=10.0, max_attempts=2,
+                                backoff=0.01, rejoin_interval=interval)
+    return SGLangClient(addresses, ROUTE_SHAPE, vocab_size=VOCAB, config=config)
+
+
+def assert_full_sync(session, reference):
+    assert session.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(session[name], tensor), name
+
+
+def test_a_restarted_server_gets_a_full_sync_then_rejoins_and_generates(model_and_reference):
+    model, reference = model_and_reference
+    a_weights, b_weights = WeightServer(), WeightServer()
+    a, b = FakeSGLang(a_weights), FakeSGLang(b_weights)
+    try:
+        client = make_client([a.address, b.address], interval=0.001)
+        sync = engine_sync(model, client)
+        sync.sync()
+        assert len(a_weights.completed) == len(b_weights.completed) == 1
+        first, closed = sync.syncer, []
+        first.close = lambda: closed.append(first.transport.release())
+        b.stop()  # b dies: generation evicts it, the next sync skips it (resync on the live)
+        client.generate(PROMPTS, GREEDY)
+        assert client.pool.live == [a.address]
+        assert sync.sync().num_tensors == len(reference)
+        assert sync.syncer.transport.apis[0].base_url == a.address
+        assert len(sync.syncer.transport.apis) == 1 and closed  # the old syncer was closed
+        b_weights = WeightServer()
+        b = FakeSGLang(b_weights, port=b.port)  # restarted at the same address, old weights
+        assert not [p for p, _ in b.requests if p == "/generate"]
+        sync.sync()
+        assert client.pool.live == [a.address, b.address]
+        assert client.metrics()["rollout/server_rejoins"] == 1.0
+        assert len(b_weights.completed) == 1
+        assert_full_sync(b_weights.completed[0], reference)
+        assert_full_sync(a_weights.completed[-1], reference)
+        assert "/generate" not in [p for p, _ in b.requests]
+        samples = client.generate(PROMPTS, GREEDY)
+        assert {s.metadata["engine"] for s in samples} == {a.address, b.address}
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_candidate_failing_the_sync_stays_out_and_the_live_servers_still_sync(
+        model_and_reference, caplog):
+    model, reference = model_and_reference
+    a_weights, b_weights = WeightServer(), WeightServer(refuse_weights=True)
+    a, b = FakeSGLang(a_weights), FakeSGLang(b_weights)
+    try:
+        client = make_client([a.address, b.address], interval=3600.0)
+        client.pool.evict(b.address, "timed out")  # it answers /health but cannot take weights
+        sync = engine_sync(model, client)
+        report = sync.sync()
+        assert report.num_tensors == len(reference)
+        assert client.pool.live == [a.address]
+        assert client.metrics()["rollout/server_rejoins"] == 0.0
+        assert f"SGLang server {b.address} answered /health but the full weight sync" in caplog.text
+        assert_full_sync(a_weights.completed[-1], reference)
+        assert [s.metadata["engine"] for s in client.generate(PROMPTS, GREEDY)] == [a.address] * 4
+        probes = [p for p, _ in b.requests].count("/health")
+        sync.sync()  # b backs off: not probed, not synced
+        assert [p for p, _ in b.requests].count("/health") == probes
+        assert_full_sync(a_weights.completed[-1], reference)
+    finally:
+        a.stop()
+        b.stop()
