@@ -9,6 +9,7 @@ import base64
 import contextlib
 import http.server
 import json
+import pickle
 import threading
 
 import numpy as np
@@ -121,3 +122,31 @@ def closed_address():
     address = server.address
     server.stop()
     return address
+
+
+class WeightServer:
+    """A :class:`FakeSGLang` behaviour: a float32 server that generates (:func:`good_answer`),
+    answers ``/health`` and records the tensors of each weight-update session it ended
+    (``/update_weights_from_tensor`` between begin and end); ``refuse_weights``: every update
+    fails with HTTP 500."""
+
+    def __init__(self, refuse_weights=False):
+        self.refuse_weights = refuse_weights
+        self.session = None
+        self.completed = []  # one {name: tensor} per finished update session
+
+    def __call__(self, path, body, count):
+        if path == "/server_info":
+            return 200, {"dtype": "float32", "tp_size": 1, "pp_size": 1}
+        if path == "/generate":
+            return 200, good_answer(body)
+        if path == "/begin_weight_update":
+            self.session = {}
+        elif path == "/update_weights_from_tensor":
+            if self.refuse_weights:
+                return 500, {"success": False, "message": "out of memory"}
+            self.session.update(pickle.loads(base64.b64decode(body["serialized_named_tensors"][0])))
+        elif path == "/end_weight_update":
+            self.completed.append(self.session)
+            self.session = None
+        return 200, {"success": True}

@@ -5,9 +5,6 @@ References: each fake records the tensors of every update session it completed; 
 equal the single-process conversion adapter's output of the same model, tensor by tensor.
 """
 
-import base64
-import pickle
-
 import pytest
 import torch
 
@@ -15,36 +12,11 @@ from megatron_pr2.models.presets import preset
 from megatron_pr2.rollout.sample import SamplingParams
 from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
 from megatron_pr2.training.engine_weight_sync import EngineWeightSync
-from tests.fake_sglang import ROUTE_SHAPE, VOCAB, FakeSGLang, good_answer
+from tests.fake_sglang import ROUTE_SHAPE, VOCAB, FakeSGLang, WeightServer
 
 CFG = preset("tiny-qwen3-moe")
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
 GREEDY = SamplingParams(max_new_tokens=3, greedy=True)
-
-
-class WeightServer:
-    """A fake SGLang server's weight side: sessions of ``/update_weights_from_tensor``."""
-
-    def __init__(self, refuse_weights=False):
-        self.refuse_weights = refuse_weights
-        self.session = None
-        self.completed = []  # one {name: tensor} per finished update session
-
-    def __call__(self, path, body, count):
-        if path == "/server_info":
-            return 200, {"dtype": "float32", "tp_size": 1, "pp_size": 1}
-        if path == "/generate":
-            return 200, good_answer(body)
-        if path == "/begin_weight_update":
-            self.session = {}
-        elif path == "/update_weights_from_tensor":
-            if self.refuse_weights:
-                return 500, {"success": False, "message": "out of memory"}
-            self.session.update(pickle.loads(base64.b64decode(body["serialized_named_tensors"][0])))
-        elif path == "/end_weight_update":
-            self.completed.append(self.session)
-            self.session = None
-        return 200, {"success": True}
 
 
 @pytest.fixture(scope="module")
