@@ -1,11 +1,12 @@
 """Real SGLang CPU servers (API key required, 127.0.0.1): the whole batch in flight, rewards
-scored while generation goes on, a server killed mid-batch loses nothing and leaves the pool, and
-a training run whose second server is killed mid-run finishes on the first.
+scored while generation goes on, a server killed mid-batch loses nothing and leaves the pool, a
+training run whose second server is killed mid-run finishes on the first, and a killed server
+relaunched at its address rejoins after a full weight sync.
 
 Skipped when SGLang's venv (``tools/sglang_env.sh``) is absent. Three module-scoped servers (A, B,
 C, started at once) serve a tiny random Qwen3-MoE whose LM head is zero: every token is equally
 likely, so sampled responses stop at ``<eos>`` after varying lengths. The batch tests use A and
-B; the kill test ends B, the training run uses A and C and ends C.
+B; the kill test ends B, the training run uses A and C and ends C, the rejoin test relaunches B.
 """
 
 import json
@@ -191,3 +192,39 @@ def test_run_whose_server_is_killed_mid_run_finishes_on_the_other(servers, tmp_p
     assert rows[-1]["rollout/servers_live"] == 1.0
     assert rows[-1]["rollout/server_evictions"] == 1.0
     assert f"SGLang server {victim.address} left the pool" in text
+
+
+def test_restarted_server_rejoins_after_a_full_sync_and_generates_again(
+        servers, megatron_single_process):
+    """Server B, killed by an earlier test, is relaunched at its address while a trainer syncs
+    to A: the next sync probes it, sends it the full weights (a new broadcast group with A and
+    B), and only then does it rejoin and generate. Reference: A's served weights (checksums)."""
+    from megatron_pr2.models import build_model
+    from megatron_pr2.platform import seed_model_parallel
+    from megatron_pr2.training.engine_weight_sync import EngineWeightSync
+    from megatron_pr2.weight_sync import (
+        SGLangWeightAPI,
+        WeightSyncOptions,
+        build_weight_syncer,
+    )
+
+    a, b = servers[0], servers[1]
+    client = make_client(servers, rejoin_interval=1.0)
+    client.health()
+    assert client.pool.live == [a.address]  # b is dead (killed mid-batch above)
+    seed_model_parallel(3)
+    _, _, model = build_model(CFG)
+    sync = EngineWeightSync(lambda rejoining: build_weight_syncer(
+        [model], client, CFG, WeightSyncOptions(), rejoining=rejoining), client, server_pool=True)
+    sync.sync()
+    b.launch()  # same port: same address (takes far longer than the 1 s probe interval)
+    b.wait_ready()
+    served = {s.address: SGLangWeightAPI(s.address, KEY).weight_checksums() for s in (a, b)}
+    assert served[b.address] != served[a.address]  # b restarted with the checkpoint's weights
+    sync.sync()
+    assert client.pool.live == [a.address, b.address]
+    assert client.metrics()["rollout/server_rejoins"] == 1.0
+    assert SGLangWeightAPI(b.address, KEY).weight_checksums() == served[a.address]
+    samples = client.generate([[5, 6, 7]] * 4, SamplingParams(max_new_tokens=2, greedy=True))
+    assert {s.metadata["engine"] for s in samples} == {a.address, b.address}
+    sync.close()
