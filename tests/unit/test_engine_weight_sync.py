@@ -110,3 +110,16 @@ def test_a_candidate_failing_the_sync_stays_out_and_the_live_servers_still_sync(
     finally:
         a.stop()
         b.stop()
+
+
+def test_servers_to_rejoin_must_be_evicted_servers_of_an_sglang_pool(model_and_reference):
+    from megatron_pr2.rollout.inprocess import InProcessEngine
+    from megatron_pr2.weight_sync import build_weight_syncer
+
+    model, _ = model_and_reference
+    client = make_client(["http://127.0.0.1:1", "http://127.0.0.1:2"], interval=60.0)
+    client.pool.evict("http://127.0.0.1:2", "refused")
+    with pytest.raises(ValueError, match=r"not evicted: \['http://127.0.0.1:1'\]"):
+        build_weight_syncer([model], client, CFG, rejoining=["http://127.0.0.1:1"])
+    with pytest.raises(ValueError, match="need an SGLang engine"):
+        build_weight_syncer([model], InProcessEngine(CFG), CFG, rejoining=["http://127.0.0.1:2"])
