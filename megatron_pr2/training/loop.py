@@ -110,8 +110,7 @@ class RLLoop:
                 self._progress(iteration, metrics)
                 if self._due(self.cfg.train.save_interval, iteration):
                     self._save(iteration)
-            self.weight_sync.close()  # the servers' update groups (not after a failure: a
-            # hung server would hold the exit for a request timeout)
+            self.weight_sync.close()  # only after a clean run: a hung server would delay exit
         finally:
             metrics_log.close()
             if self.drift_probe is not None:
