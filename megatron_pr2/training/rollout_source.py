@@ -19,12 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.rollout.exchange import (
-    broadcast_object,
-    dp_view,
-    gather_dp_ranks,
-    scatter_object,
-)
+from megatron_pr2.rollout.exchange import broadcast_object, dp_view, gather_dp_ranks, scatter_object
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.rollout.sglang_server import API_KEY_ENV
 from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, prompt_ids

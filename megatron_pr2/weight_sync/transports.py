@@ -36,10 +36,7 @@ from megatron_pr2.weight_sync.sglang_api import (
     WeightUpdateError,
     serialize_named_tensors,
 )
-from megatron_pr2.weight_sync.update_group import (
-    create_update_group,
-    destroy_update_group,
-)
+from megatron_pr2.weight_sync.update_group import create_update_group, destroy_update_group
 
 logger = logging.getLogger(__name__)
 
