@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI, WeightUpdateError
-from megatron_pr2.weight_sync.syncer import WeightSyncer
+from megatron_pr2.weight_sync.syncer import WeightSyncer, agree_on_error
 from megatron_pr2.weight_sync.transports import (
     DiskTransport,
     InProcessTransport,
@@ -222,17 +222,14 @@ def build_weight_syncer(model_chunks, engine, hf_config: dict,
         error = f"{type(exc).__name__}: {exc}"
     error, dtype = broadcast_object((error, dtype), group=host_group())
     if error:
-        raise WeightUpdateError(f"weight sync set-up: {error}")
+        raise WeightUpdateError(f"the weight sync set-up failed: rank 0: {error}")
     transport, error = Transport(), None
     if talks:
         try:
             transport = build_transport(name, engine, hf_config, options, position.stage, apis,
                                         host_group())
         except (WeightUpdateError, ValueError) as exc:
-            error = f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
-    errors = [None] * dist.get_world_size(host_group())
-    dist.all_gather_object(errors, error, group=host_group())
-    if any(errors):
-        raise WeightUpdateError("weight sync set-up: " + "; ".join(e for e in errors if e))
+            error = f"{type(exc).__name__}: {exc}"
+    agree_on_error(host_group(), error, "the weight sync set-up", WeightUpdateError)
     return WeightSyncer(model_chunks, hf_config, transport, dtype, options.bucket_bytes,
                         groups)

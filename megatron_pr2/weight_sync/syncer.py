@@ -77,7 +77,7 @@ class WeightSyncer:
         """Push every weight once; all ranks return the same report or raise the same error."""
         start = time.perf_counter()
         error = self._attempt(self.transport.open) if dist.get_rank() == 0 else None
-        _agree(self.host, error, "opening the update")
+        agree_on_error(self.host, error, "opening the update")
         local = {"error": None, "names": [], "bytes": 0, "buckets": 0}
         slots = self.gatherer.slots(predictive_gate)
         for round_slots in split_rounds(slots, self.dtype.itemsize, self.bucket_bytes):
@@ -99,7 +99,7 @@ class WeightSyncer:
             closing = self._attempt(lambda: self.transport.close(
                 [r["manifest"] for r in reports], ok=failure is None))
             failure = failure or (f"rank 0: closing the update: {closing}" if closing else None)
-        _agree(self.host, failure if dist.get_rank() == 0 else None, "the weight sync")
+        agree_on_error(self.host, failure if dist.get_rank() == 0 else None, "the weight sync")
         report = SyncReport(sum(len(r["names"]) for r in reports),
                             sum(r["bytes"] for r in reports), sum(r["buckets"] for r in reports),
                             time.perf_counter() - start)
@@ -164,13 +164,15 @@ def _failures(reports) -> str | None:
     return "; ".join(failed) if failed else None
 
 
-def _agree(group, error: str | None, what: str) -> None:
-    """Raise the same :class:`WeightSyncError` on every rank when any rank failed."""
+def agree_on_error(group, error: str | None, what: str,
+                   error_type: type[Exception] = WeightSyncError) -> None:
+    """Collective: raise the same ``error_type`` on every rank of ``group`` when any rank
+    failed (``error``: this rank's failure or None), naming each failed rank."""
     errors = [None] * dist.get_world_size(group)
     dist.all_gather_object(errors, error, group=group)
     failed = [f"rank {rank}: {e}" for rank, e in enumerate(errors) if e]
     if failed:
-        raise WeightSyncError(f"{what} failed: " + "; ".join(failed))
+        raise error_type(f"{what} failed: " + "; ".join(failed))
 
 
 def _stage_groups(host, position):
