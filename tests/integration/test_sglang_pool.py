@@ -90,6 +90,23 @@ def hold_until_all_in_flight(client, parties, timeout=300.0):
     return broken
 
 
+def signal_when_sent(client, count):
+    """An event set once ``count`` /generate calls have entered the client's transport."""
+    sent, lock, original = threading.Event(), threading.Lock(), client._request_once
+    entered = []
+
+    def counted(address, method, path, body=None, read_timeout=None):
+        if path == "/generate":
+            with lock:
+                entered.append(address)
+                if len(entered) >= count:
+                    sent.set()
+        return original(address, method, path, body, read_timeout)
+
+    client._request_once = counted
+    return sent
+
+
 def test_update_endpoints_refuse_a_request_without_the_key(servers, checkpoint):
     address = servers[0].address
     for path in ("/begin_weight_update", "/update_weights_from_disk", "/generate"):
@@ -132,10 +149,12 @@ def test_server_killed_mid_batch_loses_nothing_and_leaves_the_pool(servers):
     client = make_client(servers)
     prompts = [[3 + i, 4 + i, 5 + i] for i in range(8)]
     sampling = SamplingParams(max_new_tokens=160, ignore_eos=True, seed=1)
+    all_sent = signal_when_sent(client, count=8)
     result = {}
     worker = threading.Thread(target=lambda: result.update(samples=client.generate(prompts, sampling)))
     worker.start()
-    time.sleep(3.0)  # every request is in flight: 160 tokens take far longer on CPU
+    assert all_sent.wait(timeout=120), "the 8 requests were not all sent"
+    time.sleep(0.5)  # they reach the servers; 160 tokens take far longer on CPU
     assert worker.is_alive(), "the batch finished before the kill: raise max_new_tokens"
     servers[1].kill()
     worker.join(timeout=600)
@@ -209,6 +228,7 @@ def test_restarted_server_rejoins_after_a_full_sync_and_generates_again(
     )
 
     a, b = servers[0], servers[1]
+    b.kill()  # already dead after the kill test; this test alone (-k) needs it dead too
     client = make_client(servers, rejoin_interval=1.0)
     client.health()
     assert client.pool.live == [a.address]  # b is dead (killed mid-batch above)
