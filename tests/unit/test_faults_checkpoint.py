@@ -95,7 +95,7 @@ def test_more_ranks_than_wrote_the_checkpoint_are_refused_at_once(tmp_path, monk
     assert tried == [] and "unusable" not in caplog.text  # no older checkpoint was tried
 
 
-def test_fewer_ranks_and_unrecorded_world_sizes_pass_the_rank_check(tmp_path, monkeypatch):
+def test_fewer_ranks_and_unrecorded_world_sizes_pass_the_rank_check(tmp_path):
     from megatron_pr2.training.resume_config import check_world_size
 
     check_world_size(saved=4, current=2, checkpoint="c")  # data parallel shrinks
