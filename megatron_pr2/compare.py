@@ -42,10 +42,22 @@ DEFAULT_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead")
 DEFAULT_MODEL = "tiny-qwen3-moe-fg"
 ZERO_DEV_GE2 = "routing/zero_deviation_ratio/ministeps_ge2"
 
+REWARD = "rollout/reward_mean"
+EVAL = "eval/greedy_reward"
+ZERO_ADV = "rollout/zero_advantage_group_frac"
+POLICY_GRAD = "train/policy_grad_norm"
+ZERO_GRAD = "train/zero_grad_ministep_frac"  # derived per iteration (see with_derived)
+GAIN_TAIL = 4  # reward gain: mean over the last GAIN_TAIL iterations minus the first's
+
 # (column title, metric key, reduction over a run's iterations)
 TABLE_COLUMNS = [
-    ("reward (mean)", "rollout/reward_mean", "mean"),
-    ("eval greedy reward (final)", "eval/greedy_reward", "final"),
+    ("reward (mean)", REWARD, "mean"),
+    (f"reward gain (last {GAIN_TAIL} - first)", REWARD, "gain"),
+    ("eval greedy reward (before RL)", EVAL, "first"),
+    ("eval greedy reward (after RL)", EVAL, "final"),
+    ("zero-advantage group frac", ZERO_ADV, "mean"),
+    ("zero-grad mini-step frac", ZERO_GRAD, "mean"),
+    ("policy grad norm (mean)", POLICY_GRAD, "mean"),
     ("train/rollout k3 KL (mean)", "mismatch/k3_kl", "mean"),
     ("train/rollout k3 KL (median)", "mismatch/k3_kl", "median"),
     ("extreme-token frac (tau=2)", "mismatch/extreme_token_fraction", "mean"),
@@ -62,13 +74,22 @@ PAIRED = [
     ("train/rollout k3 KL (mean)", "mismatch/k3_kl", "mean", None, True),
     ("train/rollout k3 KL (median)", "mismatch/k3_kl", "median", None, True),
     ("extreme-token fraction", "mismatch/extreme_token_fraction", "mean", None, True),
-    ("reward (mean)", "rollout/reward_mean", "mean", None, False),
+    ("reward (mean)", REWARD, "mean", None, False),
+    ("reward gain", REWARD, "gain", None, False),
+    ("eval greedy reward (after RL)", EVAL, "final", None, False),
 ]
+
+# a run is degenerate (its method comparisons say so) when any of these holds
+MAX_ZERO_GRAD_FRAC = 0.10  # mini-steps with no policy gradient (or skipped)
+MAX_ZERO_ADV_FRAC = 0.50  # mean share of groups whose rewards are all equal
+COLLAPSED_REWARD = 0.01  # mean reward of the last GAIN_TAIL iterations below this
 
 DRIFT_COLUMNS = ["deviation", "weight_known_zero_dev", "input_known_zero_dev", "weight_share",
                  "input_share"]
 
-PLOTS = [("rollout/reward_mean", "reward"), ("mismatch/k3_kl", "train/rollout k3 KL"),
+PLOTS = [(REWARD, "sampled reward"), (EVAL, "greedy eval reward (before / after RL)"),
+         (ZERO_ADV, "zero-advantage group fraction"), (POLICY_GRAD, "policy grad norm"),
+         ("mismatch/k3_kl", "train/rollout k3 KL"),
          ("mismatch/extreme_token_fraction", "extreme-token fraction (tau=2)"),
          (ZERO_DEV_GE2, "zero-deviation ratio (mini-steps >= 2)"),
          ("drift/input_share/ministeps_ge2", "route drift share explained by router input"),
@@ -83,6 +104,7 @@ def base_config(args, seed: int) -> RunConfig:
     cfg.train.train_iters = args.iterations
     cfg.train.eval_interval = args.iterations
     cfg.train.eval_prompts = args.eval_prompts
+    cfg.train.eval_before_train = True
     cfg.train.lr = args.lr
     cfg.train.micro_batch_size = 4
     cfg.train.seed = seed
@@ -92,6 +114,8 @@ def base_config(args, seed: int) -> RunConfig:
     cfg.algo.off_policy_window = args.off_policy_window
     cfg.algo.lookahead_scale = args.lookahead_scale
     cfg.predictor.predictor_lr_mult = args.predictor_lr_mult
+    cfg.task.partial_credit = args.partial_credit
+    cfg.task.task_min_len, cfg.task.task_max_len = args.task_min_len, args.task_max_len
     return cfg
 
 
@@ -146,20 +170,57 @@ def run_method(args, method: str, seed: int, warm: str, out_dir: str):
     run_training(cfg.validate())
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     logger.info("%s seed %d finished in %.0f s (%.0f s CPU)", method, seed, wall, cpu)
-    return read_jsonl(cfg.train.log_jsonl), wall, cpu
+    return with_derived(read_jsonl(cfg.train.log_jsonl)), wall, cpu
 
 
 # ----------------------------------------------------------------------------------- stats
+def with_derived(records: list[dict]) -> list[dict]:
+    """Records plus per-iteration values derived from the logged counts."""
+    out = []
+    for record in records:
+        record = dict(record)
+        steps = record.get("train/ministeps")
+        if steps:
+            bad = record.get("train/zero_grad_ministeps", 0.0) + \
+                record.get("train/skipped_ministeps", 0.0)
+            record[ZERO_GRAD] = bad / steps
+        out.append(record)
+    return out
+
+
 def reduce_run(records: list[dict], key: str, how: str) -> float | None:
-    """One number per run: mean / median / final value of ``key`` over its iterations."""
+    """One number per run from ``key`` over its iterations: ``mean`` / ``median`` / ``first``
+    / ``final`` value, or ``gain`` (mean of the last :data:`GAIN_TAIL` values minus the first)."""
     values = [r[key] for r in records if key in r and math.isfinite(r[key])]
     if not values:
         return None
+    if how == "first":
+        return values[0]
     if how == "final":
         return values[-1]
+    if how == "gain":
+        tail = values[-GAIN_TAIL:]
+        return sum(tail) / len(tail) - values[0] if len(values) > GAIN_TAIL else None
     if how == "median":
         return statistics.median(values)
     return sum(values) / len(values)
+
+
+def degeneracy(records: list[dict]) -> list[str]:
+    """Why a run proves nothing about routing methods (empty when it learns)."""
+    reasons = []
+    zero_grad = reduce_run(records, ZERO_GRAD, "mean")
+    if zero_grad is not None and zero_grad > MAX_ZERO_GRAD_FRAC:
+        reasons.append(f"{100 * zero_grad:.0f}% of mini-steps had no policy gradient or were "
+                       "skipped")
+    zero_adv = reduce_run(records, ZERO_ADV, "mean")
+    if zero_adv is not None and zero_adv > MAX_ZERO_ADV_FRAC:
+        reasons.append(f"{100 * zero_adv:.0f}% of groups had equal rewards")
+    rewards = [r[REWARD] for r in records if REWARD in r]
+    tail = rewards[-GAIN_TAIL:]
+    if tail and sum(tail) / len(tail) < COLLAPSED_REWARD:
+        reasons.append(f"reward collapsed (last {len(tail)} iterations {sum(tail) / len(tail):.3f})")
+    return reasons
 
 
 def per_seed(runs: dict[int, list[dict]], key: str, how: str) -> list[float] | None:
@@ -206,12 +267,67 @@ def main_table(results) -> tuple[str, list[list]]:
     return _md_table(header, rows), csv_rows
 
 
+def _value_text(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def degenerate_methods(results) -> set[str]:
+    """Methods with at least one degenerate run."""
+    return {method for method, runs in results.items()
+            if any(degeneracy(records) for records in runs.values())}
+
+
+def learning_section(results) -> list[str]:
+    """Whether RL learned: per method the reward gain over seeds in words, per run the
+    degeneracy checks (a run that does not learn proves nothing about routing)."""
+    words = []
+    for method, runs in results.items():
+        gains = per_seed(runs, REWARD, "gain")
+        if not gains:
+            words.append(f"- {method}: reward gain n/a (needs more than {GAIN_TAIL} iterations)")
+            continue
+        gain = mean_ci(gains)
+        side = ("rises (95% interval excludes 0)" if gain.excludes(0.0) and gain.mean > 0 else
+                "falls (95% interval excludes 0)" if gain.excludes(0.0) else
+                "no change distinguishable from 0 at 95%")
+        words.append(f"- {method}: reward gain {gain.text(3)} -> {side}")
+    header = ["method", "seed", "reward, iteration 1", f"reward, last {GAIN_TAIL}", "gain",
+              "eval before -> after", "zero-adv groups", "zero-grad mini-steps",
+              "policy grad norm", "verdict"]
+    rows = []
+    for method, runs in results.items():
+        for seed, records in sorted(runs.items()):
+            reasons = degeneracy(records)
+            rows.append([method, str(seed), _value_text(reduce_run(records, REWARD, "first")),
+                         _value_text(_tail_mean(records)),
+                         _value_text(reduce_run(records, REWARD, "gain")),
+                         f"{_value_text(reduce_run(records, EVAL, 'first'))} -> "
+                         f"{_value_text(reduce_run(records, EVAL, 'final'))}",
+                         _value_text(reduce_run(records, ZERO_ADV, "mean"), 2),
+                         _value_text(reduce_run(records, ZERO_GRAD, "mean"), 2),
+                         _value_text(reduce_run(records, POLICY_GRAD, "mean"), 4),
+                         "DEGENERATE: " + "; ".join(reasons) if reasons else "learns"])
+    degenerate = sum(row[-1] != "learns" for row in rows)
+    verdict_line = (f"**{degenerate} of {len(rows)} runs are degenerate**: method comparisons "
+                    "that use them are marked below and prove little." if degenerate else
+                    f"No run is degenerate (each: <= {100 * MAX_ZERO_GRAD_FRAC:.0f}% mini-steps "
+                    f"without policy gradient, <= {100 * MAX_ZERO_ADV_FRAC:.0f}% equal-reward "
+                    f"groups, reward not collapsed).")
+    return [*words, "", verdict_line, "", _md_table(header, rows)]
+
+
+def _tail_mean(records: list[dict]) -> float | None:
+    values = [r[REWARD] for r in records if REWARD in r][-GAIN_TAIL:]
+    return sum(values) / len(values) if values else None
+
+
 def paired_section(results) -> list[str]:
     """Paired differences against R2 (same seeds), each with a verdict in words."""
     if "r2" not in results:
         return ["(no r2 run: no paired differences)"]
     header = ["method"] + [f"{what}: method - r2" for what, *_ in PAIRED]
     rows, words = [], []
+    degenerate = degenerate_methods(results)
     for method, runs in results.items():
         if method == "r2":
             continue
@@ -227,8 +343,9 @@ def paired_section(results) -> list[str]:
             r2_mean = sum(base) / len(base)
             relative = f" ({100 * diff.mean / r2_mean:+.0f}%)" if r2_mean else ""
             cells.append(diff.text() + relative)
+            caveat = (" [from degenerate runs]" if degenerate & {method, "r2"} else "")
             words.append(f"- {method} vs r2, {what}: {diff.text()}{relative} -> "
-                         f"{verdict(diff, higher_is_better=not lower_better)}")
+                         f"{verdict(diff, higher_is_better=not lower_better)}{caveat}")
         rows.append(cells)
     return [_md_table(header, rows), "", *words]
 
@@ -245,10 +362,11 @@ def ratio_section(results) -> list[str]:
             lines.append(f"- R3 / none train/rollout k3 KL ({label}): n/a")
             continue
         value, low, high = ratio
+        caveat = " [from degenerate runs]" if degenerate_methods(results) & {"r3", "none"} else ""
         side = ("R3 lower, distinguishable at 95%" if high < 1 else
                 "R3 higher, distinguishable at 95%" if low > 1 else "not distinguishable at 95%")
         lines.append(f"- R3 / none train/rollout k3 KL ({label} over iterations): {value:.3f} "
-                     f"(95% CI {low:.3f} .. {high:.3f}; none/R3 = {1 / value:.2f}x): {side}")
+                     f"(95% CI {low:.3f} .. {high:.3f}; none/R3 = {1 / value:.2f}x): {side}{caveat}")
     return lines
 
 
@@ -301,6 +419,8 @@ def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args,
          f"({args.iterations} RL iterations, off-policy window {args.off_policy_window}, "
          f"lr {args.lr:g}, lookahead scale {args.lookahead_scale:g})."),
         "", table, "",
+        "## Does RL learn? (reward gain per method; degeneracy per run)", "",
+        *learning_section(results), "",
         "## Paired differences against R2 (same seeds)", "", *paired_section(results), "",
         "## R3 vs none: train/rollout KL ratio", "", *ratio_section(results), "",
         "## Drift attribution (route deviation of the stale route TopK(h_old W_old^T))", "",
@@ -341,7 +461,8 @@ def plot(results, out_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    rows = math.ceil(len(PLOTS) / 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 4 * rows))
     for axis, (key, title) in zip(axes.flat, PLOTS):
         for index, (method, runs) in enumerate(results.items()):
             points = _band(runs, key)
@@ -381,6 +502,10 @@ def parse_args(argv=None):
     parser.add_argument("--lookahead-scale", type=float, default=0.75)
     parser.add_argument("--predictor-lr-mult", type=float, default=1.0)
     parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--partial-credit", action=argparse.BooleanOptionalAction, default=False,
+                        help="digit reward: share of matching answer positions (else exact match)")
+    parser.add_argument("--task-min-len", type=int, default=3, help="shortest digit string")
+    parser.add_argument("--task-max-len", type=int, default=6, help="longest digit string")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run (1 is fastest for the tiny default model)")
     parser.add_argument("--jobs", type=int, default=2,

@@ -170,6 +170,7 @@ class TrainArgs:
     save_interval: int = 0
     eval_interval: int = 0
     eval_prompts: int = 32
+    eval_before_train: bool = False  # greedy evaluation of the starting weights, logged at step 0
     tensorboard_dir: str | None = None
     log_jsonl: str | None = None
     warmup_sft_steps: int = 0  # supervised warm-up steps before RL (embedded task only)
@@ -216,6 +217,7 @@ class TaskArgs:
     data_path: str | None = None
     task_min_len: int = 3
     task_max_len: int = 6
+    partial_credit: bool = False  # digit task: reward the share of matching answer positions
     tokenizer: str | None = None  # HF tokenizer directory (math task)
     eval_data_path: str | None = None  # math eval problems (else --eval-fraction of --data-path)
     eval_fraction: float = 0.0  # math: share of --data-path held out (seeded) for evaluation
@@ -229,6 +231,8 @@ class TaskArgs:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_data_path and self.eval_fraction:
             raise ValueError("give either --eval-data-path or --eval-fraction, not both")
+        if self.partial_credit and self.task != "digits":
+            raise ValueError("--partial-credit is a reward of the digit task (--task digits)")
 
     @property
     def has_eval_split(self) -> bool:
@@ -263,6 +267,8 @@ class RunConfig:
             raise ValueError("--predictor optimizer reads whole router weights' Adam state, which "
                              "--use-distributed-optimizer shards over data-parallel ranks")
         self._validate_rspo()
+        if self.train.eval_before_train and not self.train.eval_interval:
+            raise ValueError("--eval-before-train needs --eval-interval N (what to evaluate on)")
         if self.train.eval_interval and not self.task.has_eval_split:
             raise ValueError("--eval-interval with --task math needs held-out problems: "
                              "--eval-data-path FILE or --eval-fraction F")

@@ -32,6 +32,18 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool 
     return centred.reshape(-1)
 
 
+def zero_advantage_group_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of prompt groups whose rewards are all equal: their advantages are all 0, so they
+    give the policy no gradient (GRPO's degenerate groups).
+
+    Args:
+        rewards: ``[N]`` rewards, the ``group_size`` samples of each prompt contiguous.
+        group_size: samples per prompt.
+    """
+    groups = rewards.reshape(-1, group_size)
+    return float((groups == groups[:, :1]).all(dim=1).float().mean())
+
+
 def broadcast_to_tokens(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Per-token advantages: each sequence's advantage on its response tokens, 0 elsewhere.
 

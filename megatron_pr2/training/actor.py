@@ -16,6 +16,7 @@ from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.training.logprobs import token_entropy, token_logprobs
 from megatron_pr2.training.nonfinite import NonFiniteGuard
 from megatron_pr2.training.padding_mask import stage_padding_mask
+from megatron_pr2.training.policy_grad_norm import PolicyGradNorm
 from megatron_pr2.training.rollout_batch import TrainMicroBatch
 from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
 
@@ -78,6 +79,7 @@ class PolicyActor:
         self.loss_config = loss_config
         self.controller = controller
         self.nonfinite = nonfinite or NonFiniteGuard()
+        self._policy_grad_norm = None  # built at the first predictor-training step
 
     # ----------------------------------------------------------------------------- passes
     def logprob_pass(self, microbatches: Sequence[TrainMicroBatch], mode: str,
@@ -130,8 +132,18 @@ class PolicyActor:
         keys = self._agree_on_keys(keys)
         metrics = _reduce_metrics(local, keys, self.groups)
         metrics["grad_norm"] = step.grad_norm
+        metrics["policy_grad_norm"] = self._policy_norm(step, train_predictor)
         metrics["update_skipped"] = float(not step.success)
         return PassResult(routing, metrics)
+
+    def _policy_norm(self, step, train_predictor: bool) -> float:
+        """The gradient norm without the predictor's weights (collective when it differs from
+        Megatron's: the predictor loss ran in this step)."""
+        if not (train_predictor and step.success):
+            return step.grad_norm
+        if self._policy_grad_norm is None:
+            self._policy_grad_norm = PolicyGradNorm(self.optimizer)
+        return self._policy_grad_norm.after_step(step.grad_norm)
 
     # ----------------------------------------------------------------------------- internals
     def _run(self, microbatches, step, forward_only: bool) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from megatron_pr2.platform.device import compute_device
-from megatron_pr2.rl.advantages import grpo_advantages
+from megatron_pr2.rl.advantages import grpo_advantages, zero_advantage_group_fraction
 from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import (
     build_route_plan,
@@ -75,6 +75,17 @@ def _per_layer_metrics(step_routing) -> dict[str, float]:
     return {f"routing_layer/{k}": v for k, v in step_routing.metric_summary().items()}
 
 
+def _degenerate_ministeps(sums: dict[str, list[float]]) -> dict[str, float]:
+    """How many of an iteration's mini-steps skipped their update (non-finite) or had an
+    exactly zero policy gradient (every advantage 0: no learning signal)."""
+    skipped = sums.get("update_skipped", [])
+    norms = sums.get("policy_grad_norm", [])
+    return {"train/skipped_ministeps": float(sum(1 for s in skipped if s)),
+            "train/zero_grad_ministeps": float(sum(
+                1 for s, n in zip(skipped, norms) if not s and n == 0.0)),
+            "train/ministeps": float(len(norms))}
+
+
 class RLLoop:
     """One training run. ``run()`` executes the iterations; each phase is a short method."""
 
@@ -98,6 +109,8 @@ class RLLoop:
                                     enabled=_is_rank0(),
                                     resume_step=self.start_iteration if self.start_iteration else None)
         self._sync_weights()
+        if self.cfg.train.eval_before_train and self.start_iteration == 0:
+            metrics_log.log(0, self.source.evaluate(self.cfg.train.eval_prompts))
         try:
             for iteration in range(self.start_iteration + 1, self.cfg.train.train_iters + 1):
                 started = time.perf_counter()
@@ -119,9 +132,12 @@ class RLLoop:
     def iteration(self, iteration: int) -> dict[str, float]:
         """One rollout batch: generate, score, old-log-prob pass, mini-steps, weight sync."""
         samples, rollout_metrics = self.source.collect(iteration)
-        advantages = grpo_advantages(torch.tensor([s.reward for s in samples]),
-                                     self.cfg.rollout.n_samples_per_prompt,
+        rewards = torch.tensor([s.reward for s in samples])
+        group_size = self.cfg.rollout.n_samples_per_prompt
+        advantages = grpo_advantages(rewards, group_size,
                                      normalize_std=self.cfg.algo.normalize_advantage_std)
+        rollout_metrics["rollout/zero_advantage_group_frac"] = zero_advantage_group_fraction(
+            rewards, group_size)
         microbatches = self._microbatches(samples, advantages)
         engine_plan = self._engine_plan(microbatches, samples)
         ministeps = split_ministeps(microbatches, self.cfg.algo.off_policy_window)
@@ -219,6 +235,7 @@ class RLLoop:
             if key.startswith("routing/") and len(values) > 1:
                 metrics[f"{key}/ministeps_ge2"] = sum(values[1:]) / len(values[1:])
         metrics.update(drift_metrics(drift) if drift else {})
+        metrics.update(_degenerate_ministeps(sums))
         return metrics
 
     def _build_weight_syncer(self, rejoining=()):
