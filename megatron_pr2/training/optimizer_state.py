@@ -84,6 +84,24 @@ def _model_param_of(inner) -> dict[int, torch.Tensor]:
     return pairs
 
 
+def whole_model_params(inner):
+    """``(model parameter, main parameter)`` pairs of one (not chained) Megatron optimizer, the
+    model parameter being the whole ``nn.Parameter`` (with its attributes) even where the main
+    parameter is a distributed-optimizer shard of it."""
+    if _is_distributed(inner):
+        groups = ((inner.model_float16_groups, inner.shard_fp32_from_float16_groups),
+                  (inner.model_fp32_groups, inner.shard_fp32_groups))
+    elif hasattr(inner, "fp32_from_float16_groups"):
+        groups = ((inner.float16_groups, inner.fp32_from_float16_groups),
+                  (inner.fp32_from_fp32_groups, inner.fp32_from_fp32_groups))
+    else:  # fp32 training: the model parameters are the optimizer's
+        params = inner.get_parameters()
+        groups = (([params], [params]),)
+    for model_groups, main_groups in groups:
+        for model_group, main_group in zip(model_groups, main_groups):
+            yield from zip(model_group, main_group)
+
+
 def _is_distributed(inner) -> bool:
     return type(inner).__name__ == "DistributedOptimizer"
 

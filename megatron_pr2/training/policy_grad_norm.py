@@ -19,26 +19,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_pr2.routing.predictor import PREDICTOR_PARAM_ATTR
-
-
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _model_main_pairs(optimizer):
-    """``(model param, main param)`` pairs of one (not chained) Megatron optimizer."""
-    if hasattr(optimizer, "shard_fp32_from_float16_groups"):  # distributed optimizer
-        pairs = ((optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups),
-                 (optimizer.model_fp32_groups, optimizer.shard_fp32_groups))
-    elif hasattr(optimizer, "fp32_from_float16_groups"):  # bf16 params, fp32 main params
-        pairs = ((optimizer.float16_groups, optimizer.fp32_from_float16_groups),
-                 (optimizer.fp32_from_fp32_groups, optimizer.fp32_from_fp32_groups))
-    else:  # fp32: the model parameters are the optimizer's
-        params = optimizer.get_parameters()
-        pairs = (([params], [params]),)
-    for model_groups, main_groups in pairs:
-        for model_group, main_group in zip(model_groups, main_groups):
-            yield from zip(model_group, main_group)
+from megatron_pr2.training.optimizer_state import inner_optimizers, whole_model_params
 
 
 class PolicyGradNorm:
@@ -52,8 +33,8 @@ class PolicyGradNorm:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.predictor_main_ids = {
-            id(main) for sub in _sub_optimizers(optimizer)
-            for model, main in _model_main_pairs(sub)
+            id(main) for inner in inner_optimizers(optimizer)
+            for model, main in whole_model_params(inner)
             if getattr(model, PREDICTOR_PARAM_ATTR, False)}
 
     @property
@@ -68,7 +49,7 @@ class PolicyGradNorm:
         main gradients are still there, scaled in place by the clip coefficient, which is undone.
         """
         squared = 0.0
-        for sub in _sub_optimizers(self.optimizer):
+        for sub in inner_optimizers(self.optimizer):
             tp_group = getattr(sub, "tp_group", None)
             grads = [p.grad for p in sub.get_parameters()
                      if p.grad is not None and id(p) not in self.predictor_main_ids

@@ -58,6 +58,13 @@ def test_precision_and_distributed_optimizer_match_one_process(reference, layout
     assert min(ref["fp32"]["reference_norm"]) > optimizer_worker.CLIP
     assert got["fp32_dist"]["grad_norm"] == pytest.approx(ref["fp32"]["reference_norm"],
                                                           rel=1e-5)
+    # the policy-only norm (router weights excluded, clipping undone) is PyTorch's norm over
+    # the one-process gradients of the other parameters, in every layout and precision
+    policy = ref["fp32"]["reference_policy_norm"]
+    assert min(policy) > 0 and all(p < n for p, n in zip(policy, ref["fp32"]["reference_norm"]))
+    assert ref["fp32"]["policy_norm"] == pytest.approx(policy, rel=1e-5)
+    assert got["fp32_dist"]["policy_norm"] == pytest.approx(policy, rel=1e-5)
+    assert got["bf16_dist"]["policy_norm"] == pytest.approx(ref["bf16"]["policy_norm"], rel=2e-2)
     assert got["fp32_dist"]["loss"] == pytest.approx(ref["fp32"]["loss"], rel=1e-5, abs=1e-6)
     weights = {run["name"]: read_full_tensors(tmp_path / run["name"]) for run in runs}
     _assert_weights(weights["fp32_dist"], ref_weights["fp32"], 1e-5, 1e-6, "fp32")
