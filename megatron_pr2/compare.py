@@ -84,6 +84,10 @@ MAX_ZERO_GRAD_FRAC = 0.10  # mini-steps with no policy gradient (or skipped)
 MAX_ZERO_ADV_FRAC = 0.50  # mean share of groups whose rewards are all equal
 COLLAPSED_REWARD = 0.01  # mean reward of the last GAIN_TAIL iterations below this
 
+UPDATE_COLUMNS = [("cos(theta_k - theta_0, u)", "update/cos_displacement_vs_adam_step"),
+                  ("|theta_k - theta_0| / (k |u|)", "update/displacement_norm_ratio"),
+                  ("cos(step_k, step_k-1)", "update/cos_consecutive_steps")]
+
 DRIFT_COLUMNS = ["deviation", "weight_known_zero_dev", "input_known_zero_dev", "weight_share",
                  "input_share"]
 
@@ -105,6 +109,7 @@ def base_config(args, seed: int) -> RunConfig:
     cfg.train.eval_interval = args.iterations
     cfg.train.eval_prompts = args.eval_prompts
     cfg.train.eval_before_train = True
+    cfg.algo.log_update_direction = True
     cfg.train.lr = args.lr
     cfg.train.micro_batch_size = 4
     cfg.train.seed = seed
@@ -391,6 +396,19 @@ def drift_section(results) -> list[str]:
     return lines
 
 
+def update_section(results) -> list[str]:
+    """How far the weights followed Adam's predicted next step ``u`` during the mini-steps."""
+    header = ["method"] + [title for title, _ in UPDATE_COLUMNS]
+    rows = []
+    for method, runs in results.items():
+        cells = [method]
+        for _, key in UPDATE_COLUMNS:
+            values = per_seed(runs, key, "mean")
+            cells.append(mean_ci(values).text(3) if values else "n/a")
+        rows.append(cells)
+    return [_md_table(header, rows)]
+
+
 def costs_table(results, timings: dict) -> str:
     header = ["method", "s / iteration", "relative to r2", "CPU s / run (process time)"]
     base = per_seed(results["r2"], "time/iteration_s", "mean") if "r2" in results else None
@@ -423,6 +441,8 @@ def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args,
         *learning_section(results), "",
         "## Paired differences against R2 (same seeds)", "", *paired_section(results), "",
         "## R3 vs none: train/rollout KL ratio", "", *ratio_section(results), "",
+        "## Adam-momentum extrapolation under live gradients (what lookahead assumes: "
+        "theta_k ~ theta_0 + k u)", "", *update_section(results), "",
         "## Drift attribution (route deviation of the stale route TopK(h_old W_old^T))", "",
         *drift_section(results), "",
     ])

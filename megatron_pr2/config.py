@@ -120,6 +120,7 @@ class AlgoArgs:
     normalize_advantage_std: bool = True
     lookahead_scale: float = 0.75  # pr2-lookahead: route mini-batch m at theta_0 + c (m-1) u
     drift_attribution_tokens: int = 128  # router-input vs router-weight drift, tokens per step
+    log_update_direction: bool = False  # diagnostic: real mini-step updates vs Adam's next step
 
     def validate(self) -> None:
         _choice("routing_method", self.routing_method, tuple(ROUTING_METHODS))

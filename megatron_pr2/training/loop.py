@@ -38,6 +38,7 @@ from megatron_pr2.training.rollout_batch import (
     needs_uniform_width,
 )
 from megatron_pr2.training.rollout_source import RolloutSource
+from megatron_pr2.training.update_direction import UpdateDirectionProbe
 from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class RLLoop:
         tokens = self.cfg.algo.drift_attribution_tokens
         self.drift_probe = (DriftProbe(parts.actor.controller.routers, parts.spec.num_layers,
                                        tokens) if tokens and self.method.replays else None)
+        self.update_probe = (UpdateDirectionProbe(parts.optimizer)
+                             if self.cfg.algo.log_update_direction else None)
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -210,6 +213,8 @@ class RLLoop:
         metrics, sums, drift = {}, {}, []
         current = (CurrentRouteReplay(self.parts.actor, replay_plan)
                    if self.method.replay_source == "current" else None)
+        if self.update_probe is not None:
+            self.update_probe.begin()
         for m, chunk in enumerate(split_ministeps(microbatches, window)):
             plan = (current.ministep_plan(m, chunk) if current else None
                     if replay_plan is None else
@@ -217,6 +222,8 @@ class RLLoop:
             with self._drift_capture("cur", [chunk[0].microbatch_id]):
                 result = self.parts.actor.train_ministep(chunk, plan, mode,
                                                          train_predictor=train_predictor and m > 0)
+            if self.update_probe is not None:
+                self.update_probe.after_ministep()
             if self.drift_probe is not None:
                 drift.append(self.drift_probe.reduce(
                     self.drift_probe.ministep_counts(chunk[0].microbatch_id)))
@@ -236,6 +243,7 @@ class RLLoop:
                 metrics[f"{key}/ministeps_ge2"] = sum(values[1:]) / len(values[1:])
         metrics.update(drift_metrics(drift) if drift else {})
         metrics.update(_degenerate_ministeps(sums))
+        metrics.update(self.update_probe.metrics() if self.update_probe is not None else {})
         return metrics
 
     def _build_weight_syncer(self, rejoining=()):
