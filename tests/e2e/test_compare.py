@@ -43,3 +43,23 @@ def test_same_seeds_give_identical_summaries(tmp_path):
     assert "pr2-lookahead vs r2, route deviation, mini-steps >= 2" in summary
     # mini-step 1 is R2's exact route for both methods: zero deviation, no spread
     assert "1.0000 ± 0.0000" in summary
+    _assert_zero_advantage_runs_are_flagged(summary, first[3])
+
+
+def _assert_zero_advantage_runs_are_flagged(summary, metrics):
+    """3 warm-up steps leave the tiny model with exact-match reward 0 on every sample: every
+    group has equal rewards, so no advantage and no policy gradient; summary.md must say so."""
+    for records in metrics.values():
+        rl = [r for r in records if "rollout/reward_mean" in r]
+        assert rl and all(r["rollout/reward_mean"] == 0.0 for r in rl)  # the forced condition
+        assert all(r["rollout/zero_advantage_group_frac"] == 1.0 for r in rl)
+        assert all(r["train/policy_grad_norm"] == 0.0 for r in rl)
+        assert all(r["train/zero_grad_ministeps"] == r["train/ministeps"] > 0 for r in rl)
+        assert records[0]["step"] == 0 and "eval/greedy_reward" in records[0]  # before RL
+    for column in ("zero-advantage group frac", "zero-grad mini-step frac",
+                   "policy grad norm (mean)", "eval greedy reward (before RL)"):
+        assert column in summary
+    assert "**4 of 4 runs are degenerate**" in summary
+    assert summary.count("DEGENERATE: 100% of mini-steps had no policy gradient or were "
+                         "skipped; 100% of groups had equal rewards; reward collapsed") == 4
+    assert "[from degenerate runs]" in summary
