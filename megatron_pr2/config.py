@@ -258,10 +258,10 @@ class RunConfig:
         self.train.check_lr_schedule(self.optimizer_steps)
         if self.train.save_interval and not self.train.save:
             raise ValueError("--save-interval needs --save DIR")
-        routing_method(self.algo.routing_method, self.predictor.predictor)  # names bad pairs
-        if self.predictor.predictor == "optimizer" and self.train.use_distributed_optimizer:
-            raise ValueError("--predictor optimizer reads whole router weights' Adam state, which "
-                             "--use-distributed-optimizer shards over data-parallel ranks")
+        method = routing_method(self.algo.routing_method, self.predictor.predictor)  # bad pairs
+        problem = method.optimizer_problem(self.train.use_distributed_optimizer)
+        if problem:
+            raise ValueError(problem)
         self._validate_rspo()
         if self.train.eval_interval and not self.task.has_eval_split:
             raise ValueError("--eval-interval with --task math needs held-out problems: "

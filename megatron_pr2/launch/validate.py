@@ -33,10 +33,9 @@ from megatron_pr2.launch.inputs import input_problems
 from megatron_pr2.launch.memory import (
     GIB,
     estimate_params,
-    lookahead_copy_bytes,
-    model_weight_bytes,
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
+    weight_copy_bytes,
 )
 from megatron_pr2.launch.parsing import load_config, load_model_spec
 from megatron_pr2.launch.placement import (
@@ -165,24 +164,13 @@ def _memory_by_node_count(cfg: RunConfig, spec, with_predictor: bool, gpus_per_n
 
 def _add_weight_copies(report: Report, cfg: RunConfig, method, params, layout: Placement,
                        gpus_per_node: int) -> None:
-    """The pinned host memory pr2-lookahead and current-route keep for their weight copies."""
-    source = method.replay_source
+    """The pinned host memory of the method's weight copies (pr2-lookahead, current-route)."""
     bf16, distributed = cfg.train.bf16, cfg.train.use_distributed_optimizer
-    if source == "lookahead":
-        gib = lookahead_copy_bytes(params, layout, bf16, distributed) / GIB
-        updated = "its distributed-optimizer slice of the" if distributed else "the"
-        what = ("bf16 weights are cast again from the fp32 main weights after each shifted "
-                "forward, no copy" if bf16 else f"a copy of {updated} fp32 weights each GPU updates")
+    for copies in method.weight_copies(bf16):
+        gib = weight_copy_bytes(copies, params, layout, bf16, distributed) / GIB
         report.lines.append(
-            f"{cfg.algo.routing_method}: {gib:.1f} GiB pinned host memory per GPU, "
-            f"{gib * gpus_per_node:.0f} GiB per node ({what}); the shifted forwards add no GPU "
-            "memory beyond one parameter's Adam step")
-    elif source == "current":
-        gib = 2 * params.per_gpu * model_weight_bytes(bf16) / GIB
-        report.lines.append(
-            f"{cfg.algo.routing_method}: 2 copies of the weights, {gib:.1f} GiB pinned host "
-            f"memory per GPU, {gib * gpus_per_node:.0f} GiB per node; the frozen forwards add "
-            "no GPU memory")
+            f"{method.name}: {copies.count} weight copies, {gib:.1f} GiB pinned host memory per "
+            f"GPU, {gib * gpus_per_node:.0f} GiB per node ({copies.note})")
 
 
 def _add_runtime(report: Report, cfg: RunConfig, gpus_per_node: int, check_runtime: bool) -> None:
