@@ -57,9 +57,6 @@ class ModelArgs:
                              "(TransformerEngine's GroupedLinear experts)")
 
 
-# The parallel section of the run config is the platform's layout dataclass itself.
-ParallelArgs = ParallelConfig
-
 
 @dataclasses.dataclass
 class RolloutArgs:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import tempfile
 import threading
@@ -124,7 +125,7 @@ def cost_model(wire_gbs: float, nvlink_gbs: float, disk_gbs: float) -> None:
     layers = QWEN3_30B_A3B["num_hidden_layers"]
     stage = {0: {"dense": 0, "expert": 0}, 1: {"dense": 0, "expert": 0}}
     for rule in adapter.rules:
-        numel = sum(_numel(s) for s in rule.hf_shapes)
+        numel = sum(math.prod(s) for s in rule.hf_shapes)
         where = 0 if (rule.layer is None and "embed" in rule.hf_names[0]) or (
             rule.layer is not None and rule.layer < layers // pp) else 1
         stage[where]["expert" if rule.expert is not None else "dense"] += numel
@@ -150,13 +151,6 @@ def cost_model(wire_gbs: float, nvlink_gbs: float, disk_gbs: float) -> None:
     disk = total * bf16 * 2
     print(f"  --weight-sync disk (bf16 safetensors written + reloaded): {disk / 1e9:.0f} GB of "
           f"I/O, ~{disk / (disk_gbs * 1e9):.0f} s per sync")
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ class Placement:
 
     @classmethod
     def of(cls, parallel, world_size: int) -> Placement:
-        """The layout of ``parallel`` (a ``ParallelArgs``) on ``world_size`` GPUs, unchecked."""
+        """The layout of ``parallel`` (a ``ParallelConfig``) on ``world_size`` GPUs, unchecked."""
         return cls(world_size=world_size, tp=parallel.tensor_model_parallel_size,
                    pp=parallel.pipeline_model_parallel_size,
                    vpp=parallel.virtual_pipeline_model_parallel_size or 1,
@@ -45,7 +45,7 @@ class Placement:
 
 
 def placement_problems(parallel, world_size: int) -> list[str]:
-    """Why ``parallel`` (a ``ParallelArgs``) cannot be placed on ``world_size`` GPUs (if so)."""
+    """Why ``parallel`` (a ``ParallelConfig``) cannot be placed on ``world_size`` GPUs (if so)."""
     import_models_quietly()
     from megatron_pr2.platform.distributed import ParallelConfig
 

@@ -150,6 +150,16 @@ def host_group() -> dist.ProcessGroup:
     return _host_group
 
 
+def any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over every rank on the gloo host group (every rank must call it; a single
+    process without a process group returns ``flag``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(value.item())
+
+
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
                               device: str | None = None, strict_device: bool = False):
     """Set up the process group, Megatron's parallel state and the model-parallel RNG.

@@ -109,7 +109,9 @@ class OptimizerPredictorPass(OldPass):
     records_routes = True
 
     def run(self, actor, microbatches, engine_plan, algo, record_predictor_inputs: bool):
-        from megatron_pr2.training.optimizer_predictor import optimizer_predictor_old_pass
+        from megatron_pr2.training.optimizer_predictor import (
+            optimizer_predictor_old_pass,
+        )
 
         return optimizer_predictor_old_pass(actor, microbatches, algo.off_policy_window,
                                             algo.lookahead_scale)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_pr2.platform import host_group
+from megatron_pr2.platform.distributed import any_rank
 from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.training.batch_plan import split_ministeps
 from megatron_pr2.training.optimizer_state import (
@@ -48,15 +48,6 @@ def all_gather_params(chunks) -> None:
     Megatron's distributed optimizer does after a step: every rank's slice to every rank."""
     for chunk in chunks:
         chunk.start_param_sync(force_sync=True)
-
-
-def _any_rank(flag: bool) -> bool:
-    """``flag`` OR-ed over every rank, on the host (gloo) group."""
-    if not torch.distributed.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)])
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=host_group())
-    return bool(value.item())
 
 
 def _main_cast(state) -> torch.Tensor:
@@ -96,7 +87,7 @@ class WeightLookahead:
                              "Megatron's overlap_param_gather is not supported with it")
         self._saved: dict[int, torch.Tensor] = {}  # state index -> host copy
         self._active = False
-        self._has_state = _any_rank(bool(self.states)) if self._gathered else bool(self.states)
+        self._has_state = any_rank(bool(self.states)) if self._gathered else bool(self.states)
 
     @property
     def has_state(self) -> bool:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from megatron_pr2.config import ParallelArgs, parse_config
+from megatron_pr2.config import parse_config
 from megatron_pr2.launch.checks import runtime_problems
 from megatron_pr2.launch.memory import (
     estimate_params,
@@ -34,6 +34,7 @@ from megatron_pr2.launch.problems import ValidationError
 from megatron_pr2.launch.urls import parse_sglang_urls
 from megatron_pr2.launch.validate import validate
 from megatron_pr2.models.pipeline_stages import rank_layer_numbers
+from megatron_pr2.platform import ParallelConfig
 from megatron_pr2.training.batch_plan import plan_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +43,7 @@ RECIPE_YAML = os.path.join(REPO, "examples", "pr2", "qwen3_30b_a3b.yaml")
 RECIPE_ARGS = ["--config", RECIPE_YAML, "--hf-config", QWEN3_30B, "--data-path", "/data/x.jsonl",
                "--tokenizer", "/ckpt/qwen", "--sglang-urls", "http://r0:30000,http://r0:30001",
                "--save", "/out/ckpt", "--tensorboard-dir", "/out/tb"]
-RECIPE_LAYOUT = ParallelArgs(tensor_model_parallel_size=4, pipeline_model_parallel_size=2,
+RECIPE_LAYOUT = ParallelConfig(tensor_model_parallel_size=4, pipeline_model_parallel_size=2,
                              expert_model_parallel_size=8, expert_tensor_parallel_size=1,
                              sequence_parallel=True)
 
@@ -126,14 +127,14 @@ def _reference_rank_params(config: dict, layout: Placement, with_predictor: bool
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "tiny-qwen3-moe", "tiny-qwen2-moe", "mixed"])
 def test_total_parameters_match_the_hf_model(name):
     config = _mixed_dense_config() if name == "mixed" else _config_dict(name)
-    estimate = estimate_params(load_model_spec_from(config), Placement.of(ParallelArgs(), 1), False)
+    estimate = estimate_params(load_model_spec_from(config), Placement.of(ParallelConfig(), 1), False)
     assert estimate.total == sum(_meta_parameters(config).values())
     assert estimate.per_gpu == estimate.total  # one GPU holds everything
 
 
 def test_qwen3_30b_a3b_totals_are_the_published_ones():
     spec = load_model_spec(QWEN3_30B)
-    estimate = estimate_params(spec, Placement.of(ParallelArgs(), 1), False)
+    estimate = estimate_params(spec, Placement.of(ParallelConfig(), 1), False)
     assert round(estimate.total / 1e9, 1) == 30.5  # "30.5B total"
     assert 3.3e9 <= estimate.active < 3.4e9  # "3.3B activated"
     # active = all but 120 of 128 experts in each of 48 layers (3 matrices of 2048 x 768)
@@ -145,10 +146,10 @@ def test_qwen3_30b_a3b_totals_are_the_published_ones():
 def test_per_gpu_parameters_match_a_name_based_count(case, with_predictor):
     config, parallel, world = {
         "recipe": (_config_dict("qwen3-30b-a3b"), RECIPE_LAYOUT, 16),
-        "recipe-vpp": (_config_dict("qwen3-30b-a3b"), ParallelArgs(4, 2, 2, 8, 1, 1, True), 16),
-        "mixed-vpp": (_mixed_dense_config(), ParallelArgs(2, 2, 2, 2, None, 1, True), 8),
+        "recipe-vpp": (_config_dict("qwen3-30b-a3b"), ParallelConfig(4, 2, 2, 8, 1, 1, True), 16),
+        "mixed-vpp": (_mixed_dense_config(), ParallelConfig(2, 2, 2, 2, None, 1, True), 8),
         "qwen2-tp2-ep4": (_config_dict("tiny-qwen2-moe"),
-                          ParallelArgs(2, 1, None, 4, 1, 1, True), 8),
+                          ParallelConfig(2, 1, None, 4, 1, 1, True), 8),
     }[case]
     layout = plan_placement(parallel, world)
     estimate = estimate_params(load_model_spec_from(config), layout, with_predictor)
@@ -207,11 +208,11 @@ def test_recipe_layout_sizes():
 
 @pytest.mark.parametrize("parallel,world,needle", [
     (RECIPE_LAYOUT, 8, "world size 8 is not divisible by ETP*EP*PP = 16"),
-    (ParallelArgs(tensor_model_parallel_size=3, sequence_parallel=True), 8,
+    (ParallelConfig(tensor_model_parallel_size=3, sequence_parallel=True), 8,
      "world size 8 is not divisible by TP*PP*CP"),
-    (ParallelArgs(tensor_model_parallel_size=2), 8, "needs --sequence-parallel"),
-    (ParallelArgs(expert_model_parallel_size=0), 8, "--expert-model-parallel-size must be >= 1"),
-    (ParallelArgs(), 0, "world size must be >= 1"),
+    (ParallelConfig(tensor_model_parallel_size=2), 8, "needs --sequence-parallel"),
+    (ParallelConfig(expert_model_parallel_size=0), 8, "--expert-model-parallel-size must be >= 1"),
+    (ParallelConfig(), 0, "world size must be >= 1"),
 ])
 def test_layout_problems_name_the_constraint(parallel, world, needle):
     problems = placement_problems(parallel, world)
@@ -281,7 +282,7 @@ def test_batch_that_does_not_split_names_every_factor():
 
 
 def test_interleaved_schedule_needs_whole_groups_of_pp_microbatches():
-    vpp_layout = plan_placement(ParallelArgs(4, 2, 2, 8, 1, 1, True), 16)
+    vpp_layout = plan_placement(ParallelConfig(4, 2, 2, 8, 1, 1, True), 16)
     vpp = ("--virtual-pipeline-model-parallel-size", "2")
     assert plan_batch(_cfg(*vpp, "--micro-batch-size", "16"),
                       vpp_layout.dp).microbatches_per_ministep == 4
