@@ -170,11 +170,11 @@ def main() -> None:
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.models.presets import preset
     from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     initialize_model_parallel(ParallelConfig())
     hf_config = preset("tiny-qwen3-moe", **MODEL)
-    _, _, model = build_model(hf_config, options=ModelOptions(router_class=PR2Router))
+    _, _, model = build_model(hf_config, options=ModelOptions(router_class=ReplayRouter))
     model_bytes = sum(p.numel() for p in model.parameters()) * 2
     with tempfile.TemporaryDirectory() as root:
         engine, server = start_engine(args.engine, hf_config, model, root)

@@ -1,4 +1,4 @@
-"""Routing: PR2Router (a Megatron-Core TopKRouter subclass), the evolution predictor, route plans,
+"""Routing: ReplayRouter (a Megatron-Core TopKRouter subclass), the evolution predictor, route plans,
 the per-model routing controller and routing metrics.
 
 Import the Megatron-dependent parts from their modules (``megatron_pr2.routing.router``,
