@@ -58,8 +58,8 @@ def import_models_quietly() -> None:
         import megatron_pr2.models  # noqa: F401
 
 
-def load_model_spec(hf_config: str):
-    """Parse ``--hf-config`` (preset name, checkpoint dir or config.json) to a ``QwenMoeSpec``.
+def load_model_sizes(hf_config: str):
+    """Parse ``--hf-config`` (preset name, checkpoint dir or config.json) to a ``QwenMoeSizes``.
 
     Raises:
         ValidationError: the config is missing, malformed or unsupported.

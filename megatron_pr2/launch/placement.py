@@ -76,7 +76,7 @@ def plan_placement(parallel, world_size: int) -> Placement:
 
 
 def model_division_problems(spec, placement: Placement, fp8: bool = False) -> list[str]:
-    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSpec``) evenly
+    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSizes``) evenly
     (into FP8-sized GEMMs with ``fp8``).
 
     The builder's own rule (:func:`megatron_pr2.models.divisibility.division_problems`); sizes

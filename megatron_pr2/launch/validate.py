@@ -37,7 +37,7 @@ from megatron_pr2.launch.memory import (
     training_state_bytes_per_param,
     weight_copy_bytes,
 )
-from megatron_pr2.launch.parsing import load_config, load_model_spec
+from megatron_pr2.launch.parsing import load_config, load_model_sizes
 from megatron_pr2.launch.placement import (
     Placement,
     model_division_problems,
@@ -199,7 +199,7 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
         raise ValidationError([(f"NNODES ({nnodes}) and GPUS_PER_NODE ({gpus_per_node}) must be "
                                ">= 1")])
     cfg = load_config(train_argv)
-    spec = load_model_spec(cfg.model.hf_config)
+    spec = load_model_sizes(cfg.model.hf_config)
     world = nnodes * gpus_per_node
     layout = Placement.of(cfg.parallel, world)
     world_problems = placement_problems(cfg.parallel, world)

@@ -54,10 +54,10 @@ class RouteShape:
 
     @classmethod
     def from_hf_config(cls, hf_config) -> RouteShape:
-        """Layout of a Qwen-MoE HF config (dict, path, or parsed ``QwenMoeSpec``)."""
-        from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config
+        """Layout of a Qwen-MoE HF config (dict, path, or parsed ``QwenMoeSizes``)."""
+        from megatron_pr2.models.hf_config import QwenMoeSizes, parse_hf_config
 
-        if isinstance(hf_config, QwenMoeSpec):
+        if isinstance(hf_config, QwenMoeSizes):
             spec = hf_config
         else:
             spec = parse_hf_config(hf_config)

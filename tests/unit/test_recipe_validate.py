@@ -23,7 +23,7 @@ from megatron_pr2.launch.memory import (
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
 )
-from megatron_pr2.launch.parsing import check_flags, load_model_spec
+from megatron_pr2.launch.parsing import check_flags, load_model_sizes
 from megatron_pr2.launch.placement import (
     Placement,
     model_division_problems,
@@ -72,7 +72,7 @@ def _meta_parameters_cached(config_json: str) -> tuple[tuple[str, int], ...]:
     return tuple((name, p.numel()) for name, p in model.named_parameters())
 
 
-def load_model_spec_from(config: dict):
+def load_model_sizes_from(config: dict):
     from megatron_pr2.models import parse_hf_config
 
     return parse_hf_config(config)
@@ -127,13 +127,13 @@ def _reference_rank_params(config: dict, layout: Placement, with_predictor: bool
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "tiny-qwen3-moe", "tiny-qwen2-moe", "mixed"])
 def test_total_parameters_match_the_hf_model(name):
     config = _mixed_dense_config() if name == "mixed" else _config_dict(name)
-    estimate = estimate_params(load_model_spec_from(config), Placement.of(ParallelConfig(), 1), False)
+    estimate = estimate_params(load_model_sizes_from(config), Placement.of(ParallelConfig(), 1), False)
     assert estimate.total == sum(_meta_parameters(config).values())
     assert estimate.per_gpu == estimate.total  # one GPU holds everything
 
 
 def test_qwen3_30b_a3b_totals_are_the_published_ones():
-    spec = load_model_spec(QWEN3_30B)
+    spec = load_model_sizes(QWEN3_30B)
     estimate = estimate_params(spec, Placement.of(ParallelConfig(), 1), False)
     assert round(estimate.total / 1e9, 1) == 30.5  # "30.5B total"
     assert 3.3e9 <= estimate.active < 3.4e9  # "3.3B activated"
@@ -152,7 +152,7 @@ def test_per_gpu_parameters_match_a_name_based_count(case, with_predictor):
                           ParallelConfig(2, 1, None, 4, 1, 1, True), 8),
     }[case]
     layout = plan_placement(parallel, world)
-    estimate = estimate_params(load_model_spec_from(config), layout, with_predictor)
+    estimate = estimate_params(load_model_sizes_from(config), layout, with_predictor)
     assert estimate.per_gpu == _reference_rank_params(config, layout, with_predictor)
 
 
@@ -163,7 +163,7 @@ def test_recipe_layout_fits_an_h100_by_hand():
                  + 128 * 2048 + 2 * 2048 + 2 * 128)
     stage0 = 24 * per_layer + 151936 * 2048 // 4
     stage1 = 24 * per_layer + 151936 * 2048 // 4 + 2048
-    estimate = estimate_params(load_model_spec(QWEN3_30B), plan_placement(RECIPE_LAYOUT, 16), False)
+    estimate = estimate_params(load_model_sizes(QWEN3_30B), plan_placement(RECIPE_LAYOUT, 16), False)
     assert estimate.per_gpu == max(stage0, stage1)
     # fp32 weights + fp32 grads + Adam's two fp32 moments, nothing sharded: 16 bytes a parameter
     assert training_state_bytes_per_param(False, False, 1) == 4 + 4 + 8
@@ -191,7 +191,7 @@ def test_rank_layer_numbers_match_megatron_layer_offsets(pp, vpp):
 
 
 def test_predictor_host_memory_by_hand():
-    spec = load_model_spec(QWEN3_30B)
+    spec = load_model_sizes(QWEN3_30B)
     layout = plan_placement(RECIPE_LAYOUT, 16)
     cfg = parse_config(RECIPE_ARGS)
     batch = plan_batch(cfg, layout.dp)
@@ -237,18 +237,18 @@ def test_layout_that_fits_has_no_problems():
 def test_model_division_problems(tp, pp, vpp, ep, etp, expected):
     layout = Placement(world_size=1, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, cp=1,
                     sequence_parallel=tp > 1)
-    problems = model_division_problems(load_model_spec(QWEN3_30B), layout)
+    problems = model_division_problems(load_model_sizes(QWEN3_30B), layout)
     assert len(problems) == len(expected), problems
     for problem, name in zip(problems, expected, strict=True):
         assert problem.startswith(name) and "not divisible" in problem
 
 
 def test_dense_and_shared_expert_widths_are_checked():
-    spec = load_model_spec_from(_config_dict("tiny-qwen2-moe"))  # shared expert 48, dense none
+    spec = load_model_sizes_from(_config_dict("tiny-qwen2-moe"))  # shared expert 48, dense none
     layout = Placement(world_size=1, tp=32, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
     problems = " ".join(model_division_problems(spec, layout))
     assert "shared_expert_intermediate_size=48" in problems
-    mixed = load_model_spec_from(_mixed_dense_config())  # dense intermediate_size 128
+    mixed = load_model_sizes_from(_mixed_dense_config())  # dense intermediate_size 128
     layout = Placement(world_size=1, tp=3, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
     assert any(p.startswith("intermediate_size (dense layers)=128")
                for p in model_division_problems(mixed, layout))
