@@ -49,8 +49,7 @@ def imports_of(path: str, name: str) -> set[str]:
             if node.level:
                 parts = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            found.update(f"{base}.{a.name}" for a in node.names)
-            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # a module, or a name in base
     return {m for m in found if m == "megatron_pr2" or m.startswith("megatron_pr2.")}
 
 

@@ -20,6 +20,7 @@ from megatron_pr2.platform.device import set_compute_device
 from megatron_pr2.platform.strict_device import (
     StrictDeviceError,
     enable_strict_device_mode,
+    set_host_group,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def init_process_group(device: str | None = None, timeout_minutes: int = 10,
                     dist.get_rank(), dist.get_world_size(), timeout_minutes)
     if _host_group is None:
         _host_group = dist.new_group(backend="gloo", timeout=timeout)
+        set_host_group(_host_group)
 
 
 def host_group() -> dist.ProcessGroup:
@@ -220,6 +222,7 @@ def destroy_model_parallel() -> None:
 
     global _host_group
     _host_group = None
+    set_host_group(None)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
