@@ -2,8 +2,8 @@
 """Check the import structure of ``megatron_pr2``: no import circle between its modules and no
 upward import between packages (an import that goes against ``LAYERS``).
 
-Reads every module's ``import`` statements (module level and inside functions) with ``ast``;
-imports nothing. Exit status 1 when a circle or an upward import is found.
+Reads every module's ``import`` statements (module level and inside functions; not those under
+``if TYPE_CHECKING:``) with ``ast``; imports nothing. Exit status 1 when a circle or an upward import is found.
 
     python tools/import_graph.py [--verbose]
 """
@@ -34,6 +34,12 @@ def module_name(path: str) -> str:
     return rel.removesuffix(".__init__")
 
 
+def _is_type_checking(node) -> bool:
+    """An ``if TYPE_CHECKING:`` block (imports for annotations only, never run)."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+            and node.test.id == "TYPE_CHECKING")
+
+
 def imports_of(path: str, name: str) -> set[str]:
     """The megatron_pr2 modules ``path`` imports (``from a import b`` counts ``a.b`` when it is
     a module, else ``a``)."""
@@ -41,7 +47,11 @@ def imports_of(path: str, name: str) -> set[str]:
         tree = ast.parse(handle.read(), path)
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     found = set()
+    typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                   for n in ast.walk(block)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

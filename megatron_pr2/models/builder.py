@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel.utils import (
     is_pp_first_stage,
@@ -13,6 +14,7 @@ from megatron.core.pipeline_parallel.utils import (
     is_vp_last_stage,
 )
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pr2.models.divisibility import division_problems
@@ -106,3 +108,10 @@ def _check_divisibility(spec: QwenMoeSizes, parallel: ParallelConfig, fp8: bool)
         vpp=parallel.virtual_pipeline_model_parallel_size or 1, fp8=fp8)
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def unwrap_ddp(chunk):
+    """The ``GPTModel`` inside the DDP (and ``Float16Module``) wrappers of a chunk."""
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk

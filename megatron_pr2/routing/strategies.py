@@ -15,12 +15,6 @@ import dataclasses
 
 ROUTER_MODES = ("live", "record", "replay", "predict")
 
-OPTIMIZER_PREDICTOR_SHARDED = (
-    "--predictor optimizer needs each router weight's whole Adam step on every rank, but "
-    "--use-distributed-optimizer shards Adam's state over data-parallel ranks: use --predictor "
-    "learned or train without --use-distributed-optimizer")
-
-
 @dataclasses.dataclass(frozen=True)
 class WeightCopies:
     """Host copies of the weights a method keeps per GPU (what the dry run reports).
@@ -117,7 +111,13 @@ class OptimizerPredictorPass(OldPass):
                                             algo.lookahead_scale)
 
     def optimizer_problem(self, distributed_optimizer: bool) -> str | None:
-        return OPTIMIZER_PREDICTOR_SHARDED if distributed_optimizer else None
+        if not distributed_optimizer:
+            return None
+        from megatron_pr2.training.optimizer_predictor import (
+            OPTIMIZER_PREDICTOR_SHARDED,
+        )
+
+        return OPTIMIZER_PREDICTOR_SHARDED
 
 
 class Replay:

@@ -25,6 +25,7 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from megatron_pr2.models.builder import unwrap_ddp
 from megatron_pr2.platform.distributed import any_rank
 from megatron_pr2.training.checkpoint_verify import (
     CorruptCheckpointError,
@@ -32,7 +33,6 @@ from megatron_pr2.training.checkpoint_verify import (
     trainer_state_path,
     verify_checkpoint,
 )
-from megatron_pr2.training.model_setup import unwrap_ddp
 from megatron_pr2.training.nonfinite import assert_finite_weights
 from megatron_pr2.training.optimizer_checkpoint import (
     finish_optimizer_load,

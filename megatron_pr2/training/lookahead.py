@@ -182,8 +182,6 @@ def lookahead_old_pass(actor, microbatches: Sequence, window: int, scale: float)
 def merge_passes(results: Sequence, weights: Sequence[float]):
     """One ``PassResult`` of passes over disjoint micro-batches: all routes, the last pass's
     routing metrics, metrics averaged with ``weights`` (the mini-batches each pass covered)."""
-    from megatron_pr2.training.actor import PassResult
-
     routes = RoutePlan()
     for result in results:
         routes.routes.update(result.routing.routes.routes)
@@ -192,4 +190,4 @@ def merge_passes(results: Sequence, weights: Sequence[float]):
     total = sum(weights)
     metrics = {key: sum(w * r.metrics[key] for r, w in zip(results, weights)) / total
                for key in results[0].metrics}
-    return PassResult(routing, metrics)
+    return type(results[0])(routing, metrics)  # the actor's PassResult

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_pr2.routing.strategies import OPTIMIZER_PREDICTOR_SHARDED
 from megatron_pr2.training.batch_plan import split_ministeps
 from megatron_pr2.training.lookahead import merge_passes
 from megatron_pr2.training.optimizer_state import (
@@ -23,6 +22,11 @@ from megatron_pr2.training.optimizer_state import (
     adam_param_states,
     sharded_model_chunks,
 )
+
+OPTIMIZER_PREDICTOR_SHARDED = (
+    "--predictor optimizer needs each router weight's whole Adam step on every rank, but "
+    "--use-distributed-optimizer shards Adam's state over data-parallel ranks: use --predictor "
+    "learned or train without --use-distributed-optimizer")
 
 
 @contextlib.contextmanager
