@@ -17,9 +17,9 @@ import yaml
 
 from megatron_pr2.models.moe_options import FP8_ALIGNMENT
 from megatron_pr2.platform.distributed import ParallelConfig
+from megatron_pr2.rl.batch_plan import plan_batch
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.routing.methods import PREDICTORS, ROUTING_METHODS, routing_method
-from megatron_pr2.training.batch_plan import plan_batch
 
 
 @dataclasses.dataclass

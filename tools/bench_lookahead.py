@@ -84,9 +84,9 @@ def _bench(rank: int, args) -> int:
     from megatron_pr2.config import RunConfig
     from megatron_pr2.rl.advantages import grpo_advantages
     from megatron_pr2.routing.methods import routing_method
+    from megatron_pr2.routing.strategies.current_route import FrozenWeights
+    from megatron_pr2.routing.strategies.lookahead import WeightLookahead
     from megatron_pr2.training.components import build_components
-    from megatron_pr2.training.current_route import FrozenWeights
-    from megatron_pr2.training.lookahead import WeightLookahead
     from megatron_pr2.training.loop import RLLoop
     from megatron_pr2.training.rollout_source import (
         RolloutSource,

@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from megatron_pr2.platform.device import compute_device
 from megatron_pr2.rl.advantages import grpo_advantages
+from megatron_pr2.rl.batch_plan import plan_batch, split_ministeps
 from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import (
     build_route_plan,
@@ -23,8 +24,7 @@ from megatron_pr2.rollout.alignment import (
 )
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.routing.methods import routing_method
-from megatron_pr2.training import checkpointing
-from megatron_pr2.training.batch_plan import plan_batch, split_ministeps
+from megatron_pr2.training.checkpoint import checkpointing
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
 from megatron_pr2.training.engine_weight_sync import EngineWeightSync

@@ -20,9 +20,9 @@ from megatron_pr2.platform import (
     destroy_model_parallel,
     initialize_model_parallel,
 )
+from megatron_pr2.training.checkpoint.model_weights import save_model_checkpoint
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
-from megatron_pr2.training.model_weights import save_model_checkpoint
-from megatron_pr2.training.schedule import run_schedule
+from megatron_pr2.training.pipeline_schedule import run_schedule
 from tests.megatron import layout_worker
 
 STEPS = 2
@@ -71,7 +71,7 @@ def _one_run(family: str, layout: dict, init_dir: str, out_dir: str, run: dict) 
 def _global_mean_loss(outputs) -> float:
     from megatron.core import parallel_state
 
-    from megatron_pr2.training.schedule import broadcast_from_last_stage
+    from megatron_pr2.training.pipeline_schedule import broadcast_from_last_stage
 
     local = torch.stack([o["loss"] for o in outputs]).mean() if outputs else torch.zeros(())
     loss = broadcast_from_last_stage(local)

@@ -62,7 +62,7 @@ def _lookahead_run(ckpt_dir, tokens, layout, bf16, distributed) -> dict:
     from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
     from megatron_pr2.routing.controller import RoutingController
     from megatron_pr2.routing.router import ReplayRouter
-    from megatron_pr2.training.lookahead import WeightLookahead
+    from megatron_pr2.routing.strategies.lookahead import WeightLookahead
     from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 
     parallel = ParallelConfig(**layout)

@@ -51,9 +51,9 @@ def lookahead_routes(parallel, ckpt_dir, tokens, config_overrides=None) -> dict:
     from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.routing.controller import RoutingController
     from megatron_pr2.routing.router import ReplayRouter
-    from megatron_pr2.training.lookahead import WeightLookahead
+    from megatron_pr2.routing.strategies.lookahead import WeightLookahead
+    from megatron_pr2.routing.strategies.optimizer_state import adam_next_step
     from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
-    from megatron_pr2.training.optimizer_state import adam_next_step
 
     _, config, chunks = build_model_chunks(HF_CONFIG, parallel, ModelOptions(
         router_class=ReplayRouter, config_overrides=config_overrides or {}))

@@ -52,7 +52,7 @@ def _microbatches(tokens, rollout, dp_rank, dp_size):
 
 
 def _run_schedule(chunks, controller, microbatches, forward_only):
-    from megatron_pr2.training.schedule import run_schedule
+    from megatron_pr2.training.pipeline_schedule import run_schedule
 
     def forward_step(batch, model):
         controller.set_microbatch(batch["id"])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from megatron_pr2.launch.memory import ParamEstimate, weight_copy_bytes
-from megatron_pr2.launch.placement import Placement
+from megatron_pr2.preflight.memory import ParamEstimate, weight_copy_bytes
+from megatron_pr2.preflight.placement import Placement
 from megatron_pr2.routing.methods import ROUTING_METHODS, routing_method
 
 # 16 GPUs: TP 2, PP 2, EP 4 -> dense DP 4, expert DP 2

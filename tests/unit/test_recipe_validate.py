@@ -1,4 +1,4 @@
-"""megatron_pr2.launch (validate): layout, batch and parameter arithmetic against independent references.
+"""megatron_pr2.preflight (validate): layout, batch and parameter arithmetic against independent references.
 
 References: parameter counts of the Hugging Face model built on the meta device (no memory),
 per-rank counts re-derived from HF parameter names, Megatron-Core's own layer-offset functions,
@@ -17,25 +17,25 @@ import torch
 import transformers
 
 from megatron_pr2.config import parse_config
-from megatron_pr2.launch.checks import runtime_problems
-from megatron_pr2.launch.memory import (
+from megatron_pr2.models.pipeline_stages import rank_layer_numbers
+from megatron_pr2.platform import ParallelConfig
+from megatron_pr2.preflight.checks import runtime_problems
+from megatron_pr2.preflight.memory import (
     estimate_params,
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
 )
-from megatron_pr2.launch.parsing import check_flags, load_model_sizes
-from megatron_pr2.launch.placement import (
+from megatron_pr2.preflight.parsing import check_flags, load_model_sizes
+from megatron_pr2.preflight.placement import (
     Placement,
     model_division_problems,
     placement_problems,
     plan_placement,
 )
-from megatron_pr2.launch.problems import ValidationError
-from megatron_pr2.launch.urls import parse_sglang_urls
-from megatron_pr2.launch.validate import validate
-from megatron_pr2.models.pipeline_stages import rank_layer_numbers
-from megatron_pr2.platform import ParallelConfig
-from megatron_pr2.training.batch_plan import plan_batch
+from megatron_pr2.preflight.problems import ValidationError
+from megatron_pr2.preflight.urls import parse_sglang_urls
+from megatron_pr2.preflight.validate import validate
+from megatron_pr2.rl.batch_plan import plan_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QWEN3_30B = os.path.join(REPO, "examples", "pr2", "configs", "qwen3_30b_a3b_config.json")
@@ -400,7 +400,7 @@ def test_runtime_check_on_this_cpu_machine(tmp_path):
 ])
 def test_training_state_bytes_per_param_by_precision_and_optimizer(bf16, distributed, dp,
                                                                    expected):
-    from megatron_pr2.launch.memory import training_state_bytes_per_param
+    from megatron_pr2.preflight.memory import training_state_bytes_per_param
 
     assert training_state_bytes_per_param(bf16, distributed, dp) == pytest.approx(expected)
 

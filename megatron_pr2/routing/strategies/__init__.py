@@ -76,13 +76,13 @@ class RouterModePass(OldPass):
 
 class LookaheadPass(OldPass):
     """Mini-batch ``m`` recorded at ``theta_0 + c (m-1) u`` (``u`` = Adam's next step), old
-    log-probs at ``theta_0`` under it (:mod:`megatron_pr2.training.lookahead`)."""
+    log-probs at ``theta_0`` under it (:mod:`megatron_pr2.routing.strategies.lookahead`)."""
 
     mode = "record"
     records_routes = True
 
     def run(self, actor, microbatches, engine_plan, algo, record_predictor_inputs: bool):
-        from megatron_pr2.training.lookahead import lookahead_old_pass
+        from megatron_pr2.routing.strategies.lookahead import lookahead_old_pass
 
         return lookahead_old_pass(actor, microbatches, algo.off_policy_window,
                                   algo.lookahead_scale)
@@ -97,13 +97,13 @@ class LookaheadPass(OldPass):
 
 class OptimizerPredictorPass(OldPass):
     """PR2 with ``W_p = c (m-1) u_r`` (the router weight's Adam step) per mini-batch, in predict
-    mode (:mod:`megatron_pr2.training.optimizer_predictor`)."""
+    mode (:mod:`megatron_pr2.routing.strategies.optimizer_predictor`)."""
 
     mode = "predict"
     records_routes = True
 
     def run(self, actor, microbatches, engine_plan, algo, record_predictor_inputs: bool):
-        from megatron_pr2.training.optimizer_predictor import (
+        from megatron_pr2.routing.strategies.optimizer_predictor import (
             optimizer_predictor_old_pass,
         )
 
@@ -113,7 +113,7 @@ class OptimizerPredictorPass(OldPass):
     def optimizer_problem(self, distributed_optimizer: bool) -> str | None:
         if not distributed_optimizer:
             return None
-        from megatron_pr2.training.optimizer_predictor import (
+        from megatron_pr2.routing.strategies.optimizer_predictor import (
             OPTIMIZER_PREDICTOR_SHARDED,
         )
 
@@ -175,12 +175,14 @@ class EngineReplay(Replay):
 
 class CurrentRouteReplay(Replay):
     """Each mini-step's live route, old log-probs recomputed at ``theta_0`` (a frozen copy)
-    under it (:mod:`megatron_pr2.training.current_route`)."""
+    under it (:mod:`megatron_pr2.routing.strategies.current_route`)."""
 
     needs_old_pass_routes = True
 
     def ministep_plans(self, actor, old, engine_plan):
-        from megatron_pr2.training.current_route import CurrentRouteReplay as Impl
+        from megatron_pr2.routing.strategies.current_route import (
+            CurrentRouteReplay as Impl,
+        )
 
         return Impl(actor, old.routing.routes).ministep_plan
 

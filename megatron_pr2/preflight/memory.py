@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.placement import Placement
 from megatron_pr2.models.pipeline_stages import rank_layer_numbers
-from megatron_pr2.training.batch_plan import BatchPlan
+from megatron_pr2.preflight.placement import Placement
+from megatron_pr2.rl.batch_plan import BatchPlan
 
 GIB = 1024**3
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib.util
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.inputs import input_problems
-from megatron_pr2.launch.parsing import load_model_sizes
-from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.preflight.inputs import input_problems
+from megatron_pr2.preflight.parsing import load_model_sizes
+from megatron_pr2.preflight.problems import ValidationError
 
 
 def model_setting_problems(cfg: RunConfig, spec) -> list[str]:

@@ -1,6 +1,6 @@
 """Validate a whole training configuration for a cluster layout, without launching anything.
 
-``python -m megatron_pr2.launch.validate --nnodes 2 --gpus-per-node 8 [--check-runtime] -- <train flags>``
+``python -m megatron_pr2.preflight.validate --nnodes 2 --gpus-per-node 8 [--check-runtime] -- <train flags>``
 (``--print-layout`` only parses the flags and prints ``TP PP EP ETP`` for shell scripts.)
 
 Everything after ``--`` is what ``python -m megatron_pr2.train`` would receive. The checks are
@@ -24,29 +24,29 @@ import sys
 from collections.abc import Sequence
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.checks import (
+from megatron_pr2.preflight.checks import (
     model_setting_problems,
     package_problems,
     runtime_problems,
 )
-from megatron_pr2.launch.inputs import input_problems
-from megatron_pr2.launch.memory import (
+from megatron_pr2.preflight.inputs import input_problems
+from megatron_pr2.preflight.memory import (
     GIB,
     estimate_params,
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
     weight_copy_bytes,
 )
-from megatron_pr2.launch.parsing import load_config, load_model_sizes
-from megatron_pr2.launch.placement import (
+from megatron_pr2.preflight.parsing import load_config, load_model_sizes
+from megatron_pr2.preflight.placement import (
     Placement,
     model_division_problems,
     placement_problems,
 )
-from megatron_pr2.launch.problems import ValidationError, collect
-from megatron_pr2.launch.urls import parse_sglang_urls
+from megatron_pr2.preflight.problems import ValidationError, collect
+from megatron_pr2.preflight.urls import parse_sglang_urls
+from megatron_pr2.rl.batch_plan import BatchPlan, plan_batch
 from megatron_pr2.routing.methods import routing_method
-from megatron_pr2.training.batch_plan import BatchPlan, plan_batch
 
 
 @dataclasses.dataclass
@@ -221,7 +221,7 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
 # ----------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_pr2.launch.validate",
+        prog="python -m megatron_pr2.preflight.validate",
         description="Validate a megatron_pr2.train configuration for a cluster layout (no "
                     "launch). Training flags go after '--'.")
     parser.add_argument("--nnodes", type=int, default=1)

@@ -1,7 +1,7 @@
 """Lookahead routing (``pr2-lookahead``): route mini-batch ``m`` at ``theta_0 + c (m-1) u``.
 
 ``u`` is Adam's predicted next step of every trainable parameter
-(:mod:`megatron_pr2.training.optimizer_state`), read before the old-log-prob pass. Mini-batch
+(:mod:`megatron_pr2.routing.strategies.optimizer_state`), read before the old-log-prob pass. Mini-batch
 ``m`` is trained at ``theta_{m-1}`` ~ ``theta_0 + (m-1) u``; a no-grad forward in record mode at
 ``theta_0 + c (m-1) u`` predicts the route the router will take then. The old log-probs are
 computed at ``theta_0`` replaying those routes, so the importance ratio uses one route for both
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pr2.platform.distributed import any_rank
+from megatron_pr2.rl.batch_plan import split_ministeps
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.training.batch_plan import split_ministeps
-from megatron_pr2.training.optimizer_state import (
+from megatron_pr2.routing.strategies.optimizer_state import (
     adam_next_step,
     adam_param_states,
     sharded_model_chunks,

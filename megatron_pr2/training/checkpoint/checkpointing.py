@@ -27,24 +27,24 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from megatron_pr2.models.builder import unwrap_ddp
 from megatron_pr2.platform.distributed import any_rank
-from megatron_pr2.training.checkpoint_verify import (
+from megatron_pr2.training.checkpoint.checkpoint_verify import (
     CorruptCheckpointError,
     load_trainer_state,
     trainer_state_path,
     verify_checkpoint,
 )
-from megatron_pr2.training.nonfinite import assert_finite_weights
-from megatron_pr2.training.optimizer_checkpoint import (
+from megatron_pr2.training.checkpoint.optimizer_checkpoint import (
     finish_optimizer_load,
     prepare_optimizer_for_load,
 )
-from megatron_pr2.training.resume_config import (
+from megatron_pr2.training.checkpoint.resume_config import (
     check_checkpoint_predictor,
     check_resume_config,
     check_world_size,
     configured_learning_rates,
     restore_learning_rates,
 )
+from megatron_pr2.training.nonfinite import assert_finite_weights
 
 logger = logging.getLogger(__name__)
 

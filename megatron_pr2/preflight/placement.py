@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_pr2.launch.parsing import import_models_quietly
-from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.preflight.parsing import import_models_quietly
+from megatron_pr2.preflight.problems import ValidationError
 
 
 @dataclasses.dataclass(frozen=True)
