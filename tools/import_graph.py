@@ -24,13 +24,13 @@ LAYERS = (
     ("config", "confidence"),
     ("weight_sync",),
     ("training",),
-    ("launch", "preflight"),
+    ("preflight",),
     ("train", "compare"),
 )
 
 
-def module_name(path: str) -> str:
-    rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+def module_name(path: str, root: str = ROOT) -> str:
+    rel = os.path.relpath(path, os.path.dirname(root))[:-3].replace(os.sep, ".")
     return rel.removesuffix(".__init__")
 
 
@@ -63,10 +63,11 @@ def imports_of(path: str, name: str) -> set[str]:
     return {m for m in found if m == "megatron_pr2" or m.startswith("megatron_pr2.")}
 
 
-def graph() -> dict[str, set[str]]:
-    paths = [os.path.join(d, f) for d, _, files in os.walk(ROOT) for f in files
+def graph(root: str = ROOT) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, for every module under ``root``."""
+    paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
              if f.endswith(".py")]
-    modules = {module_name(p): p for p in paths}
+    modules = {module_name(p, root): p for p in paths}
     edges = {}
     for name, path in modules.items():
         targets = set()

@@ -98,7 +98,7 @@ def estimate_params(spec, layout: Placement, with_predictor: bool) -> ParamEstim
 
 def weight_copy_bytes(copies, params: ParamEstimate, layout: Placement, bf16: bool,
                       distributed_optimizer: bool) -> float:
-    """Host memory per GPU of a method's ``WeightCopies`` (``routing/strategies.py``).
+    """Host memory per GPU of a method's ``WeightCopies`` (``routing/strategies/__init__.py``).
 
     Each copy holds the weights the GPU holds, or with ``updated_only`` those it updates: all it
     holds with the plain optimizer; with the distributed optimizer its slice, the dense weights

@@ -57,7 +57,7 @@ class RoutingMethod:
 
     def _problems(self):
         if not isinstance(self.old_pass, OldPass) or not isinstance(self.replay, Replay):
-            yield "old_pass must be an OldPass and replay a Replay (routing/strategies.py)"
+            yield "old_pass must be an OldPass and replay a Replay (routing/strategies/__init__.py)"
         if self.predictor not in (None, *PREDICTORS):
             yield f"predictor must be None or one of {PREDICTORS}"
         if self.predictive_engine_gate and self.predictor != "learned":
