@@ -3,7 +3,8 @@
 upward import between packages (an import that goes against ``LAYERS``).
 
 Reads every module's ``import`` statements (module level and inside functions; not those under
-``if TYPE_CHECKING:``) with ``ast``; imports nothing. Exit status 1 when a circle or an upward import is found.
+``if TYPE_CHECKING:``) with ``ast``; imports nothing. Exit status 1 when a circle or an upward
+import is found.
 
     python tools/import_graph.py [--verbose]
 """

@@ -1,7 +1,8 @@
 """Validate a whole training configuration for a cluster layout, without launching anything.
 
-``python -m megatron_pr2.preflight.validate --nnodes 2 --gpus-per-node 8 [--check-runtime] -- <train flags>``
-(``--print-layout`` only parses the flags and prints ``TP PP EP ETP`` for shell scripts.)
+``python -m megatron_pr2.preflight.validate --nnodes 2 --gpus-per-node 8 [--check-runtime]
+-- <train flags>`` (``--print-layout`` only parses the flags and prints ``TP PP EP ETP`` for
+shell scripts.)
 
 Everything after ``--`` is what ``python -m megatron_pr2.train`` would receive. The checks are
 arithmetic and parsing only (CPU, no model is built): the flags and the config parse, the HF

@@ -99,7 +99,8 @@ class RoutingController:
     def _check_layer_numbers(self) -> None:
         numbers = [r.layer_number for rs in self._chunk_routers for r in rs]
         if any(n is None for n in numbers):
-            raise ValueError("a ReplayRouter has no layer_number; build it inside a TransformerLayer")
+            raise ValueError("a ReplayRouter has no layer_number; build it inside a "
+                             "TransformerLayer")
         if len(set(numbers)) != len(numbers):
             raise ValueError(f"ReplayRouter layer numbers repeat: {sorted(numbers)}")
         if not numbers:

@@ -63,7 +63,8 @@ class RoutingMethod:
         if self.predictive_engine_gate and self.predictor != "learned":
             yield "the predictive engine gate folds in a learned W_p"
         if self.old_pass.mode == "replay" and not self.replay.needs_engine_routes:
-            yield "an old pass in replay mode replays the engine's routes: pair it with EngineReplay"
+            yield ("an old pass in replay mode replays the engine's routes: pair it with "
+                   "EngineReplay")
         if self.old_pass.mode == "predict" and self.predictor is None:
             yield "an old pass in predict mode needs a predictor"
         if isinstance(self.old_pass, OptimizerPredictorPass) != (self.predictor == "optimizer"):

@@ -126,8 +126,8 @@ class RLLoop:
             old = self._old_pass(microbatches, engine_plan)
         metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
                    old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
-        metrics.update(self._ministeps(microbatches,
-                                       self.method.ministep_plans(self.parts.actor, old, engine_plan)))
+        plans = self.method.ministep_plans(self.parts.actor, old, engine_plan)
+        metrics.update(self._ministeps(microbatches, plans))
         metrics.update({f"train/{k}": v for k, v in self.parts.actor.nonfinite.metrics().items()})
         self._sync_weights()
         return metrics

@@ -53,7 +53,8 @@ def _sync(rank, megatron_dir):
     results = {}
     for name, parallel in LAYOUTS.items():
         initialize_model_parallel(parallel)
-        _, config, chunks = build_model_chunks(CFG, parallel, ModelOptions(router_class=ReplayRouter))
+        options = ModelOptions(router_class=ReplayRouter)
+        _, config, chunks = build_model_chunks(CFG, parallel, options)
         load_megatron_checkpoint(chunks, megatron_dir)
         set_predictors(chunks)
         model = wrap_with_ddp(chunks, config) if name == "dp2" else chunks

@@ -55,7 +55,8 @@ def test_the_docs_package_table_lists_every_package():
     assert packages == listed
 
 
-@pytest.mark.parametrize("module", ["megatron_pr2.routing.methods", "megatron_pr2.routing.strategies"])
+@pytest.mark.parametrize("module", ["megatron_pr2.routing.methods",
+                                    "megatron_pr2.routing.strategies"])
 def test_the_method_table_imports_without_torch(module):
     import subprocess
 

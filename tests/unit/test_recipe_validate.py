@@ -1,4 +1,5 @@
-"""megatron_pr2.preflight (validate): layout, batch and parameter arithmetic against independent references.
+"""megatron_pr2.preflight (validate): layout, batch and parameter arithmetic against independent
+references.
 
 References: parameter counts of the Hugging Face model built on the meta device (no memory),
 per-rank counts re-derived from HF parameter names, Megatron-Core's own layer-offset functions,
@@ -127,7 +128,8 @@ def _reference_rank_params(config: dict, layout: Placement, with_predictor: bool
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "tiny-qwen3-moe", "tiny-qwen2-moe", "mixed"])
 def test_total_parameters_match_the_hf_model(name):
     config = _mixed_dense_config() if name == "mixed" else _config_dict(name)
-    estimate = estimate_params(load_model_sizes_from(config), Placement.of(ParallelConfig(), 1), False)
+    sizes = load_model_sizes_from(config)
+    estimate = estimate_params(sizes, Placement.of(ParallelConfig(), 1), False)
     assert estimate.total == sum(_meta_parameters(config).values())
     assert estimate.per_gpu == estimate.total  # one GPU holds everything
 
@@ -163,7 +165,8 @@ def test_recipe_layout_fits_an_h100_by_hand():
                  + 128 * 2048 + 2 * 2048 + 2 * 128)
     stage0 = 24 * per_layer + 151936 * 2048 // 4
     stage1 = 24 * per_layer + 151936 * 2048 // 4 + 2048
-    estimate = estimate_params(load_model_sizes(QWEN3_30B), plan_placement(RECIPE_LAYOUT, 16), False)
+    layout = plan_placement(RECIPE_LAYOUT, 16)
+    estimate = estimate_params(load_model_sizes(QWEN3_30B), layout, False)
     assert estimate.per_gpu == max(stage0, stage1)
     # fp32 weights + fp32 grads + Adam's two fp32 moments, nothing sharded: 16 bytes a parameter
     assert training_state_bytes_per_param(False, False, 1) == 4 + 4 + 8

@@ -1,11 +1,11 @@
 """Lookahead routing (``pr2-lookahead``): route mini-batch ``m`` at ``theta_0 + c (m-1) u``.
 
 ``u`` is Adam's predicted next step of every trainable parameter
-(:mod:`megatron_pr2.routing.strategies.optimizer_state`), read before the old-log-prob pass. Mini-batch
-``m`` is trained at ``theta_{m-1}`` ~ ``theta_0 + (m-1) u``; a no-grad forward in record mode at
-``theta_0 + c (m-1) u`` predicts the route the router will take then. The old log-probs are
-computed at ``theta_0`` replaying those routes, so the importance ratio uses one route for both
-policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
+(:mod:`megatron_pr2.routing.strategies.optimizer_state`), read before the old-log-prob pass.
+Mini-batch ``m`` is trained at ``theta_{m-1}`` ~ ``theta_0 + (m-1) u``; a no-grad forward in
+record mode at ``theta_0 + c (m-1) u`` predicts the route the router will take then. The old
+log-probs are computed at ``theta_0`` replaying those routes, so the importance ratio uses one
+route for both policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
 
 Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch. The weights are restored bit for
 bit after each shifted forward: in bf16 training cast again from the optimizer's fp32 main copy
