@@ -127,8 +127,8 @@ def base_config(args, seed: int) -> RunConfig:
 def warm_start(args, out_dir: str) -> str:
     """Supervised warm-up, saved once as a Megatron checkpoint; reused by every run."""
     from megatron_pr2.platform import destroy_model_parallel
+    from megatron_pr2.training.checkpoint.model_weights import save_model_checkpoint
     from megatron_pr2.training.components import build_components
-    from megatron_pr2.training.model_weights import save_model_checkpoint
     from megatron_pr2.training.rollout_source import make_prompts
     from megatron_pr2.training.warmup import sft_warmup
 

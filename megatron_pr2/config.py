@@ -17,9 +17,9 @@ import yaml
 
 from megatron_pr2.models.moe_options import FP8_ALIGNMENT
 from megatron_pr2.platform.distributed import ParallelConfig
+from megatron_pr2.rl.batch_plan import plan_batch
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.routing.methods import PREDICTORS, ROUTING_METHODS, routing_method
-from megatron_pr2.training.batch_plan import plan_batch
 
 
 @dataclasses.dataclass
@@ -56,9 +56,6 @@ class ModelArgs:
             raise ValueError("--moe-grouped-gemm needs --transformer-impl transformer_engine "
                              "(TransformerEngine's GroupedLinear experts)")
 
-
-# The parallel section of the run config is the platform's layout dataclass itself.
-ParallelArgs = ParallelConfig
 
 
 @dataclasses.dataclass
@@ -263,10 +260,10 @@ class RunConfig:
         self.train.check_lr_schedule(self.optimizer_steps)
         if self.train.save_interval and not self.train.save:
             raise ValueError("--save-interval needs --save DIR")
-        routing_method(self.algo.routing_method, self.predictor.predictor)  # names bad pairs
-        if self.predictor.predictor == "optimizer" and self.train.use_distributed_optimizer:
-            raise ValueError("--predictor optimizer reads whole router weights' Adam state, which "
-                             "--use-distributed-optimizer shards over data-parallel ranks")
+        method = routing_method(self.algo.routing_method, self.predictor.predictor)  # bad pairs
+        problem = method.optimizer_problem(self.train.use_distributed_optimizer)
+        if problem:
+            raise ValueError(problem)
         self._validate_rspo()
         if self.train.eval_before_train and not self.train.eval_interval:
             raise ValueError("--eval-before-train needs --eval-interval N (what to evaluate on)")

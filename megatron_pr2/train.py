@@ -13,14 +13,14 @@ import os
 import sys
 
 from megatron_pr2.config import RunConfig, parse_config
-from megatron_pr2.launch.checks import check_model_settings
-from megatron_pr2.launch.inputs import InputError, check_inputs
-from megatron_pr2.launch.problems import ValidationError
 from megatron_pr2.platform import destroy_model_parallel
-from megatron_pr2.training.checkpointing import CheckpointError
+from megatron_pr2.preflight.checks import check_model_settings
+from megatron_pr2.preflight.inputs import InputError, check_inputs
+from megatron_pr2.preflight.problems import ValidationError
+from megatron_pr2.training.checkpoint.checkpointing import CheckpointError
+from megatron_pr2.training.checkpoint.resume_config import ResumeConfigError
+from megatron_pr2.training.checkpoint.save_lock import SaveDirLock, SaveDirLockedError
 from megatron_pr2.training.nonfinite import NonFiniteError
-from megatron_pr2.training.resume_config import ResumeConfigError
-from megatron_pr2.training.save_lock import SaveDirLock, SaveDirLockedError
 
 # Faults the trainer detects and explains: reported as one ``error:`` line, exit status 1.
 RUN_FAULTS = (CheckpointError, NonFiniteError, ResumeConfigError, SaveDirLockedError)

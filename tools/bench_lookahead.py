@@ -83,9 +83,10 @@ def _bench(rank: int, args) -> int:
 
     from megatron_pr2.config import RunConfig
     from megatron_pr2.rl.advantages import grpo_advantages
+    from megatron_pr2.routing.methods import routing_method
+    from megatron_pr2.routing.strategies.current_route import FrozenWeights
+    from megatron_pr2.routing.strategies.lookahead import WeightLookahead
     from megatron_pr2.training.components import build_components
-    from megatron_pr2.training.current_route import CurrentRouteReplay, FrozenWeights
-    from megatron_pr2.training.lookahead import WeightLookahead, lookahead_old_pass
     from megatron_pr2.training.loop import RLLoop
     from megatron_pr2.training.rollout_source import (
         RolloutSource,
@@ -99,6 +100,7 @@ def _bench(rank: int, args) -> int:
     cfg.train.use_distributed_optimizer = args.use_distributed_optimizer
     cfg.model.hf_config = args.model
     cfg.algo.off_policy_window = args.off_policy_window
+    cfg.algo.lookahead_scale = 0.75
     cfg.algo.drift_attribution_tokens = 0
     cfg.rollout.rollout_batch_prompts = args.prompts
     cfg.rollout.n_samples_per_prompt = args.group_size
@@ -110,26 +112,19 @@ def _bench(rank: int, args) -> int:
     actor, window = parts.actor, args.off_policy_window
     per_step = len(microbatches) // window
 
-    def ministeps(plan_of):
+    def run_method(name):
+        """The method's old-log-prob pass and mini-steps, as the loop runs them."""
+        method = routing_method(name)
+        old = method.old_logprob_pass(actor, microbatches, None, cfg.algo)
+        plan_of = method.ministep_plans(actor, old, None)
         for m in range(window):
             chunk = microbatches[m * per_step:(m + 1) * per_step]
-            actor.train_ministep(chunk, plan_of(m, chunk), "replay", train_predictor=False)
+            actor.train_ministep(chunk, plan_of(m, chunk), method.ministep_mode,
+                                 train_predictor=False)
 
-    def r2():
-        old = actor.logprob_pass(microbatches, "record")
-        ministeps(lambda m, chunk: old.routing.routes.select([mb.microbatch_id for mb in chunk]))
-
-    def lookahead():
-        old = lookahead_old_pass(actor, microbatches, window, 0.75)
-        ministeps(lambda m, chunk: old.routing.routes.select([mb.microbatch_id for mb in chunk]))
-
-    def current_route():
-        old = actor.logprob_pass(microbatches, "record")
-        replay = CurrentRouteReplay(actor, old.routing.routes)
-        ministeps(replay.ministep_plan)
-
-    variants = {"r2": r2, "pr2-lookahead": lookahead, "current-route": current_route}
-    r2()  # Adam state for the lookahead, and warm caches
+    names = ("r2", "pr2-lookahead", "current-route")
+    variants = {name: (lambda name=name: run_method(name)) for name in names}
+    run_method("r2")  # Adam state for the lookahead, and warm caches
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, run in variants.items():

@@ -6,7 +6,7 @@ pass (forward only) over every micro-batch, then a training forward + backward o
 micro-batch.
 
 - live: Megatron-Core's own ``TopKRouter``, live routing in both passes;
-- pr2: ``PR2Router``, a predict pass (``TopK(p + h W_p)``, recording routes and ``h, p``) and a
+- pr2: ``ReplayRouter``, a predict pass (``TopK(p + h W_p)``, recording routes and ``h, p``) and a
   replayed training pass with the predictor loss on (the mini-step >= 2 case, the costliest).
 
 Same seed, weights and tokens for both. Step time: both models in one process, steps
@@ -87,7 +87,7 @@ def _stored_bytes(routers) -> int:
 
 
 class _Variant:
-    """A model (live ``TopKRouter`` or ``PR2Router``) and one RL step on a fixed batch."""
+    """A model (live ``TopKRouter`` or ``ReplayRouter``) and one RL step on a fixed batch."""
 
     def __init__(self, name: str, args, device: str):
         import torch
@@ -96,11 +96,11 @@ class _Variant:
         from megatron_pr2.platform import seed_model_parallel
         from megatron_pr2.routing.controller import RoutingController
         from megatron_pr2.routing.predictor import PredictorConfig
-        from megatron_pr2.routing.router import PR2Router
+        from megatron_pr2.routing.router import ReplayRouter
 
         self.name = name
         seed_model_parallel(1234)  # same weights for both variants
-        options = ModelOptions(router_class=PR2Router) if name == "pr2" else ModelOptions()
+        options = ModelOptions(router_class=ReplayRouter) if name == "pr2" else ModelOptions()
         _, _, self.model = build_model(_hf_config(args), options=options)
         self.model = self.model.to(device)
         gen = torch.Generator().manual_seed(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import tempfile
 import threading
@@ -124,7 +125,7 @@ def cost_model(wire_gbs: float, nvlink_gbs: float, disk_gbs: float) -> None:
     layers = QWEN3_30B_A3B["num_hidden_layers"]
     stage = {0: {"dense": 0, "expert": 0}, 1: {"dense": 0, "expert": 0}}
     for rule in adapter.rules:
-        numel = sum(_numel(s) for s in rule.hf_shapes)
+        numel = sum(math.prod(s) for s in rule.hf_shapes)
         where = 0 if (rule.layer is None and "embed" in rule.hf_names[0]) or (
             rule.layer is not None and rule.layer < layers // pp) else 1
         stage[where]["expert" if rule.expert is not None else "dense"] += numel
@@ -152,13 +153,6 @@ def cost_model(wire_gbs: float, nvlink_gbs: float, disk_gbs: float) -> None:
           f"I/O, ~{disk / (disk_gbs * 1e9):.0f} s per sync")
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=("inprocess", "sglang"), default="inprocess")
@@ -176,11 +170,11 @@ def main() -> None:
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.models.presets import preset
     from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     initialize_model_parallel(ParallelConfig())
     hf_config = preset("tiny-qwen3-moe", **MODEL)
-    _, _, model = build_model(hf_config, options=ModelOptions(router_class=PR2Router))
+    _, _, model = build_model(hf_config, options=ModelOptions(router_class=ReplayRouter))
     model_bytes = sum(p.numel() for p in model.parameters()) * 2
     with tempfile.TemporaryDirectory() as root:
         engine, server = start_engine(args.engine, hf_config, model, root)

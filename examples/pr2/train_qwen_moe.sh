@@ -21,7 +21,7 @@
 # writes its weights there after every rollout batch and the servers reload them from it.
 #
 # --dry-run does everything except launching, on any machine (CPU only is fine): it validates the
-# whole configuration with `python -m megatron_pr2.launch.validate` for NNODES x GPUS_PER_NODE GPUs,
+# whole configuration with `python -m megatron_pr2.preflight.validate` for NNODES x GPUS_PER_NODE GPUs,
 # prints a summary and the commands it would run, and exits non-zero naming any problem. Unset
 # paths are replaced by placeholders, and without HF_CKPT the embedded Qwen3-30B-A3B config
 # (examples/pr2/configs/qwen3_30b_a3b_config.json) stands in for the checkpoint's.
@@ -134,7 +134,7 @@ train_args+=(${extra[@]+"${extra[@]}"})
 
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-validate=("$PYTHON" -m megatron_pr2.launch.validate --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE")
+validate=("$PYTHON" -m megatron_pr2.preflight.validate --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE")
 read -r tp pp ep etp < <("${validate[@]}" --print-layout -- "${train_args[@]}" || echo "FAILED")
 [ "$tp" != FAILED ] || exit 1
 

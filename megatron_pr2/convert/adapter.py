@@ -17,7 +17,7 @@ import torch
 
 from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.convert.rules import PredictiveGateRule, QkvRule, Shape, TensorRule
-from megatron_pr2.models.hf_config import QwenMoeSpec
+from megatron_pr2.models.hf_config import QwenMoeSizes
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ NamedTensors = Iterable[tuple[str, torch.Tensor]]
 PREDICTOR_SUFFIX = "mlp.router.predictor.weight"
 
 
-def _always(spec: QwenMoeSpec) -> bool:
+def _always(spec: QwenMoeSizes) -> bool:
     return True
 
 
@@ -49,12 +49,12 @@ class RuleTemplate:
     kind: type[TensorRule]
     hf: tuple[str, ...]
     megatron: str
-    shapes: Callable[[QwenMoeSpec], tuple[Shape, ...]]
+    shapes: Callable[[QwenMoeSizes], tuple[Shape, ...]]
     tp_axis: int | None = None
     glu: bool = False
-    when: Callable[[QwenMoeSpec], bool] = _always
+    when: Callable[[QwenMoeSizes], bool] = _always
 
-    def bind(self, spec: QwenMoeSpec, layer: int | None = None,
+    def bind(self, spec: QwenMoeSizes, layer: int | None = None,
              expert: int | None = None) -> TensorRule:
         fields = {"layer": layer, "expert": expert}
         extra = {"num_query_groups": spec.num_key_value_heads} if self.kind is QkvRule else {}
@@ -89,7 +89,7 @@ class StateDictAdapter:
     architecture: str = ""
     table: KeyTable
 
-    def __init__(self, spec: QwenMoeSpec):
+    def __init__(self, spec: QwenMoeSizes):
         if spec.architecture != self.architecture:
             raise ConversionError(
                 f"{type(self).__name__} converts {self.architecture}, got {spec.architecture}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Iterable
 
 import torch
 
@@ -97,14 +97,7 @@ class HfCheckpoint:
         return self._reader(self.files[name]).read(name)
 
     def nbytes(self, name: str) -> int:
-        return _numel(self.shapes[name]) * self.dtypes[name].itemsize
-
-
-def _numel(shape: Iterable[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+        return math.prod(self.shapes[name]) * self.dtypes[name].itemsize
 
 
 def copy_hf_assets(src_dir: str, dst_dir: str) -> list[str]:
@@ -129,7 +122,7 @@ def plan_shards(entries: list[Entry], max_shard_bytes: int) -> list[list[Entry]]
     shards: list[list[Entry]] = [[]]
     used = 0
     for entry in entries:
-        size = _numel(entry[1]) * entry[2].itemsize
+        size = math.prod(entry[1]) * entry[2].itemsize
         if shards[-1] and used + size > max_shard_bytes:
             shards.append([])
             used = 0
@@ -154,7 +147,7 @@ class HfShardWriter:
         self._writers: dict[int, SafetensorsStreamWriter] = {}
         self._waiting: dict[str, torch.Tensor] = {}
         self._done: set[int] = set()
-        self.total_bytes = sum(_numel(e[1]) * e[2].itemsize for es in shards for e in es)
+        self.total_bytes = sum(math.prod(e[1]) * e[2].itemsize for es in shards for e in es)
         os.makedirs(out_dir, exist_ok=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

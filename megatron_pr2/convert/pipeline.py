@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import time
 
@@ -83,13 +84,6 @@ class _Progress:
                         self.total_bytes / 1e9, self.stats.gb_per_s)
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 # ---------------------------------------------------------------------------- HF -> Megatron
 def _check_hf_names(adapter: StateDictAdapter, ckpt: HfCheckpoint) -> None:
     expected = {name for rule in adapter.rules for name in rule.hf_names}
@@ -149,7 +143,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, target: TargetParallelism | None =
     target.validate(adapter.spec)
     _check_hf_names(adapter, ckpt)
     planned = _planned_tensors(adapter, ckpt, target, dtype)
-    total = sum(_numel(p.shape) * p.dtype.itemsize for p in planned)
+    total = sum(math.prod(p.shape) * p.dtype.itemsize for p in planned)
     progress = _Progress("hf-to-megatron", len(planned), total)
     metadata = {
         "format": FORMAT_NAME,
@@ -161,7 +155,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, target: TargetParallelism | None =
     write_dist_checkpoint(
         out_dir, planned, metadata,
         on_tensor_done=lambda p: progress.update(1, p.nbytes_in,
-                                                 _numel(p.shape) * p.dtype.itemsize))
+                                                 math.prod(p.shape) * p.dtype.itemsize))
     with open(os.path.join(out_dir, HF_CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(ckpt.config, handle, indent=2, sort_keys=True)
     copy_hf_assets(hf_dir, os.path.join(out_dir, ASSETS_DIR))
@@ -239,7 +233,7 @@ def _read_groups(adapter: StateDictAdapter, rules: list[TensorRule], metadata: d
                               []).append(rule)
         group, used = [], 0
         for key, key_rules in by_key.items():
-            size = sum(_numel(r.megatron_shape) for r in key_rules) * metadata[key][1].itemsize
+            size = sum(math.prod(r.megatron_shape) for r in key_rules) * metadata[key][1].itemsize
             if group and used + size > max_bytes:
                 groups.append(group)
                 group, used = [], 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from megatron_pr2.convert.adapter import StateDictAdapter
 from megatron_pr2.convert.qwen2_moe import Qwen2MoeAdapter
 from megatron_pr2.convert.qwen3_moe import Qwen3MoeAdapter
-from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config
+from megatron_pr2.models.hf_config import QwenMoeSizes, parse_hf_config
 
 ADAPTERS: dict[str, type[StateDictAdapter]] = {
     "qwen3_moe": Qwen3MoeAdapter,
@@ -19,5 +19,5 @@ def adapter_for(hf_config) -> StateDictAdapter:
     Raises:
         UnsupportedConfigError: unknown architecture or an unsupported config field.
     """
-    spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
+    spec = hf_config if isinstance(hf_config, QwenMoeSizes) else parse_hf_config(hf_config)
     return ADAPTERS[spec.family](spec)

@@ -10,6 +10,7 @@ they are produced instead of collecting a whole shard in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -22,13 +23,6 @@ DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 _ALIGN = 8
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 class SafetensorsReader:
@@ -62,7 +56,7 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, (begin, end) = self.entries[name]
-        if end - begin != _numel(shape) * dtype.itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise ConversionError(f"{self.path}: byte range of {name} does not match its shape")
         if begin == end:
             return torch.empty(shape, dtype=dtype)
@@ -92,7 +86,7 @@ class SafetensorsStreamWriter:
         header: dict = {"__metadata__": dict(metadata or {})}
         offset = 0
         for name, shape, dtype in self._entries:
-            size = _numel(shape) * dtype.itemsize
+            size = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size

@@ -15,7 +15,7 @@ import re
 
 from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.models.divisibility import division_problems
-from megatron_pr2.models.hf_config import QwenMoeSpec
+from megatron_pr2.models.hf_config import QwenMoeSizes
 
 # tools/convert.py names the sizes --tp --pp --ep --etp.
 _CONVERT_FLAGS = {"tp": "--tp", "pp": "--pp", "vpp": "--vpp", "ep": "--ep", "etp": "--etp"}
@@ -41,7 +41,7 @@ class TargetParallelism:
                 "expert_model_parallel_size": self.expert_model_parallel_size,
                 "expert_tensor_parallel_size": self.etp}
 
-    def validate(self, spec: QwenMoeSpec) -> None:
+    def validate(self, spec: QwenMoeSizes) -> None:
         """Raise :class:`ConversionError` naming the first size that does not divide the model."""
         tp, pp, ep, etp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                            self.expert_model_parallel_size, self.etp)

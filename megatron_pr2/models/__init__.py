@@ -2,7 +2,7 @@
 
 from megatron_pr2.models.builder import ModelOptions, build_model, build_model_chunks
 from megatron_pr2.models.hf_config import (
-    QwenMoeSpec,
+    QwenMoeSizes,
     UnsupportedConfigError,
     parse_hf_config,
     to_transformer_config,
@@ -11,7 +11,7 @@ from megatron_pr2.models.spec import TransformerEngineMissingError, decoder_bloc
 
 __all__ = [
     "ModelOptions",
-    "QwenMoeSpec",
+    "QwenMoeSizes",
     "TransformerEngineMissingError",
     "UnsupportedConfigError",
     "build_model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel.utils import (
     is_pp_first_stage,
@@ -13,11 +14,12 @@ from megatron.core.pipeline_parallel.utils import (
     is_vp_last_stage,
 )
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pr2.models.divisibility import division_problems
 from megatron_pr2.models.hf_config import (
-    QwenMoeSpec,
+    QwenMoeSizes,
     parse_hf_config,
     to_transformer_config,
 )
@@ -45,7 +47,7 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
 
     Args:
         hf_config: path to an HF checkpoint dir / ``config.json``, a dict, or a parsed
-            :class:`QwenMoeSpec`.
+            :class:`QwenMoeSizes`.
         parallel: :class:`megatron_pr2.platform.ParallelConfig`; the process groups (given in
             ``options`` or Megatron's initialised parallel state) must have the same sizes.
         options: router class, TransformerEngine, extra ``TransformerConfig`` fields, groups.
@@ -55,7 +57,7 @@ def build_model_chunks(hf_config, parallel=None, options: ModelOptions | None = 
         ``GPTModel`` chunks, on the compute device.
     """
     options = options or ModelOptions()
-    spec = hf_config if isinstance(hf_config, QwenMoeSpec) else parse_hf_config(hf_config)
+    spec = hf_config if isinstance(hf_config, QwenMoeSizes) else parse_hf_config(hf_config)
     _check_divisibility(spec, parallel or ParallelConfig(), bool(options.config_overrides.get("fp8")))
     config = to_transformer_config(spec, parallel, **options.config_overrides)
     check_routes_reach_experts(config)
@@ -98,7 +100,7 @@ def build_model(hf_config, parallel=None, options: ModelOptions | None = None):
     return spec, config, chunks[0]
 
 
-def _check_divisibility(spec: QwenMoeSpec, parallel: ParallelConfig, fp8: bool) -> None:
+def _check_divisibility(spec: QwenMoeSizes, parallel: ParallelConfig, fp8: bool) -> None:
     """Before ``TransformerConfig`` exists (its own FP8 checks need TransformerEngine)."""
     problems = division_problems(
         spec, tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
@@ -106,3 +108,10 @@ def _check_divisibility(spec: QwenMoeSpec, parallel: ParallelConfig, fp8: bool) 
         vpp=parallel.virtual_pipeline_model_parallel_size or 1, fp8=fp8)
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def unwrap_ddp(chunk):
+    """The ``GPTModel`` inside the DDP (and ``Float16Module``) wrappers of a chunk."""
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk

@@ -3,7 +3,7 @@ the one rule the builder, the converter and the launch-side validation all apply
 
 from __future__ import annotations
 
-from megatron_pr2.models.hf_config import QwenMoeSpec
+from megatron_pr2.models.hf_config import QwenMoeSizes
 
 # How each size is named in messages: Megatron-LM's training flags by default.
 MEGATRON_FLAGS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
@@ -12,7 +12,7 @@ MEGATRON_FLAGS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-
 FP8_GEMM_MULTIPLE = 16  # TransformerEngine's FP8 GEMMs need both weight dimensions divisible by it
 
 
-def division_problems(spec: QwenMoeSpec, tp: int = 1, pp: int = 1, ep: int = 1,
+def division_problems(spec: QwenMoeSizes, tp: int = 1, pp: int = 1, ep: int = 1,
                       etp: int | None = None, vpp: int = 1, fp8: bool = False,
                       flags: dict[str, str] = MEGATRON_FLAGS) -> list[str]:
     """Every way the sizes fail to split ``spec`` evenly, one message each (empty if none).
@@ -47,7 +47,7 @@ def division_problems(spec: QwenMoeSpec, tp: int = 1, pp: int = 1, ep: int = 1,
     return problems + (_fp8_problems(spec, etp) if fp8 else [])
 
 
-def _fp8_problems(spec: QwenMoeSpec, etp: int) -> list[str]:
+def _fp8_problems(spec: QwenMoeSizes, etp: int) -> list[str]:
     sizes = (("hidden_size", spec.hidden_size),
              ("moe_intermediate_size / ETP", spec.moe_ffn_hidden_size // max(etp, 1)))
     return [f"FP8 GEMMs need {name} divisible by {FP8_GEMM_MULTIPLE}, got {size}"

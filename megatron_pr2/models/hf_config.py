@@ -21,8 +21,9 @@ class UnsupportedConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenMoeSpec:
-    """The computation-relevant facts of a Qwen-MoE checkpoint, read from its HF config."""
+class QwenMoeSizes:
+    """The sizes of a Qwen-MoE model (the computation-relevant facts of its HF config); not a
+    Megatron layer spec (``models/spec.py``)."""
 
     architecture: str
     vocab_size: int
@@ -139,7 +140,7 @@ def _moe_layer_pattern(cfg: dict[str, Any], num_layers: int) -> tuple[int, ...]:
     return tuple(int(i not in dense and (i + 1) % step == 0) for i in range(num_layers))
 
 
-def parse_hf_config(path_or_dict) -> QwenMoeSpec:
+def parse_hf_config(path_or_dict) -> QwenMoeSizes:
     """Read and validate a Qwen3-MoE / Qwen2-MoE HF config."""
     cfg = load_hf_config(path_or_dict)
     arch = _architecture(cfg)
@@ -148,7 +149,7 @@ def parse_hf_config(path_or_dict) -> QwenMoeSpec:
     hidden = int(cfg["hidden_size"])
     num_layers = int(cfg["num_hidden_layers"])
     is_qwen2 = arch == "Qwen2MoeForCausalLM"
-    return QwenMoeSpec(
+    return QwenMoeSizes(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=hidden,
@@ -174,7 +175,7 @@ def parse_hf_config(path_or_dict) -> QwenMoeSpec:
     )
 
 
-def to_transformer_config(spec: QwenMoeSpec, parallel=None, **overrides):
+def to_transformer_config(spec: QwenMoeSizes, parallel=None, **overrides):
     """Build the Megatron-Core ``TransformerConfig`` that computes what HF computes.
 
     Args:

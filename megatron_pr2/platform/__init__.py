@@ -15,6 +15,7 @@ from megatron_pr2.platform.device import (
 )
 from megatron_pr2.platform.distributed import (
     ParallelConfig,
+    any_rank,
     default_device,
     destroy_model_parallel,
     host_group,
@@ -33,6 +34,7 @@ __all__ = [
     "CpuBackendError",
     "ParallelConfig",
     "StrictDeviceError",
+    "any_rank",
     "compute_device",
     "cpu_backend",
     "cpu_backend_enabled",

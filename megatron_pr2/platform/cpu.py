@@ -25,6 +25,7 @@ _ENABLED = False
 _DEVICE_MODE: TorchFunctionMode | None = None
 _MISSING = object()
 _PATCHES: list[tuple[object, str, object]] = []  # (owner, attribute, original value)
+_BEFORE_DISABLE: list = []  # callables disable_cpu_backend runs first, last registered first
 
 
 class CpuBackendError(RuntimeError):
@@ -239,9 +240,8 @@ def disable_cpu_backend() -> None:
     global _ENABLED, _DEVICE_MODE
     if not _ENABLED:
         return
-    from megatron_pr2.platform.strict_device import disable_strict_device_mode
-
-    disable_strict_device_mode()  # its mode sits above the device mode
+    while _BEFORE_DISABLE:  # modes stacked above the device mode (strict device mode)
+        _BEFORE_DISABLE.pop()()
     _DEVICE_MODE.__exit__(None, None, None)
     _DEVICE_MODE = None
     for owner, name, original in reversed(_PATCHES):
@@ -264,6 +264,12 @@ def cpu_backend():
     finally:
         if not was_enabled:
             disable_cpu_backend()
+
+
+def run_before_disable(callback) -> None:
+    """Have :func:`disable_cpu_backend` call ``callback`` before it leaves the device mode
+    (a mode stacked above it, such as strict device mode); once per registration."""
+    _BEFORE_DISABLE.append(callback)
 
 
 def cpu_backend_enabled() -> bool:

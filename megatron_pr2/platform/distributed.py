@@ -20,6 +20,7 @@ from megatron_pr2.platform.device import set_compute_device
 from megatron_pr2.platform.strict_device import (
     StrictDeviceError,
     enable_strict_device_mode,
+    set_host_group,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def init_process_group(device: str | None = None, timeout_minutes: int = 10,
                     dist.get_rank(), dist.get_world_size(), timeout_minutes)
     if _host_group is None:
         _host_group = dist.new_group(backend="gloo", timeout=timeout)
+        set_host_group(_host_group)
 
 
 def host_group() -> dist.ProcessGroup:
@@ -148,6 +150,16 @@ def host_group() -> dist.ProcessGroup:
         raise RuntimeError("no host group: the process group was not initialised by "
                            "megatron_pr2.platform.init_process_group")
     return _host_group
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over every rank on the gloo host group (every rank must call it; a single
+    process without a process group returns ``flag``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(value.item())
 
 
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
@@ -210,6 +222,7 @@ def destroy_model_parallel() -> None:
 
     global _host_group
     _host_group = None
+    set_host_group(None)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -30,6 +30,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from megatron_pr2.platform.cpu import cpu_backend_enabled, run_before_disable
+
 logger = logging.getLogger(__name__)
 
 STRICT_COMPUTE_DEVICE = torch.device("cpu", 0)
@@ -187,11 +189,18 @@ def _tagged(result, tag: str):
 
 
 # ------------------------------------------------------------------------------ collectives
+_HOST_GROUP = None  # the platform's gloo host group (platform.distributed sets it)
+
+
+def set_host_group(group) -> None:
+    """Tell strict mode the platform's host group (None: there is none now)."""
+    global _HOST_GROUP
+    _HOST_GROUP = group
+
+
 def _host_groups() -> list:
     """The gloo groups host tensors may use: the platform's host group and Megatron's ``*_GLOO``."""
-    from megatron_pr2.platform import distributed
-
-    groups = [distributed._host_group] if distributed._host_group is not None else []
+    groups = [_HOST_GROUP] if _HOST_GROUP is not None else []
     try:
         from megatron.core import parallel_state
     except ImportError:
@@ -270,8 +279,6 @@ def enable_strict_device_mode() -> None:
             backend is not enabled.
     """
     global _MODE
-    from megatron_pr2.platform.cpu import cpu_backend_enabled
-
     if _MODE is not None:
         return
     if torch.cuda.is_available():
@@ -279,6 +286,7 @@ def enable_strict_device_mode() -> None:
                                 "on a GPU the device itself refuses misplaced tensors")
     if not cpu_backend_enabled():
         raise StrictDeviceError("strict device mode needs the CPU backend (enable_cpu_backend)")
+    run_before_disable(disable_strict_device_mode)  # its mode sits above the device mode
     for name in _COLLECTIVES:
         original = getattr(dist, name)
         _ORIGINAL_COLLECTIVES[name] = original

@@ -54,10 +54,10 @@ class RouteShape:
 
     @classmethod
     def from_hf_config(cls, hf_config) -> RouteShape:
-        """Layout of a Qwen-MoE HF config (dict, path, or parsed ``QwenMoeSpec``)."""
-        from megatron_pr2.models.hf_config import QwenMoeSpec, parse_hf_config
+        """Layout of a Qwen-MoE HF config (dict, path, or parsed ``QwenMoeSizes``)."""
+        from megatron_pr2.models.hf_config import QwenMoeSizes, parse_hf_config
 
-        if isinstance(hf_config, QwenMoeSpec):
+        if isinstance(hf_config, QwenMoeSizes):
             spec = hf_config
         else:
             spec = parse_hf_config(hf_config)
@@ -141,33 +141,6 @@ def select_moe_layers(routes: np.ndarray, route_shape: RouteShape, wire_layers: 
     return routes[:, list(route_shape.moe_layer_indices), :]
 
 
-def check_routes(routes, route_shape: RouteShape) -> None:
-    """Check ``[N, L_moe, K]`` routes against the route shape.
-
-    Catches ids out of ``[0, E)``, repeated ids within a token's top-k (a real top-k never
-    repeats; an all-zero layer from a lost pipeline stage shows up this way), and, for top-1
-    models, MoE layers that are zero for every token of a multi-token sequence.
-
-    Raises:
-        MalformedResponseError: naming the first bad layer and token.
-    """
-    routes = torch.as_tensor(routes).cpu()
-    _check_shape(routes, route_shape)
-    array = routes.numpy()
-    _check_range_array(array, route_shape)
-    _check_repeats_array(array, route_shape)
-
-
-def _check_shape(routes: torch.Tensor, route_shape: RouteShape) -> None:
-    if routes.dim() != 3 or routes.shape[1:] != (route_shape.num_moe_layers, route_shape.top_k):
-        raise MalformedResponseError(
-            f"routes must be [N, {route_shape.num_moe_layers}, {route_shape.top_k}], "
-            f"got {tuple(routes.shape)}"
-        )
-    if routes.is_floating_point():
-        raise MalformedResponseError(f"routes must be integers, got {routes.dtype}")
-
-
 def _numpy_compact_dtype(route_shape: RouteShape) -> np.dtype:
     return torch.empty(0, dtype=route_shape.compact_dtype).numpy().dtype
 
@@ -223,11 +196,6 @@ def _repeated_rows(rows: np.ndarray) -> int | None:
     if not repeated.any():
         return None
     return int(np.flatnonzero(repeated)[0])
-
-
-def compact_routes(routes, num_experts: int) -> torch.Tensor:
-    """Routes as a tensor of the narrowest dtype that holds ids ``< num_experts``."""
-    return torch.as_tensor(np.ascontiguousarray(routes)).to(compact_route_dtype(num_experts))
 
 
 def decode_routed_experts(payload, *, num_rows: int, route_shape: RouteShape,

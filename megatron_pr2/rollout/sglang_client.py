@@ -403,7 +403,7 @@ class SGLangClient:
         A server that fails leaves the pool; an evicted one that succeeds rejoins it
         (:meth:`on_each_server`).
         """
-        from megatron_pr2.weight_sync.sglang_api import (
+        from megatron_pr2.rollout.sglang_weight_api import (
             chunk_named_tensors,
             serialize_named_tensors,
         )
@@ -430,7 +430,7 @@ class SGLangClient:
 
     def _weight_api(self, address: str):
         """The weight-update endpoints of one server (:mod:`megatron_pr2.weight_sync`)."""
-        from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI
+        from megatron_pr2.rollout.sglang_weight_api import SGLangWeightAPI
 
         return SGLangWeightAPI(address, self.api_key, self.config.request_timeout)
 

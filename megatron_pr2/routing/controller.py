@@ -1,4 +1,4 @@
-"""``RoutingController``: drives every ``PR2Router`` of one model (all its chunks) for a step.
+"""``RoutingController``: drives every ``ReplayRouter`` of one model (all its chunks) for a step.
 
 Usage per step (one call of Megatron's ``forward_backward_func``)::
 
@@ -26,7 +26,7 @@ from megatron_pr2.routing.metrics import LayerRoutingMetrics
 from megatron_pr2.routing.predictor import PredictorConfig
 from megatron_pr2.routing.replay_state import RoutingMode
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class StepRouting:
                 for name, value in metrics.summary().items()}
 
 
-def _routers_in(chunk: torch.nn.Module) -> list[PR2Router]:
-    return [m for m in chunk.modules() if isinstance(m, PR2Router)]
+def _routers_in(chunk: torch.nn.Module) -> list[ReplayRouter]:
+    return [m for m in chunk.modules() if isinstance(m, ReplayRouter)]
 
 
 def _bind(routers, microbatch_id) -> None:
@@ -67,7 +67,7 @@ def _first_tensor(output):
 
 
 class RoutingController:
-    """Finds the ``PR2Router`` instances of a model's chunks and sets their routing per step.
+    """Finds the ``ReplayRouter`` instances of a model's chunks and sets their routing per step.
 
     Args:
         model_chunks: a model or a list of chunks (virtual pipeline), possibly DDP-wrapped.
@@ -88,7 +88,7 @@ class RoutingController:
                 self._handles.append(chunk.register_forward_hook(self._post_hook(routers)))
 
     @property
-    def routers(self) -> list[PR2Router]:
+    def routers(self) -> list[ReplayRouter]:
         """All routers on this rank, ordered by global layer number."""
         return sorted((r for rs in self._chunk_routers for r in rs), key=lambda r: r.layer_number)
 
@@ -99,11 +99,12 @@ class RoutingController:
     def _check_layer_numbers(self) -> None:
         numbers = [r.layer_number for rs in self._chunk_routers for r in rs]
         if any(n is None for n in numbers):
-            raise ValueError("a PR2Router has no layer_number; build it inside a TransformerLayer")
+            raise ValueError("a ReplayRouter has no layer_number; build it inside a "
+                             "TransformerLayer")
         if len(set(numbers)) != len(numbers):
-            raise ValueError(f"PR2Router layer numbers repeat: {sorted(numbers)}")
+            raise ValueError(f"ReplayRouter layer numbers repeat: {sorted(numbers)}")
         if not numbers:
-            logger.info("no PR2Router on this rank (no MoE layers in its stage)")
+            logger.info("no ReplayRouter on this rank (no MoE layers in its stage)")
 
     # ----------------------------------------------------------------------------- hooks
     def _pre_hook(self, routers):
@@ -181,7 +182,7 @@ class RoutingController:
         """
         routers = self.routers
         if not routers:
-            raise ValueError("no PR2Router on this rank: there are no router log-probs")
+            raise ValueError("no ReplayRouter on this rank: there are no router log-probs")
         return torch.stack([router.router_logprobs(microbatch_id) for router in routers], dim=1)
 
     def end_step(self) -> StepRouting:

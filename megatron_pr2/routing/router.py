@@ -1,6 +1,6 @@
-"""``PR2Router``: Megatron-Core's ``TopKRouter`` with live / record / replay / predict routing.
+"""``ReplayRouter``: Megatron-Core's ``TopKRouter`` with live / record / replay / predict routing.
 
-Injected through the layer spec (``ModelOptions(router_class=PR2Router)`` ->
+Injected through the layer spec (``ModelOptions(router_class=ReplayRouter)`` ->
 ``MoESubmodules(router=...)``). All routing state lives in the instance
 (:class:`~megatron_pr2.routing.replay_state.RouterReplayState`), bound to routes by the
 router's global 1-based ``layer_number`` (set by Megatron, pipeline offset included).
@@ -46,7 +46,7 @@ class RouteError(ValueError):
     """A route given to a router does not fit it (shape, expert ids, duplicates)."""
 
 
-class PR2Router(TopKRouter):
+class ReplayRouter(TopKRouter):
     """Top-k router with per-instance routing modes and an evolution predictor ``W_p``.
 
     Args:
@@ -60,7 +60,7 @@ class PR2Router(TopKRouter):
         if getattr(config, "moe_enable_routing_replay", False):
             raise ValueError(
                 "moe_enable_routing_replay=True turns on Megatron's RouterReplay (a global "
-                "registry); PR2Router replays routes per instance: leave it False"
+                "registry); ReplayRouter replays routes per instance: leave it False"
             )
         super().__init__(config=config, pg_collection=pg_collection)
         self.route_selector = RouteSelector()
@@ -107,7 +107,7 @@ class PR2Router(TopKRouter):
                  "recording predictor inputs" if record_predictor_inputs else None)
         if needs and self.predictor is None:
             raise ValueError(f"layer {self.layer_number}: {needs} needs the evolution predictor "
-                             "(PR2Router(use_predictor=True))")
+                             "(ReplayRouter(use_predictor=True))")
         state = self.replay_state
         state.mode = mode
         state.plan = plan

@@ -16,9 +16,12 @@ from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.training.logprobs import token_entropy, token_logprobs
 from megatron_pr2.training.nonfinite import NonFiniteGuard
 from megatron_pr2.training.padding_mask import stage_padding_mask
+from megatron_pr2.training.pipeline_schedule import (
+    broadcast_from_last_stage,
+    run_schedule,
+)
 from megatron_pr2.training.policy_grad_norm import PolicyGradNorm
 from megatron_pr2.training.rollout_batch import TrainMicroBatch
-from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.routing.predictor import PredictorConfig, predictor_optimizer_overrides
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 from megatron_pr2.training.actor import PolicyActor
 from megatron_pr2.training.lr_schedule import ScheduledOptimizer, build_param_scheduler
 from megatron_pr2.training.model_setup import OptimizerOptions, build_optimizer, wrap_with_ddp
@@ -65,7 +65,7 @@ def _model_options(cfg: RunConfig, groups=None) -> ModelOptions:
     overrides.update(precision_overrides(cfg.train.bf16))
     overrides.update(moe_overrides(cfg.model, cfg.parallel))
     method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
-    router = functools.partial(PR2Router, use_predictor=method.builds_predictor)
+    router = functools.partial(ReplayRouter, use_predictor=method.builds_predictor)
     return ModelOptions(router_class=router,
                         use_transformer_engine=cfg.model.transformer_impl == "transformer_engine",
                         config_overrides=overrides, pg_collection=groups)

@@ -1,6 +1,6 @@
 """Drift attribution in the trainer: per layer and per mini-step, on a token sample.
 
-Forward pre-hooks on every ``PR2Router`` keep, for one micro-batch per mini-batch, a sample of
+Forward pre-hooks on every ``ReplayRouter`` keep, for one micro-batch per mini-batch, a sample of
 the router inputs ``h`` (and the router weight ``W``) seen in the old-log-prob pass (``old``) and
 in that mini-batch's training mini-step (``cur``); :func:`~megatron_pr2.routing.drift_attribution.
 drift_counts` compares the four routes. Counts are summed over all ranks (every layout), so each
@@ -15,19 +15,19 @@ import torch
 
 from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.routing.drift_attribution import DriftCounts, drift_counts
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 
 
 class DriftProbe:
     """Samples router inputs and weights in chosen passes and turns them into drift metrics.
 
     Args:
-        routers: this rank's ``PR2Router`` modules.
+        routers: this rank's ``ReplayRouter`` modules.
         num_layers: the model's number of layers (global numbering, for the reduction).
         max_tokens: tokens sampled per layer and micro-batch.
     """
 
-    def __init__(self, routers: list[PR2Router], num_layers: int, max_tokens: int):
+    def __init__(self, routers: list[ReplayRouter], num_layers: int, max_tokens: int):
         self.routers = routers
         self.num_layers = num_layers
         self.max_tokens = max_tokens
@@ -45,7 +45,7 @@ class DriftProbe:
         stride = max(1, num_rows // self.max_tokens)
         return torch.arange(0, num_rows, stride)[:self.max_tokens]
 
-    def _hook(self, router: PR2Router, args) -> None:
+    def _hook(self, router: ReplayRouter, args) -> None:
         mb = router.replay_state.microbatch_id
         if self._phase is None or mb not in self._wanted:
             return

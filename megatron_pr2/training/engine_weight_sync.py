@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.rollout.engine import RolloutError
 from megatron_pr2.rollout.exchange import broadcast_object
-from megatron_pr2.weight_sync.sglang_api import WeightUpdateError
+from megatron_pr2.rollout.sglang_weight_api import WeightUpdateError
 from megatron_pr2.weight_sync.syncer import SyncReport, WeightSyncer, WeightSyncError
 
 logger = logging.getLogger(__name__)

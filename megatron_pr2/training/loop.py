@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel.utils import is_pp_last_stage
 
 from megatron_pr2.platform.device import compute_device
 from megatron_pr2.rl.advantages import grpo_advantages, zero_advantage_group_fraction
+from megatron_pr2.rl.batch_plan import plan_batch, split_ministeps
 from megatron_pr2.rl.mismatch import mismatch_metrics
 from megatron_pr2.rollout.alignment import (
     build_route_plan,
@@ -23,16 +24,12 @@ from megatron_pr2.rollout.alignment import (
 )
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.routing.methods import routing_method
-from megatron_pr2.training import checkpointing
-from megatron_pr2.training.batch_plan import plan_batch, split_ministeps
+from megatron_pr2.training.checkpoint import checkpointing
 from megatron_pr2.training.components import Components
-from megatron_pr2.training.current_route import CurrentRouteReplay
 from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
 from megatron_pr2.training.engine_weight_sync import EngineWeightSync
-from megatron_pr2.training.lookahead import lookahead_old_pass
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
-from megatron_pr2.training.optimizer_predictor import optimizer_predictor_old_pass
 from megatron_pr2.training.rollout_batch import (
     build_train_microbatches,
     needs_uniform_width,
@@ -148,26 +145,16 @@ class RLLoop:
             old = self._old_pass(microbatches, engine_plan)
         metrics = {**rollout_metrics, **self._mismatch(microbatches), "old/entropy":
                    old.metrics["entropy"], **_routing_metrics("routing/old_pass", old.routing)}
-        replay_plan = {None: None, "engine": engine_plan, "old_pass": old.routing.routes,
-                       "lookahead": old.routing.routes,
-                       "current": old.routing.routes}[self.method.replay_source]
-        metrics.update(self._ministeps(microbatches, replay_plan))
+        plans = self.method.ministep_plans(self.parts.actor, old, engine_plan)
+        metrics.update(self._ministeps(microbatches, plans))
         metrics.update({f"train/{k}": v for k, v in self.parts.actor.nonfinite.metrics().items()})
         self._sync_weights()
         return metrics
 
     # ----------------------------------------------------------------------------- phases
     def _old_pass(self, microbatches, engine_plan):
-        actor = self.parts.actor
-        if self.method.replay_source == "lookahead":
-            return lookahead_old_pass(actor, microbatches, self.cfg.algo.off_policy_window,
-                                      self.cfg.algo.lookahead_scale)
-        if self.method.predictor == "optimizer":
-            return optimizer_predictor_old_pass(actor, microbatches,
-                                                self.cfg.algo.off_policy_window,
-                                                self.cfg.algo.lookahead_scale)
-        return actor.logprob_pass(microbatches, self.method.old_pass_mode, engine_plan,
-                                  record_predictor_inputs=self.method.trains_predictor)
+        return self.method.old_logprob_pass(self.parts.actor, microbatches, engine_plan,
+                                            self.cfg.algo)
 
     def _drift_capture(self, phase: str, microbatch_ids):
         """Sample router inputs of these micro-batches in the block (drift attribution)."""
@@ -206,19 +193,16 @@ class RLLoop:
             out[f"mismatch/{key}"] = _allreduce_mean(value)
         return out
 
-    def _ministeps(self, microbatches, replay_plan) -> dict[str, float]:
+    def _ministeps(self, microbatches, ministep_plan) -> dict[str, float]:
+        """The mini-steps; ``ministep_plan(m, chunk)`` is mini-step ``m``'s route plan."""
         window = self.cfg.algo.off_policy_window
-        mode = "live" if replay_plan is None else "replay"
+        mode = self.method.ministep_mode
         train_predictor = self.method.trains_predictor
         metrics, sums, drift = {}, {}, []
-        current = (CurrentRouteReplay(self.parts.actor, replay_plan)
-                   if self.method.replay_source == "current" else None)
         if self.update_probe is not None:
             self.update_probe.begin()
         for m, chunk in enumerate(split_ministeps(microbatches, window)):
-            plan = (current.ministep_plan(m, chunk) if current else None
-                    if replay_plan is None else
-                    replay_plan.select([mb.microbatch_id for mb in chunk]))
+            plan = ministep_plan(m, chunk)
             with self._drift_capture("cur", [chunk[0].microbatch_id]):
                 result = self.parts.actor.train_ministep(chunk, plan, mode,
                                                          train_predictor=train_predictor and m > 0)

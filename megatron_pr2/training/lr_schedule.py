@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_pr2.training.optimizer_checkpoint import SHARDING_METADATA
+from megatron_pr2.training.checkpoint.optimizer_checkpoint import SHARDING_METADATA
 
 SCHEDULER_STATE_KEY = "param_scheduler"
 

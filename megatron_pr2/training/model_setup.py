@@ -42,13 +42,6 @@ def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False,
     return wrapped
 
 
-def unwrap_ddp(chunk):
-    """The ``GPTModel`` inside the DDP (and ``Float16Module``) wrappers of a chunk."""
-    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
-        chunk = chunk.module
-    return chunk
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerOptions:
     """Megatron-LM's optimizer flags (``--bf16``, ``--use-distributed-optimizer`` ...)."""

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
-from megatron_pr2.platform.device import to_device
+from megatron_pr2.platform.distributed import any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +54,11 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.stack(checks).all()) if checks else True
 
 
-def _any_rank(flag: bool) -> bool:
-    """True when ``flag`` is true on any rank (every rank must call this)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = to_device(torch.tensor([1.0 if flag else 0.0]))
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
 def step_is_finite(model, loss_values: Iterable[float]) -> bool:
     """Whether every rank's ``loss_values`` and gradients are finite (collective)."""
     local_bad = not all(math.isfinite(float(v)) for v in loss_values)
     local_bad = local_bad or not _all_finite(_local_grads(model))
-    return not _any_rank(local_bad)
+    return not any_rank(local_bad)
 
 
 class NonFiniteGuard:
@@ -119,7 +110,7 @@ class NonFiniteGuard:
 def assert_finite_weights(model, label: str) -> None:
     """Raise :class:`NonFiniteError` when any rank holds a non-finite parameter (collective)."""
     local_bad = not _all_finite([p.detach() for chunk in model for p in chunk.parameters()])
-    if _any_rank(local_bad):
+    if any_rank(local_bad):
         raise NonFiniteError(f"refusing to save {label}: the model weights are not finite; "
                              "the previous checkpoint is kept")
 

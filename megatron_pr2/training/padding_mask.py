@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pr2.training.model_setup import unwrap_ddp
+from megatron_pr2.models.builder import unwrap_ddp
 
 
 def pad_token_mask(sample_of_BS: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,10 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_pr2.routing.predictor import PREDICTOR_PARAM_ATTR
-from megatron_pr2.training.optimizer_state import inner_optimizers, whole_model_params
+from megatron_pr2.routing.strategies.optimizer_state import (
+    inner_optimizers,
+    whole_model_params,
+)
 
 
 class PolicyGradNorm:
@@ -67,4 +70,4 @@ def clip_coefficient(total_norm: float, clip_grad: float) -> float:
     if not clip_grad:
         return 1.0
     coefficient = clip_grad / (total_norm + 1.0e-6)
-    return coefficient if coefficient < 1.0 else 1.0
+    return min(1.0, coefficient)

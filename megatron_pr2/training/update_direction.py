@@ -1,7 +1,7 @@
 """How well Adam's predicted next step anticipates the real mini-step updates (a diagnostic).
 
 Lookahead routing assumes the weights after ``k`` mini-steps sit near ``theta_0 + k u``, ``u``
-Adam's next step read before the first mini-step (:mod:`megatron_pr2.training.optimizer_state`).
+Adam's next step read before the first mini-step (:mod:`megatron_pr2.routing.strategies.optimizer_state`).
 This probe measures that assumption while gradients are live:
 
 - ``update/cos_displacement_vs_adam_step``: mean over mini-steps ``k = 1 .. N`` of
@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_pr2.training.optimizer_state import adam_next_step, adam_param_states
+from megatron_pr2.routing.strategies.optimizer_state import (
+    adam_next_step,
+    adam_param_states,
+)
 
 
 def _flat_main(optimizer) -> torch.Tensor:

@@ -11,7 +11,10 @@ from megatron_pr2.platform.distributed import process_groups
 from megatron_pr2.tasks import CharTokenizer, DigitTask, sft_batch
 from megatron_pr2.training.model_setup import build_optimizer
 from megatron_pr2.training.nonfinite import NonFiniteGuard
-from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
+from megatron_pr2.training.pipeline_schedule import (
+    broadcast_from_last_stage,
+    run_schedule,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 * :func:`build_weight_syncer` / :class:`WeightSyncOptions`: pick the transport for an engine;
 * :class:`WeightSyncer`: gather, convert (the ``convert`` key tables), bucket and push;
-* :mod:`~megatron_pr2.weight_sync.sglang_api`: SGLang's weight-update HTTP endpoints.
+* :mod:`~megatron_pr2.rollout.sglang_weight_api`: SGLang's weight-update HTTP endpoints.
 """
 
+from megatron_pr2.rollout.sglang_weight_api import SGLangWeightAPI, WeightUpdateError
 from megatron_pr2.weight_sync.build import WeightSyncOptions, build_weight_syncer
-from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI, WeightUpdateError
 from megatron_pr2.weight_sync.syncer import SyncReport, WeightSyncer, WeightSyncError
 
 __all__ = [

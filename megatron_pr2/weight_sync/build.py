@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from megatron_pr2.weight_sync.sglang_api import SGLangWeightAPI, WeightUpdateError
+from megatron_pr2.rollout.sglang_weight_api import SGLangWeightAPI, WeightUpdateError
 from megatron_pr2.weight_sync.syncer import WeightSyncer, agree_on_error
 from megatron_pr2.weight_sync.transports import (
     DiskTransport,

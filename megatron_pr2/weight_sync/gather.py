@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from megatron_pr2.convert.adapter import StateDictAdapter
 from megatron_pr2.convert.sharding import merge_tp_shards
+from megatron_pr2.models.builder import unwrap_ddp
 from megatron_pr2.platform.distributed import process_groups
-from megatron_pr2.training.model_setup import unwrap_ddp
 from megatron_pr2.weight_sync.plan import ParallelSizes, ParamSlot, stage_slots
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")

@@ -7,6 +7,7 @@ builds the same plan from its own model chunks, so collectives and bucket bounda
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 
@@ -77,7 +78,7 @@ def stage_slots(chunks: Sequence[tuple[Sequence[int], Sequence[tuple[str, tuple[
             if name.endswith(PREDICTOR_SUFFIX):
                 if predictive_gate:
                     slots.append(ParamSlot(index, local_name, name, False, None, False,
-                                           _numel(shape)))
+                                           math.prod(shape)))
                 continue
             rule = adapter.rule_for_megatron(name)
             if rule is None:
@@ -89,15 +90,8 @@ def stage_slots(chunks: Sequence[tuple[Sequence[int], Sequence[tuple[str, tuple[
             split = (sizes.etp if expert else sizes.tp) if rule.tp_axis is not None else 1
             copies = sizes.ep if expert else 1
             slots.append(ParamSlot(index, local_name, name, expert, rule.tp_axis, rule.glu,
-                                   _numel(shape) * split * copies))
+                                   math.prod(shape) * split * copies))
     return slots
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def split_rounds(slots: Sequence[ParamSlot], itemsize: int, max_bytes: int) -> list[list[ParamSlot]]:

@@ -31,7 +31,7 @@ from megatron_pr2.convert.safetensors_io import SafetensorsStreamWriter
 from megatron_pr2.platform.device import compute_device
 from megatron_pr2.platform.distributed import free_port
 from megatron_pr2.weight_sync.bucket import FlatBucket
-from megatron_pr2.weight_sync.sglang_api import (
+from megatron_pr2.rollout.sglang_weight_api import (
     SGLangWeightAPI,
     WeightUpdateError,
     serialize_named_tensors,

@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from megatron_pr2.training.checkpoint_verify import verify_checkpoint
+from megatron_pr2.training.checkpoint.checkpoint_verify import verify_checkpoint
+from megatron_pr2.training.checkpoint.model_weights import read_full_tensors
 from megatron_pr2.training.metrics_log import read_jsonl
-from megatron_pr2.training.model_weights import read_full_tensors
 
 ARGS = ["--routing-method", "pr2", "--rollout-batch-prompts", "4", "--n-samples-per-prompt", "2",
         "--off-policy-window", "2", "--micro-batch-size", "2", "--max-new-tokens", "4",

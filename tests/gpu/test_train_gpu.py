@@ -71,8 +71,9 @@ def test_each_routing_method_trains_in_bf16(method, tmp_path):
     records = run_distributed(_train_worker, 1, _flags(str(tmp_path), method))[0]
     _check_records(records, method)
     row = ROUTING_METHODS[method]
-    if row.replay_source == "old_pass":
-        # mini-step 1 runs the weights that chose the replayed route (PR2: zero predictor)
+    if row.replay.needs_old_pass_routes:
+        # mini-step 1 runs the weights that chose the replayed route (PR2: zero predictor;
+        # lookahead and current-route: R2 in mini-step 1)
         assert records[0][ZERO_DEV_STEP1] == 1.0
 
 

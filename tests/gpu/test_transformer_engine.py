@@ -37,11 +37,11 @@ def _replayed_pass(model, controller, plan, tokens, positions):
     """Forward + backward replaying ``plan``; what the routers returned and the experts saw."""
     import torch
 
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     seen, handles = {}, []
     for module in model.modules():
-        if isinstance(module, PR2Router):
+        if isinstance(module, ReplayRouter):
             handles.append(module.register_forward_hook(
                 lambda mod, args, out: seen.setdefault(("map", mod.layer_number), out[1].detach())))
         if type(module).__name__ in ("TEGroupedMLP", "SequentialMLP", "GroupedMLP"):
@@ -70,7 +70,7 @@ def _te_worker(rank, fp8_format):
     from megatron_pr2.models.presets import preset
     from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
     from megatron_pr2.routing.controller import RoutingController
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     initialize_model_parallel(ParallelConfig(), seed=0, device="cuda")
     spec = parse_hf_config(preset("tiny-qwen3-moe"))
@@ -79,7 +79,7 @@ def _te_worker(rank, fp8_format):
     if fp8_format:
         overrides.update(fp8=fp8_format)
     _, config, chunks = build_model_chunks(spec, None, ModelOptions(
-        router_class=PR2Router, use_transformer_engine=True, config_overrides=overrides))
+        router_class=ReplayRouter, use_transformer_engine=True, config_overrides=overrides))
     model = chunks[0]
     controller = RoutingController([model])
     gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """R3 end to end: engine routes, aligned by the route plan, replayed by Megatron under TP+SP and PP.
 
 The in-process engine generates from an HF checkpoint; Megatron loads the same weights (converted)
-and replays the engine's routes through ``PR2Router``. Reference: Megatron's own live top-k at
+and replays the engine's routes through ``ReplayRouter``. Reference: Megatron's own live top-k at
 each router row, which the router compares with the replayed route (zero-deviation ratio). With
 the same fp32 weights the engine's route of a token is Megatron's live route of that token, so
 only a route that reached exactly its token's router row agrees; a plan with rows in the wrong
@@ -68,13 +68,13 @@ def _replay(rank, ckpt_dir, samples):
 
     from megatron_pr2.platform import initialize_model_parallel
     from megatron_pr2.routing.controller import RoutingController
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     route_shape = RouteShape.from_hf_config(CFG)
     results = {}
     for name, parallel in ROUTE_SHAPES.items():
         initialize_model_parallel(parallel)
-        _, _, model = build_model(CFG, parallel, ModelOptions(router_class=PR2Router))
+        _, _, model = build_model(CFG, parallel, ModelOptions(router_class=ReplayRouter))
         load_megatron_checkpoint(model, ckpt_dir)
         model.eval()
         token_parallel = TokenParallel(

@@ -13,7 +13,7 @@ from megatron_pr2.models.presets import preset
 from megatron_pr2.platform import seed_model_parallel
 from megatron_pr2.rollout.inprocess import InProcessEngine
 from megatron_pr2.rollout.sample import SamplingParams
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
 CFG = preset("tiny-qwen3-moe", mlp_only_layers=[2])
@@ -21,7 +21,7 @@ CFG = preset("tiny-qwen3-moe", mlp_only_layers=[2])
 
 def test_megatron_weights_sync_to_the_engine_and_predictive_gates_fold(megatron_single_process):
     seed_model_parallel(9)
-    _, _, model = build_model(CFG, options=ModelOptions(router_class=PR2Router))
+    _, _, model = build_model(CFG, options=ModelOptions(router_class=ReplayRouter))
     model.eval()
     engine = InProcessEngine(CFG)
     syncer = build_weight_syncer([model], engine, CFG, WeightSyncOptions(bucket_bytes=32 << 10))

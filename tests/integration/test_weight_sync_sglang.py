@@ -71,13 +71,13 @@ def _sync_layouts(rank, address, megatron_dir, disk_dir):
     from megatron_pr2.platform import initialize_model_parallel
     from megatron_pr2.rollout.inprocess import InProcessEngine
     from megatron_pr2.rollout.sglang_client import SGLangClient, SGLangClientConfig
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
     from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
     results = {}
     for name, parallel in LAYOUTS.items():
         initialize_model_parallel(parallel)
-        _, _, model = build_model(CFG, parallel, ModelOptions(router_class=PR2Router))
+        _, _, model = build_model(CFG, parallel, ModelOptions(router_class=ReplayRouter))
         load_megatron_checkpoint(model, megatron_dir)
         engine = SGLangClient.for_hf_config([address], CFG,
                                             config=SGLangClientConfig(request_timeout=120))
@@ -199,9 +199,9 @@ def single_process_reference(megatron_dir):
     )
     from megatron_pr2.convert.registry import adapter_for
     from megatron_pr2.models import ModelOptions, build_model
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
-    _, _, model = build_model(CFG, options=ModelOptions(router_class=PR2Router))
+    _, _, model = build_model(CFG, options=ModelOptions(router_class=ReplayRouter))
     load_megatron_checkpoint(model, megatron_dir)
     adapter = adapter_for(CFG)
     plain = dict(adapter.to_hf(model_state_for_export(model).items()))

@@ -20,11 +20,11 @@ from megatron_pr2.platform import (
     destroy_model_parallel,
     initialize_model_parallel,
 )
-from megatron_pr2.training import checkpointing
+from megatron_pr2.training.checkpoint import checkpointing
+from megatron_pr2.training.checkpoint.model_weights import save_model_checkpoint
 from megatron_pr2.training.lr_schedule import ScheduledOptimizer, build_param_scheduler
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
-from megatron_pr2.training.model_weights import save_model_checkpoint
-from megatron_pr2.training.schedule import run_schedule
+from megatron_pr2.training.pipeline_schedule import run_schedule
 from tests.megatron import layout_worker
 
 SAVED, TOTAL = 2, 4

@@ -21,9 +21,12 @@ from megatron_pr2.platform import (
     destroy_model_parallel,
     initialize_model_parallel,
 )
+from megatron_pr2.training.checkpoint.model_weights import save_model_checkpoint
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
-from megatron_pr2.training.model_weights import save_model_checkpoint
-from megatron_pr2.training.schedule import broadcast_from_last_stage, run_schedule
+from megatron_pr2.training.pipeline_schedule import (
+    broadcast_from_last_stage,
+    run_schedule,
+)
 
 SEQ, GLOBAL_BATCH, MICRO_BATCH = 8, 4, 1
 

@@ -17,16 +17,16 @@ import torch
 from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.models import ModelOptions, build_model_chunks
 from megatron_pr2.models.moe_options import precision_overrides
-from megatron_pr2.routing.predictor import PREDICTOR_PARAM_ATTR
 from megatron_pr2.platform import (
     ParallelConfig,
     destroy_model_parallel,
     initialize_model_parallel,
 )
+from megatron_pr2.routing.predictor import PREDICTOR_PARAM_ATTR
+from megatron_pr2.training.checkpoint.model_weights import save_model_checkpoint
 from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
-from megatron_pr2.training.model_weights import save_model_checkpoint
+from megatron_pr2.training.pipeline_schedule import run_schedule
 from megatron_pr2.training.policy_grad_norm import PolicyGradNorm
-from megatron_pr2.training.schedule import run_schedule
 from tests.megatron import layout_worker
 
 STEPS = 2
@@ -93,7 +93,7 @@ def _torch_norm(model, keep) -> float:
 def _global_mean_loss(outputs) -> float:
     from megatron.core import parallel_state
 
-    from megatron_pr2.training.schedule import broadcast_from_last_stage
+    from megatron_pr2.training.pipeline_schedule import broadcast_from_last_stage
 
     local = torch.stack([o["loss"] for o in outputs]).mean() if outputs else torch.zeros(())
     loss = broadcast_from_last_stage(local)

@@ -10,14 +10,14 @@ from megatron_pr2.convert.pipeline import hf_to_megatron, megatron_to_hf
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.models import ModelOptions, build_model
 from megatron_pr2.models.presets import preset
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 
 CFG = preset("tiny-qwen3-moe", mlp_only_layers=[1])
 MOE_LAYERS = [0, 2, 3]
 
 
 def _pr2_model():
-    _, _, model = build_model(CFG, options=ModelOptions(router_class=PR2Router))
+    _, _, model = build_model(CFG, options=ModelOptions(router_class=ReplayRouter))
     return model.eval()
 
 

@@ -16,7 +16,7 @@ warm-up + cosine schedule and clipping, checkpoint after ``SAVED`` steps through
 import pytest
 import torch
 
-from megatron_pr2.training.model_weights import read_full_tensors
+from megatron_pr2.training.checkpoint.model_weights import read_full_tensors
 from tests.megatron import distopt_resume_worker as worker
 from tests.megatron import layout_worker
 from tests.multiproc import run_distributed

@@ -61,14 +61,14 @@ def _lookahead_run(ckpt_dir, tokens, layout, bf16, distributed) -> dict:
     from megatron_pr2.models.moe_options import precision_overrides
     from megatron_pr2.platform import ParallelConfig, initialize_model_parallel
     from megatron_pr2.routing.controller import RoutingController
-    from megatron_pr2.routing.router import PR2Router
-    from megatron_pr2.training.lookahead import WeightLookahead
+    from megatron_pr2.routing.router import ReplayRouter
+    from megatron_pr2.routing.strategies.lookahead import WeightLookahead
     from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 
     parallel = ParallelConfig(**layout)
     initialize_model_parallel(parallel)
     _, config, chunks = build_model_chunks(HF_CONFIG, parallel, ModelOptions(
-        router_class=PR2Router, config_overrides=precision_overrides(bf16)))
+        router_class=ReplayRouter, config_overrides=precision_overrides(bf16)))
     load_megatron_checkpoint(chunks, ckpt_dir)
     model = wrap_with_ddp(chunks, config, use_distributed_optimizer=distributed)
     optimizer = build_optimizer(model, lr=1e-2, optimizer="adam", weight_decay=0.1,

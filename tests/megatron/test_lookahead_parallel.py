@@ -50,13 +50,13 @@ def lookahead_routes(parallel, ckpt_dir, tokens, config_overrides=None) -> dict:
     from megatron_pr2.convert.loading import load_megatron_checkpoint
     from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.routing.controller import RoutingController
-    from megatron_pr2.routing.router import PR2Router
-    from megatron_pr2.training.lookahead import WeightLookahead
+    from megatron_pr2.routing.router import ReplayRouter
+    from megatron_pr2.routing.strategies.lookahead import WeightLookahead
+    from megatron_pr2.routing.strategies.optimizer_state import adam_next_step
     from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
-    from megatron_pr2.training.optimizer_state import adam_next_step
 
     _, config, chunks = build_model_chunks(HF_CONFIG, parallel, ModelOptions(
-        router_class=PR2Router, config_overrides=config_overrides or {}))
+        router_class=ReplayRouter, config_overrides=config_overrides or {}))
     load_megatron_checkpoint(chunks, ckpt_dir)
     model = wrap_with_ddp(chunks, config)
     optimizer = build_optimizer(model, lr=1e-2, optimizer="adam", weight_decay=0.1)

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from megatron_pr2.training.model_weights import read_full_tensors
+from megatron_pr2.training.checkpoint.model_weights import read_full_tensors
 from tests.megatron import layout_worker, optimizer_worker
 from tests.multiproc import run_distributed
 

@@ -52,7 +52,7 @@ def _microbatches(tokens, rollout, dp_rank, dp_size):
 
 
 def _run_schedule(chunks, controller, microbatches, forward_only):
-    from megatron_pr2.training.schedule import run_schedule
+    from megatron_pr2.training.pipeline_schedule import run_schedule
 
     def forward_step(batch, model):
         controller.set_microbatch(batch["id"])
@@ -79,11 +79,11 @@ def train(parallel, ckpt_dir, rollouts, config_overrides=None) -> dict:
         predictor_optimizer_overrides,
         set_group_lrs_to_max,
     )
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
     from megatron_pr2.training.model_setup import build_optimizer, wrap_with_ddp
 
     _, config, chunks = build_model_chunks(HF_CONFIG, parallel, ModelOptions(
-        router_class=PR2Router, config_overrides=config_overrides or {}))
+        router_class=ReplayRouter, config_overrides=config_overrides or {}))
     load_megatron_checkpoint(chunks, ckpt_dir)
     model = wrap_with_ddp(chunks, config)
     overrides = predictor_optimizer_overrides(OptimizerConfig(optimizer="adam", lr=1e-3),

@@ -226,10 +226,10 @@ def test_router_without_predictor_refuses_pr2_but_replays(megatron_single_proces
 
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.models.presets import preset
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     _, _, model = build_model(preset("tiny-qwen3-moe"), options=ModelOptions(
-        router_class=functools.partial(PR2Router, use_predictor=False)))
+        router_class=functools.partial(ReplayRouter, use_predictor=False)))
     assert not any("predictor" in key for key in model.state_dict())
     controller = RoutingController(model)
     with pytest.raises(ValueError, match="predict mode needs the evolution predictor"):

@@ -1,4 +1,4 @@
-"""PR2Router replay (R2/R3) against MoE forwards computed by hand from the same weights."""
+"""ReplayRouter replay (R2/R3) against MoE forwards computed by hand from the same weights."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from megatron_pr2.models.presets import preset
 from megatron_pr2.platform import seed_model_parallel
 from megatron_pr2.routing.controller import RoutingController, UnconsumedRoutesError
 from megatron_pr2.routing.route_plan import LayerRoutes, RoutePlan
-from megatron_pr2.routing.router import PR2Router, RouteError
+from megatron_pr2.routing.router import ReplayRouter, RouteError
 
 S, B = 6, 2
 
@@ -18,7 +18,7 @@ def build(name="tiny-qwen3-moe", seed=0, hf_overrides=None, **config_overrides):
     seed_model_parallel(seed)
     _, config, model = build_model(
         preset(name, **(hf_overrides or {})),
-        options=ModelOptions(router_class=PR2Router, config_overrides=config_overrides))
+        options=ModelOptions(router_class=ReplayRouter, config_overrides=config_overrides))
     return config, model
 
 
@@ -287,7 +287,7 @@ def test_router_fusion_and_global_replay_are_refused(megatron_single_process):
     config.moe_enable_routing_replay = True
     try:
         with pytest.raises(ValueError, match="Megatron's RouterReplay"):
-            PR2Router(config, pg_collection=_mpu_groups())
+            ReplayRouter(config, pg_collection=_mpu_groups())
     finally:
         config.moe_enable_routing_replay = False
 

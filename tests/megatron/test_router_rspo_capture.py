@@ -5,7 +5,7 @@ import torch
 
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 from tests.megatron.test_router_replay import B, S, build, random_routes, tokens_and_positions
 
 
@@ -13,7 +13,7 @@ def _router_inputs(model):
     """Hook every router; return ``{layer: [h_SBH, ...]}`` filled by each forward."""
     seen, handles = {}, []
     for module in model.modules():
-        if isinstance(module, PR2Router):
+        if isinstance(module, ReplayRouter):
             def hook(router, args):
                 seen.setdefault(router.layer_number, []).append(args[0].detach().clone())
             handles.append(module.register_forward_pre_hook(hook))

@@ -1,4 +1,4 @@
-"""PR2Router extends Megatron's TopKRouter through its overridable steps, not a copy of forward.
+"""ReplayRouter extends Megatron's TopKRouter through its overridable steps, not a copy of forward.
 
 The behaviour the former copy guaranteed (live / record / replay / predict routes and gates vs
 hand computation) is pinned by test_router_replay.py and test_router_predict.py; this file pins
@@ -9,14 +9,14 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_pr2.routing.controller import RoutingController
-from megatron_pr2.routing.router import PR2Router
+from megatron_pr2.routing.router import ReplayRouter
 from tests.megatron.test_router_replay import build, tokens_and_positions
 
 
 def test_forward_is_megatrons():
-    assert "forward" not in PR2Router.__dict__
-    assert PR2Router.forward is TopKRouter.forward
-    assert {"gating", "routing"} <= set(PR2Router.__dict__)
+    assert "forward" not in ReplayRouter.__dict__
+    assert ReplayRouter.forward is TopKRouter.forward
+    assert {"gating", "routing"} <= set(ReplayRouter.__dict__)
 
 
 def test_a_forward_step_of_megatron_runs_in_every_mode(megatron_single_process, monkeypatch):

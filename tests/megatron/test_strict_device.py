@@ -37,12 +37,12 @@ def _strict_worker(rank):
     )
     from megatron_pr2.platform.strict_device import tag_of
     from megatron_pr2.rl.losses import PolicyLossConfig, PolicyLossInputs, policy_loss
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     initialize_model_parallel(ParallelConfig(), seed=0, device="cpu", strict_device=True)
     out = {"device": str(compute_device())}
     _, _, model = build_model(preset("tiny-qwen3-moe"),
-                              options=ModelOptions(router_class=PR2Router))
+                              options=ModelOptions(router_class=ReplayRouter))
     out["params_on_device"] = all(tag_of(p) == "device" for p in model.parameters())
     tokens = torch.randint(0, 64, (2, 8))  # as the host micro-batch layout holds them
     positions = torch.arange(8).expand(2, -1)

@@ -46,14 +46,15 @@ def _sync(rank, megatron_dir):
     from megatron_pr2.models import ModelOptions, build_model_chunks
     from megatron_pr2.platform import initialize_model_parallel
     from megatron_pr2.rollout.inprocess import InProcessEngine
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
     from megatron_pr2.training.model_setup import wrap_with_ddp
     from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
     results = {}
     for name, parallel in LAYOUTS.items():
         initialize_model_parallel(parallel)
-        _, config, chunks = build_model_chunks(CFG, parallel, ModelOptions(router_class=PR2Router))
+        options = ModelOptions(router_class=ReplayRouter)
+        _, config, chunks = build_model_chunks(CFG, parallel, options)
         load_megatron_checkpoint(chunks, megatron_dir)
         set_predictors(chunks)
         model = wrap_with_ddp(chunks, config) if name == "dp2" else chunks
@@ -76,11 +77,11 @@ def test_every_layout_syncs_the_single_process_adapter_output(megatron_single_pr
     from megatron_pr2.convert.registry import adapter_for
     from megatron_pr2.models import ModelOptions, build_model
     from megatron_pr2.rollout.inprocess import InProcessEngine
-    from megatron_pr2.routing.router import PR2Router
+    from megatron_pr2.routing.router import ReplayRouter
 
     save_random_hf_checkpoint(CFG, str(tmp_path / "hf"), seed=11)
     hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "megatron"))
-    _, _, single = build_model(CFG, options=ModelOptions(router_class=PR2Router))
+    _, _, single = build_model(CFG, options=ModelOptions(router_class=ReplayRouter))
     load_megatron_checkpoint(single, str(tmp_path / "megatron"))
     set_predictors([single])
     reference = InProcessEngine(CFG)

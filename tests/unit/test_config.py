@@ -62,17 +62,63 @@ def test_rspo_is_accepted_with_replayed_routes(method):
 
 
 def test_routing_method_rows_and_the_optimizer_predictor_variant():
+    from megatron_pr2.routing import strategies
     from megatron_pr2.routing.methods import routing_method
 
     lookahead = routing_method("pr2-lookahead")
-    assert lookahead.replay_source == "lookahead" and lookahead.old_pass_mode == "record"
+    assert isinstance(lookahead.old_pass, strategies.LookaheadPass)
+    assert isinstance(lookahead.replay, strategies.OldPassReplay)
+    assert lookahead.old_pass.mode == "record" and lookahead.ministep_mode == "replay"
     assert not lookahead.trains_predictor and lookahead.replays
-    assert routing_method("current-route").replay_source == "current"
+    assert isinstance(routing_method("current-route").replay, strategies.CurrentRouteReplay)
+    assert routing_method("r3").uses_engine_routes and not routing_method("r2").uses_engine_routes
+    assert routing_method("none").ministep_mode == "live"
     optimizer = routing_method("pr2", "optimizer")
     assert optimizer.predictor == "optimizer" and not optimizer.trains_predictor
+    assert isinstance(optimizer.old_pass, strategies.OptimizerPredictorPass)
+    assert "--use-distributed-optimizer" in optimizer.optimizer_problem(True)
+    assert optimizer.optimizer_problem(False) is None
+    assert routing_method("pr2").optimizer_problem(True) is None
     assert routing_method("pr2").predictor == "learned" and routing_method("pr2").trains_predictor
     with pytest.raises(ValueError, match="variant of --routing-method pr2, not r2"):
         routing_method("r2", "optimizer")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"replay": "old_pass"}, "old_pass must be an OldPass and replay a Replay"),
+    ({"old_pass": "record"}, "old_pass must be an OldPass and replay a Replay"),
+    ({"name": "r3-old", "method": "r3", "replay": "OldPassReplay"},
+     "r3-old: an old pass in replay mode replays the engine's routes"),
+    ({"name": "live-r2", "method": "none", "replay": "OldPassReplay"},
+     "live-r2: the mini-steps replay the old pass's routes, which live mode does not record"),
+    ({"name": "live-cur", "method": "none", "replay": "CurrentRouteReplay"},
+     "which live mode does not record"),
+    ({"name": "p", "old_pass": "RouterModePass:predict"}, "p: an old pass in predict mode needs"),
+    ({"name": "o", "predictor": "optimizer"}, "o: the optimizer predictor and OptimizerPred"),
+])
+def test_invalid_method_rows_fail_when_built(change, message):
+    """Each rule of ``RoutingMethod`` refuses its row at construction, naming the method."""
+    import dataclasses
+
+    from megatron_pr2.routing import strategies
+    from megatron_pr2.routing.methods import routing_method
+
+    change = dict(change)
+    row = routing_method(change.pop("method", "r2"))
+    for field in ("old_pass", "replay"):
+        value = change.get(field)
+        if isinstance(value, str) and hasattr(strategies, value.split(":")[0]):
+            kind, _, mode = value.partition(":")
+            change[field] = getattr(strategies, kind)(mode) if mode else getattr(strategies, kind)()
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(row, **change)
+
+
+def test_router_mode_pass_names_a_bad_mode():
+    from megatron_pr2.routing.strategies import RouterModePass
+
+    with pytest.raises(ValueError, match="router mode must be one of .* got 'recrod'"):
+        RouterModePass("recrod")
 
 
 def test_only_methods_that_use_the_predictor_build_it():

@@ -10,13 +10,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
-from megatron_pr2.training import checkpointing
-from megatron_pr2.training.checkpoint_verify import (
+from megatron_pr2.training.checkpoint import checkpointing
+from megatron_pr2.training.checkpoint.checkpoint_verify import (
     CorruptCheckpointError,
     load_trainer_state,
     verify_checkpoint,
 )
-from megatron_pr2.training.checkpointing import CheckpointError
+from megatron_pr2.training.checkpoint.checkpointing import CheckpointError
 
 
 def _write_checkpoint(directory, iteration: int = 1, world_size: int | None = None):
@@ -80,7 +80,7 @@ def test_candidates_are_newest_first_up_to_latest_and_survive_a_garbled_latest(t
 
 
 def test_more_ranks_than_wrote_the_checkpoint_are_refused_at_once(tmp_path, monkeypatch, caplog):
-    from megatron_pr2.training.resume_config import ResumeConfigError
+    from megatron_pr2.training.checkpoint.resume_config import ResumeConfigError
 
     for i in (1, 2):
         _write_checkpoint(tmp_path / f"iter_{i:07d}", iteration=i, world_size=1)
@@ -96,7 +96,7 @@ def test_more_ranks_than_wrote_the_checkpoint_are_refused_at_once(tmp_path, monk
 
 
 def test_fewer_ranks_and_unrecorded_world_sizes_pass_the_rank_check(tmp_path):
-    from megatron_pr2.training.resume_config import check_world_size
+    from megatron_pr2.training.checkpoint.resume_config import check_world_size
 
     check_world_size(saved=4, current=2, checkpoint="c")  # data parallel shrinks
     check_world_size(saved=None, current=8, checkpoint="c")  # older checkpoint: files decide

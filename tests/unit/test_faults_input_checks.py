@@ -2,13 +2,13 @@
 
 import os
 
-from megatron_pr2.launch.inputs import (
+from megatron_pr2.models.presets import PRESETS
+from megatron_pr2.preflight.inputs import (
     data_problems,
     output_dir_problems,
     output_file_problems,
     tokenizer_problems,
 )
-from megatron_pr2.models.presets import PRESETS
 from megatron_pr2.train import main
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.training.resume_config import (
+from megatron_pr2.training.checkpoint.resume_config import (
     ResumeConfigError,
     check_resume_config,
     config_changes,
@@ -114,7 +114,7 @@ def test_learning_rates_of_the_new_config_survive_an_optimizer_state_load():
      "has no PR2 predictor weights, but this run's routing method builds a predictor"),
 ])
 def test_resume_refuses_a_checkpoint_whose_predictor_the_model_lacks(saved_keys, builds, needle):
-    from megatron_pr2.training.resume_config import check_predictor_presence
+    from megatron_pr2.training.checkpoint.resume_config import check_predictor_presence
 
     with pytest.raises(ResumeConfigError, match=needle) as err:
         check_predictor_presence(saved_keys, builds, "/ckpt/iter_0000002")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from megatron_pr2.training.save_lock import (
+from megatron_pr2.training.checkpoint.save_lock import (
     LOCK_NAME,
     SaveDirLock,
     SaveDirLockedError,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_pr2.training.lookahead import WeightLookahead
+from megatron_pr2.routing.strategies.lookahead import WeightLookahead
 
 SCALE = 1.5
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_pr2.training.optimizer_state import (
+from megatron_pr2.routing.strategies.optimizer_state import (
     adam_next_step,
     adam_param_states,
     sharded_model_chunks,
@@ -122,7 +122,9 @@ def test_fp8_parameters_under_the_distributed_optimizer_are_refused():
 
 
 def test_the_optimizer_predictor_refuses_the_distributed_optimizer_by_name():
-    from megatron_pr2.training.optimizer_predictor import router_steps_as_predictors
+    from megatron_pr2.routing.strategies.optimizer_predictor import (
+        router_steps_as_predictors,
+    )
 
     param = torch.nn.Parameter(torch.ones(3))
     sharded = _distributed(torch.optim.AdamW([param]), [], [])

@@ -1,4 +1,5 @@
-"""megatron_pr2.launch (validate): layout, batch and parameter arithmetic against independent references.
+"""megatron_pr2.preflight (validate): layout, batch and parameter arithmetic against independent
+references.
 
 References: parameter counts of the Hugging Face model built on the meta device (no memory),
 per-rank counts re-derived from HF parameter names, Megatron-Core's own layer-offset functions,
@@ -16,25 +17,26 @@ import pytest
 import torch
 import transformers
 
-from megatron_pr2.config import ParallelArgs, parse_config
-from megatron_pr2.launch.checks import runtime_problems
-from megatron_pr2.launch.memory import (
+from megatron_pr2.config import parse_config
+from megatron_pr2.models.pipeline_stages import rank_layer_numbers
+from megatron_pr2.platform import ParallelConfig
+from megatron_pr2.preflight.checks import runtime_problems
+from megatron_pr2.preflight.memory import (
     estimate_params,
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
 )
-from megatron_pr2.launch.parsing import check_flags, load_model_spec
-from megatron_pr2.launch.placement import (
+from megatron_pr2.preflight.parsing import check_flags, load_model_sizes
+from megatron_pr2.preflight.placement import (
     Placement,
     model_division_problems,
     placement_problems,
     plan_placement,
 )
-from megatron_pr2.launch.problems import ValidationError
-from megatron_pr2.launch.urls import parse_sglang_urls
-from megatron_pr2.launch.validate import validate
-from megatron_pr2.models.pipeline_stages import rank_layer_numbers
-from megatron_pr2.training.batch_plan import plan_batch
+from megatron_pr2.preflight.problems import ValidationError
+from megatron_pr2.preflight.urls import parse_sglang_urls
+from megatron_pr2.preflight.validate import validate
+from megatron_pr2.rl.batch_plan import plan_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QWEN3_30B = os.path.join(REPO, "examples", "pr2", "configs", "qwen3_30b_a3b_config.json")
@@ -42,7 +44,7 @@ RECIPE_YAML = os.path.join(REPO, "examples", "pr2", "qwen3_30b_a3b.yaml")
 RECIPE_ARGS = ["--config", RECIPE_YAML, "--hf-config", QWEN3_30B, "--data-path", "/data/x.jsonl",
                "--tokenizer", "/ckpt/qwen", "--sglang-urls", "http://r0:30000,http://r0:30001",
                "--save", "/out/ckpt", "--tensorboard-dir", "/out/tb"]
-RECIPE_LAYOUT = ParallelArgs(tensor_model_parallel_size=4, pipeline_model_parallel_size=2,
+RECIPE_LAYOUT = ParallelConfig(tensor_model_parallel_size=4, pipeline_model_parallel_size=2,
                              expert_model_parallel_size=8, expert_tensor_parallel_size=1,
                              sequence_parallel=True)
 
@@ -71,7 +73,7 @@ def _meta_parameters_cached(config_json: str) -> tuple[tuple[str, int], ...]:
     return tuple((name, p.numel()) for name, p in model.named_parameters())
 
 
-def load_model_spec_from(config: dict):
+def load_model_sizes_from(config: dict):
     from megatron_pr2.models import parse_hf_config
 
     return parse_hf_config(config)
@@ -126,14 +128,15 @@ def _reference_rank_params(config: dict, layout: Placement, with_predictor: bool
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "tiny-qwen3-moe", "tiny-qwen2-moe", "mixed"])
 def test_total_parameters_match_the_hf_model(name):
     config = _mixed_dense_config() if name == "mixed" else _config_dict(name)
-    estimate = estimate_params(load_model_spec_from(config), Placement.of(ParallelArgs(), 1), False)
+    sizes = load_model_sizes_from(config)
+    estimate = estimate_params(sizes, Placement.of(ParallelConfig(), 1), False)
     assert estimate.total == sum(_meta_parameters(config).values())
     assert estimate.per_gpu == estimate.total  # one GPU holds everything
 
 
 def test_qwen3_30b_a3b_totals_are_the_published_ones():
-    spec = load_model_spec(QWEN3_30B)
-    estimate = estimate_params(spec, Placement.of(ParallelArgs(), 1), False)
+    spec = load_model_sizes(QWEN3_30B)
+    estimate = estimate_params(spec, Placement.of(ParallelConfig(), 1), False)
     assert round(estimate.total / 1e9, 1) == 30.5  # "30.5B total"
     assert 3.3e9 <= estimate.active < 3.4e9  # "3.3B activated"
     # active = all but 120 of 128 experts in each of 48 layers (3 matrices of 2048 x 768)
@@ -145,13 +148,13 @@ def test_qwen3_30b_a3b_totals_are_the_published_ones():
 def test_per_gpu_parameters_match_a_name_based_count(case, with_predictor):
     config, parallel, world = {
         "recipe": (_config_dict("qwen3-30b-a3b"), RECIPE_LAYOUT, 16),
-        "recipe-vpp": (_config_dict("qwen3-30b-a3b"), ParallelArgs(4, 2, 2, 8, 1, 1, True), 16),
-        "mixed-vpp": (_mixed_dense_config(), ParallelArgs(2, 2, 2, 2, None, 1, True), 8),
+        "recipe-vpp": (_config_dict("qwen3-30b-a3b"), ParallelConfig(4, 2, 2, 8, 1, 1, True), 16),
+        "mixed-vpp": (_mixed_dense_config(), ParallelConfig(2, 2, 2, 2, None, 1, True), 8),
         "qwen2-tp2-ep4": (_config_dict("tiny-qwen2-moe"),
-                          ParallelArgs(2, 1, None, 4, 1, 1, True), 8),
+                          ParallelConfig(2, 1, None, 4, 1, 1, True), 8),
     }[case]
     layout = plan_placement(parallel, world)
-    estimate = estimate_params(load_model_spec_from(config), layout, with_predictor)
+    estimate = estimate_params(load_model_sizes_from(config), layout, with_predictor)
     assert estimate.per_gpu == _reference_rank_params(config, layout, with_predictor)
 
 
@@ -162,7 +165,8 @@ def test_recipe_layout_fits_an_h100_by_hand():
                  + 128 * 2048 + 2 * 2048 + 2 * 128)
     stage0 = 24 * per_layer + 151936 * 2048 // 4
     stage1 = 24 * per_layer + 151936 * 2048 // 4 + 2048
-    estimate = estimate_params(load_model_spec(QWEN3_30B), plan_placement(RECIPE_LAYOUT, 16), False)
+    layout = plan_placement(RECIPE_LAYOUT, 16)
+    estimate = estimate_params(load_model_sizes(QWEN3_30B), layout, False)
     assert estimate.per_gpu == max(stage0, stage1)
     # fp32 weights + fp32 grads + Adam's two fp32 moments, nothing sharded: 16 bytes a parameter
     assert training_state_bytes_per_param(False, False, 1) == 4 + 4 + 8
@@ -190,7 +194,7 @@ def test_rank_layer_numbers_match_megatron_layer_offsets(pp, vpp):
 
 
 def test_predictor_host_memory_by_hand():
-    spec = load_model_spec(QWEN3_30B)
+    spec = load_model_sizes(QWEN3_30B)
     layout = plan_placement(RECIPE_LAYOUT, 16)
     cfg = parse_config(RECIPE_ARGS)
     batch = plan_batch(cfg, layout.dp)
@@ -207,11 +211,11 @@ def test_recipe_layout_sizes():
 
 @pytest.mark.parametrize("parallel,world,needle", [
     (RECIPE_LAYOUT, 8, "world size 8 is not divisible by ETP*EP*PP = 16"),
-    (ParallelArgs(tensor_model_parallel_size=3, sequence_parallel=True), 8,
+    (ParallelConfig(tensor_model_parallel_size=3, sequence_parallel=True), 8,
      "world size 8 is not divisible by TP*PP*CP"),
-    (ParallelArgs(tensor_model_parallel_size=2), 8, "needs --sequence-parallel"),
-    (ParallelArgs(expert_model_parallel_size=0), 8, "--expert-model-parallel-size must be >= 1"),
-    (ParallelArgs(), 0, "world size must be >= 1"),
+    (ParallelConfig(tensor_model_parallel_size=2), 8, "needs --sequence-parallel"),
+    (ParallelConfig(expert_model_parallel_size=0), 8, "--expert-model-parallel-size must be >= 1"),
+    (ParallelConfig(), 0, "world size must be >= 1"),
 ])
 def test_layout_problems_name_the_constraint(parallel, world, needle):
     problems = placement_problems(parallel, world)
@@ -236,18 +240,18 @@ def test_layout_that_fits_has_no_problems():
 def test_model_division_problems(tp, pp, vpp, ep, etp, expected):
     layout = Placement(world_size=1, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, cp=1,
                     sequence_parallel=tp > 1)
-    problems = model_division_problems(load_model_spec(QWEN3_30B), layout)
+    problems = model_division_problems(load_model_sizes(QWEN3_30B), layout)
     assert len(problems) == len(expected), problems
     for problem, name in zip(problems, expected, strict=True):
         assert problem.startswith(name) and "not divisible" in problem
 
 
 def test_dense_and_shared_expert_widths_are_checked():
-    spec = load_model_spec_from(_config_dict("tiny-qwen2-moe"))  # shared expert 48, dense none
+    spec = load_model_sizes_from(_config_dict("tiny-qwen2-moe"))  # shared expert 48, dense none
     layout = Placement(world_size=1, tp=32, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
     problems = " ".join(model_division_problems(spec, layout))
     assert "shared_expert_intermediate_size=48" in problems
-    mixed = load_model_spec_from(_mixed_dense_config())  # dense intermediate_size 128
+    mixed = load_model_sizes_from(_mixed_dense_config())  # dense intermediate_size 128
     layout = Placement(world_size=1, tp=3, pp=1, vpp=1, ep=1, etp=1, cp=1, sequence_parallel=True)
     assert any(p.startswith("intermediate_size (dense layers)=128")
                for p in model_division_problems(mixed, layout))
@@ -281,7 +285,7 @@ def test_batch_that_does_not_split_names_every_factor():
 
 
 def test_interleaved_schedule_needs_whole_groups_of_pp_microbatches():
-    vpp_layout = plan_placement(ParallelArgs(4, 2, 2, 8, 1, 1, True), 16)
+    vpp_layout = plan_placement(ParallelConfig(4, 2, 2, 8, 1, 1, True), 16)
     vpp = ("--virtual-pipeline-model-parallel-size", "2")
     assert plan_batch(_cfg(*vpp, "--micro-batch-size", "16"),
                       vpp_layout.dp).microbatches_per_ministep == 4
@@ -399,7 +403,7 @@ def test_runtime_check_on_this_cpu_machine(tmp_path):
 ])
 def test_training_state_bytes_per_param_by_precision_and_optimizer(bf16, distributed, dp,
                                                                    expected):
-    from megatron_pr2.launch.memory import training_state_bytes_per_param
+    from megatron_pr2.preflight.memory import training_state_bytes_per_param
 
     assert training_state_bytes_per_param(bf16, distributed, dp) == pytest.approx(expected)
 

@@ -8,7 +8,7 @@ import torch
 
 from megatron_pr2.models.presets import preset
 from megatron_pr2.rollout.engine import MalformedResponseError
-from megatron_pr2.rollout.route_codec import RouteShape, check_routes, decode_routed_experts
+from megatron_pr2.rollout.route_codec import RouteShape, decode_routed_experts
 
 ROUTE_SHAPE = RouteShape(num_hidden_layers=4, moe_layer_indices=(0, 1, 2, 3), top_k=2, num_experts=8)
 
@@ -129,8 +129,9 @@ def test_top1_all_zero_layer_is_rejected_but_a_live_zero_is_not():
     route_shape = RouteShape(2, (0, 1), top_k=1, num_experts=4)
     routes = np.array([[[1], [0]], [[2], [0]], [[3], [0]]])
     with pytest.raises(MalformedResponseError, match=r"MoE layers \[1\]"):
-        check_routes(routes, route_shape)
-    check_routes(routes[:1], route_shape)  # one token routed to expert 0 is a legal route
+        decode_routed_experts(wire(routes), num_rows=3, route_shape=route_shape)
+    # one token routed to expert 0 is a legal route
+    decode_routed_experts(wire(routes[:1]), num_rows=1, route_shape=route_shape)
 
 
 def test_wrong_layer_count_is_rejected():

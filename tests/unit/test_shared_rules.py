@@ -1,4 +1,4 @@
-"""The dry run (``megatron_pr2.launch.validate``) and the trainer refuse the same bad
+"""The dry run (``megatron_pr2.preflight.validate``) and the trainer refuse the same bad
 configurations with the same message: each rule is written once and both call it.
 
 The trainer's side is reached through its own entry points: ``python -m megatron_pr2.train``'s
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_pr2.config import parse_config
-from megatron_pr2.launch.problems import ValidationError
-from megatron_pr2.launch.validate import validate
+from megatron_pr2.preflight.problems import ValidationError
+from megatron_pr2.preflight.validate import validate
 
 SMALL = ["--hf-config", "tiny-qwen3-moe", "--device", "cpu", "--rollout-batch-prompts", "4",
          "--n-samples-per-prompt", "2", "--off-policy-window", "2", "--micro-batch-size", "2"]

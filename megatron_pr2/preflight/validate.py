@@ -1,7 +1,8 @@
 """Validate a whole training configuration for a cluster layout, without launching anything.
 
-``python -m megatron_pr2.launch.validate --nnodes 2 --gpus-per-node 8 [--check-runtime] -- <train flags>``
-(``--print-layout`` only parses the flags and prints ``TP PP EP ETP`` for shell scripts.)
+``python -m megatron_pr2.preflight.validate --nnodes 2 --gpus-per-node 8 [--check-runtime]
+-- <train flags>`` (``--print-layout`` only parses the flags and prints ``TP PP EP ETP`` for
+shell scripts.)
 
 Everything after ``--`` is what ``python -m megatron_pr2.train`` would receive. The checks are
 arithmetic and parsing only (CPU, no model is built): the flags and the config parse, the HF
@@ -24,30 +25,29 @@ import sys
 from collections.abc import Sequence
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.checks import (
+from megatron_pr2.preflight.checks import (
     model_setting_problems,
     package_problems,
     runtime_problems,
 )
-from megatron_pr2.launch.inputs import input_problems
-from megatron_pr2.launch.memory import (
+from megatron_pr2.preflight.inputs import input_problems
+from megatron_pr2.preflight.memory import (
     GIB,
     estimate_params,
-    lookahead_copy_bytes,
-    model_weight_bytes,
     predictor_host_gib_per_gpu,
     training_state_bytes_per_param,
+    weight_copy_bytes,
 )
-from megatron_pr2.launch.parsing import load_config, load_model_spec
-from megatron_pr2.launch.placement import (
+from megatron_pr2.preflight.parsing import load_config, load_model_sizes
+from megatron_pr2.preflight.placement import (
     Placement,
     model_division_problems,
     placement_problems,
 )
-from megatron_pr2.launch.problems import ValidationError, collect
-from megatron_pr2.launch.urls import parse_sglang_urls
+from megatron_pr2.preflight.problems import ValidationError, collect
+from megatron_pr2.preflight.urls import parse_sglang_urls
+from megatron_pr2.rl.batch_plan import BatchPlan, plan_batch
 from megatron_pr2.routing.methods import routing_method
-from megatron_pr2.training.batch_plan import BatchPlan, plan_batch
 
 
 @dataclasses.dataclass
@@ -165,24 +165,13 @@ def _memory_by_node_count(cfg: RunConfig, spec, with_predictor: bool, gpus_per_n
 
 def _add_weight_copies(report: Report, cfg: RunConfig, method, params, layout: Placement,
                        gpus_per_node: int) -> None:
-    """The pinned host memory pr2-lookahead and current-route keep for their weight copies."""
-    source = method.replay_source
+    """The pinned host memory of the method's weight copies (pr2-lookahead, current-route)."""
     bf16, distributed = cfg.train.bf16, cfg.train.use_distributed_optimizer
-    if source == "lookahead":
-        gib = lookahead_copy_bytes(params, layout, bf16, distributed) / GIB
-        updated = "its distributed-optimizer slice of the" if distributed else "the"
-        what = ("bf16 weights are cast again from the fp32 main weights after each shifted "
-                "forward, no copy" if bf16 else f"a copy of {updated} fp32 weights each GPU updates")
+    for copies in method.weight_copies(bf16):
+        gib = weight_copy_bytes(copies, params, layout, bf16, distributed) / GIB
         report.lines.append(
-            f"{cfg.algo.routing_method}: {gib:.1f} GiB pinned host memory per GPU, "
-            f"{gib * gpus_per_node:.0f} GiB per node ({what}); the shifted forwards add no GPU "
-            "memory beyond one parameter's Adam step")
-    elif source == "current":
-        gib = 2 * params.per_gpu * model_weight_bytes(bf16) / GIB
-        report.lines.append(
-            f"{cfg.algo.routing_method}: 2 copies of the weights, {gib:.1f} GiB pinned host "
-            f"memory per GPU, {gib * gpus_per_node:.0f} GiB per node; the frozen forwards add "
-            "no GPU memory")
+            f"{method.name}: {copies.count} weight copies, {gib:.1f} GiB pinned host memory per "
+            f"GPU, {gib * gpus_per_node:.0f} GiB per node ({copies.note})")
 
 
 def _add_runtime(report: Report, cfg: RunConfig, gpus_per_node: int, check_runtime: bool) -> None:
@@ -211,7 +200,7 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
         raise ValidationError([(f"NNODES ({nnodes}) and GPUS_PER_NODE ({gpus_per_node}) must be "
                                ">= 1")])
     cfg = load_config(train_argv)
-    spec = load_model_spec(cfg.model.hf_config)
+    spec = load_model_sizes(cfg.model.hf_config)
     world = nnodes * gpus_per_node
     layout = Placement.of(cfg.parallel, world)
     world_problems = placement_problems(cfg.parallel, world)
@@ -233,7 +222,7 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
 # ----------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_pr2.launch.validate",
+        prog="python -m megatron_pr2.preflight.validate",
         description="Validate a megatron_pr2.train configuration for a cluster layout (no "
                     "launch). Training flags go after '--'.")
     parser.add_argument("--nnodes", type=int, default=1)

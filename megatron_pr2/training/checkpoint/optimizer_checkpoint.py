@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_pr2.training.optimizer_state import inner_optimizers
+from megatron_pr2.routing.strategies.optimizer_state import inner_optimizers
 
 SHARDING_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 

@@ -16,7 +16,7 @@ import tempfile
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_pr2.training.model_setup import unwrap_ddp
+from megatron_pr2.models.builder import unwrap_ddp
 
 
 def _sharded_state_dict(chunks) -> dict:

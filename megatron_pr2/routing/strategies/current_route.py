@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.training.lookahead import host_copy
+from megatron_pr2.routing.strategies.lookahead import host_copy
 
 
 def _parameters(model_chunks) -> list[torch.Tensor]:

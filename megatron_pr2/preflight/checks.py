@@ -7,13 +7,13 @@ from __future__ import annotations
 import importlib.util
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.inputs import input_problems
-from megatron_pr2.launch.parsing import load_model_spec
-from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.preflight.inputs import input_problems
+from megatron_pr2.preflight.parsing import load_model_sizes
+from megatron_pr2.preflight.problems import ValidationError
 
 
 def model_setting_problems(cfg: RunConfig, spec) -> list[str]:
-    """Run settings the model ``spec`` (a ``QwenMoeSpec``) cannot serve, one message each."""
+    """Run settings the model ``spec`` (a ``QwenMoeSizes``) cannot serve, one message each."""
     positions = spec.max_position_embeddings
     if cfg.rollout.max_new_tokens >= positions:
         return [(f"--max-new-tokens {cfg.rollout.max_new_tokens} does not fit the model's "
@@ -28,7 +28,7 @@ def check_model_settings(cfg: RunConfig) -> None:
     Raises:
         ValidationError: one entry per problem.
     """
-    problems = model_setting_problems(cfg, load_model_spec(cfg.model.hf_config))
+    problems = model_setting_problems(cfg, load_model_sizes(cfg.model.hf_config))
     if problems:
         raise ValidationError(problems)
 

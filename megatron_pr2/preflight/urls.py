@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.preflight.problems import ValidationError
 
 
 def parse_sglang_urls(text: str) -> list[str]:

@@ -3,7 +3,7 @@
 ``python -m megatron_pr2.train`` calls :func:`check_inputs` right after parsing its flags, so a
 missing data file, tokenizer or model config, or an output directory that cannot be written,
 is reported as ``error: ...`` lines (exit 2) instead of a traceback after the model is built.
-``python -m megatron_pr2.launch.validate`` applies the same :func:`input_problems`: as errors
+``python -m megatron_pr2.preflight.validate`` applies the same :func:`input_problems`: as errors
 with ``--check-runtime`` (on the launch machine), as notes in a dry run.
 """
 

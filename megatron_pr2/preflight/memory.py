@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.placement import Placement
 from megatron_pr2.models.pipeline_stages import rank_layer_numbers
-from megatron_pr2.training.batch_plan import BatchPlan
+from megatron_pr2.preflight.placement import Placement
+from megatron_pr2.rl.batch_plan import BatchPlan
 
 GIB = 1024**3
 
 
 def model_weight_bytes(bf16: bool) -> int:
-    """Bytes per model weight (what the lookahead/current-route copies hold)."""
+    """Bytes per model weight (what a method's host weight copies hold)."""
     return 2 if bf16 else 4
 
 
@@ -96,22 +96,19 @@ def estimate_params(spec, layout: Placement, with_predictor: bool) -> ParamEstim
     return ParamEstimate(total, active, per_gpu, predictor, experts)
 
 
-def lookahead_copy_bytes(params: ParamEstimate, layout: Placement, bf16: bool,
-                         distributed_optimizer: bool) -> float:
-    """Host memory per GPU that ``pr2-lookahead`` keeps (``training/lookahead.py``).
+def weight_copy_bytes(copies, params: ParamEstimate, layout: Placement, bf16: bool,
+                      distributed_optimizer: bool) -> float:
+    """Host memory per GPU of a method's ``WeightCopies`` (``routing/strategies/__init__.py``).
 
-    bf16 training: none (the weights are cast again from the optimizer's fp32 main copy). fp32
-    training: a copy of the weights the GPU updates: all it holds with the plain optimizer; with
-    the distributed optimizer its slice, the dense weights over DP x CP and the experts over
-    the expert data-parallel ranks.
+    Each copy holds the weights the GPU holds, or with ``updated_only`` those it updates: all it
+    holds with the plain optimizer; with the distributed optimizer its slice, the dense weights
+    over DP x CP and the experts over the expert data-parallel ranks.
     """
-    if bf16:
-        return 0.0
-    if not distributed_optimizer:
-        return params.per_gpu * model_weight_bytes(bf16)
-    dense = params.per_gpu - params.experts_per_gpu
-    updated = dense / (layout.dp * layout.cp) + params.experts_per_gpu / layout.expert_dp
-    return updated * model_weight_bytes(bf16)
+    weights = params.per_gpu
+    if copies.updated_only and distributed_optimizer:
+        dense = params.per_gpu - params.experts_per_gpu
+        weights = dense / (layout.dp * layout.cp) + params.experts_per_gpu / layout.expert_dp
+    return copies.count * weights * model_weight_bytes(bf16)
 
 
 def predictor_host_gib_per_gpu(spec, layout: Placement, batch: BatchPlan, cfg: RunConfig,

@@ -1,5 +1,5 @@
 """Parse the trainer's flags, its config and the HF model config as the trainer does, with every
-failure as a :class:`~megatron_pr2.launch.problems.ValidationError`."""
+failure as a :class:`~megatron_pr2.preflight.problems.ValidationError`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import yaml
 
 from megatron_pr2.config import RunConfig, build_parser, known_flags, parse_config
-from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.preflight.problems import ValidationError
 
 _HELP = "see python -m megatron_pr2.train --help"
 
@@ -58,8 +58,8 @@ def import_models_quietly() -> None:
         import megatron_pr2.models  # noqa: F401
 
 
-def load_model_spec(hf_config: str):
-    """Parse ``--hf-config`` (preset name, checkpoint dir or config.json) to a ``QwenMoeSpec``.
+def load_model_sizes(hf_config: str):
+    """Parse ``--hf-config`` (preset name, checkpoint dir or config.json) to a ``QwenMoeSizes``.
 
     Raises:
         ValidationError: the config is missing, malformed or unsupported.

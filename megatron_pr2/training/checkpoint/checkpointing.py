@@ -25,25 +25,26 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_pr2.training.checkpoint_verify import (
+from megatron_pr2.models.builder import unwrap_ddp
+from megatron_pr2.platform.distributed import any_rank
+from megatron_pr2.training.checkpoint.checkpoint_verify import (
     CorruptCheckpointError,
     load_trainer_state,
     trainer_state_path,
     verify_checkpoint,
 )
-from megatron_pr2.training.model_setup import unwrap_ddp
-from megatron_pr2.training.nonfinite import assert_finite_weights
-from megatron_pr2.training.optimizer_checkpoint import (
+from megatron_pr2.training.checkpoint.optimizer_checkpoint import (
     finish_optimizer_load,
     prepare_optimizer_for_load,
 )
-from megatron_pr2.training.resume_config import (
+from megatron_pr2.training.checkpoint.resume_config import (
     check_checkpoint_predictor,
     check_resume_config,
     check_world_size,
     configured_learning_rates,
     restore_learning_rates,
 )
+from megatron_pr2.training.nonfinite import assert_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +93,6 @@ def _world_size() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _any_rank_failed(failed: bool) -> bool:
-    """True when ``failed`` on any rank, agreed on the gloo host group (every rank calls it)."""
-    if not torch.distributed.is_initialized():
-        return failed
-    from megatron_pr2.platform.distributed import host_group
-
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=host_group())
-    return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------------- save
@@ -161,7 +151,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, trainer_state: 
         _write_staging(root, staging, model, optimizer, trainer_state)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 -- all ranks must agree below
         error = err
-    if _any_rank_failed(error is not None):
+    if any_rank(error is not None):
         _fail_save(root, staging, iteration, error)
     if _rank() == 0:
         try:
@@ -255,7 +245,7 @@ def _verified_state(directory: str) -> tuple[dict | None, str | None]:
         state, reason = load_trainer_state(directory, _rank()), None
     except CorruptCheckpointError as err:
         state, reason = None, str(err)
-    if _any_rank_failed(reason is not None) and reason is None:
+    if any_rank(reason is not None) and reason is None:
         reason = "a file of another rank is missing or damaged (see that rank's log)"
     return (None, reason) if reason else (state, None)
 
@@ -279,7 +269,7 @@ def _load_weights(directory: str, model, optimizer) -> str | None:
     except (Exception, CheckpointException) as err:  # raised deep inside torch
         reason = f"loading it failed ({type(err).__name__}: {str(err)[:300]})"
         logger.debug("loading %s failed", directory, exc_info=True)
-    if _any_rank_failed(reason is not None):
+    if any_rank(reason is not None):
         return reason or "loading it failed on another rank"
     if optimizer is not None:
         restore_learning_rates(optimizer, configured)

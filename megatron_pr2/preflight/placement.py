@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_pr2.launch.parsing import import_models_quietly
-from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.preflight.parsing import import_models_quietly
+from megatron_pr2.preflight.problems import ValidationError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Placement:
 
     @classmethod
     def of(cls, parallel, world_size: int) -> Placement:
-        """The layout of ``parallel`` (a ``ParallelArgs``) on ``world_size`` GPUs, unchecked."""
+        """The layout of ``parallel`` (a ``ParallelConfig``) on ``world_size`` GPUs, unchecked."""
         return cls(world_size=world_size, tp=parallel.tensor_model_parallel_size,
                    pp=parallel.pipeline_model_parallel_size,
                    vpp=parallel.virtual_pipeline_model_parallel_size or 1,
@@ -45,7 +45,7 @@ class Placement:
 
 
 def placement_problems(parallel, world_size: int) -> list[str]:
-    """Why ``parallel`` (a ``ParallelArgs``) cannot be placed on ``world_size`` GPUs (if so)."""
+    """Why ``parallel`` (a ``ParallelConfig``) cannot be placed on ``world_size`` GPUs (if so)."""
     import_models_quietly()
     from megatron_pr2.platform.distributed import ParallelConfig
 
@@ -76,7 +76,7 @@ def plan_placement(parallel, world_size: int) -> Placement:
 
 
 def model_division_problems(spec, placement: Placement, fp8: bool = False) -> list[str]:
-    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSpec``) evenly
+    """Every way ``placement`` fails to split the model ``spec`` (a ``QwenMoeSizes``) evenly
     (into FP8-sized GEMMs with ``fp8``).
 
     The builder's own rule (:func:`megatron_pr2.models.divisibility.division_problems`); sizes

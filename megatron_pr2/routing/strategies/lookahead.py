@@ -1,11 +1,11 @@
 """Lookahead routing (``pr2-lookahead``): route mini-batch ``m`` at ``theta_0 + c (m-1) u``.
 
 ``u`` is Adam's predicted next step of every trainable parameter
-(:mod:`megatron_pr2.training.optimizer_state`), read before the old-log-prob pass. Mini-batch
-``m`` is trained at ``theta_{m-1}`` ~ ``theta_0 + (m-1) u``; a no-grad forward in record mode at
-``theta_0 + c (m-1) u`` predicts the route the router will take then. The old log-probs are
-computed at ``theta_0`` replaying those routes, so the importance ratio uses one route for both
-policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
+(:mod:`megatron_pr2.routing.strategies.optimizer_state`), read before the old-log-prob pass.
+Mini-batch ``m`` is trained at ``theta_{m-1}`` ~ ``theta_0 + (m-1) u``; a no-grad forward in
+record mode at ``theta_0 + c (m-1) u`` predicts the route the router will take then. The old
+log-probs are computed at ``theta_0`` replaying those routes, so the importance ratio uses one
+route for both policies. Mini-batch 1 is recorded live at ``theta_0``: exactly R2.
 
 Cost: one no-grad forward over ``(N-1)/N`` of the rollout batch. The weights are restored bit for
 bit after each shifted forward: in bf16 training cast again from the optimizer's fp32 main copy
@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_pr2.platform import host_group
+from megatron_pr2.platform.distributed import any_rank
+from megatron_pr2.rl.batch_plan import split_ministeps
 from megatron_pr2.routing.route_plan import RoutePlan
-from megatron_pr2.training.batch_plan import split_ministeps
-from megatron_pr2.training.optimizer_state import (
+from megatron_pr2.routing.strategies.optimizer_state import (
     adam_next_step,
     adam_param_states,
     sharded_model_chunks,
@@ -48,15 +48,6 @@ def all_gather_params(chunks) -> None:
     Megatron's distributed optimizer does after a step: every rank's slice to every rank."""
     for chunk in chunks:
         chunk.start_param_sync(force_sync=True)
-
-
-def _any_rank(flag: bool) -> bool:
-    """``flag`` OR-ed over every rank, on the host (gloo) group."""
-    if not torch.distributed.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)])
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=host_group())
-    return bool(value.item())
 
 
 def _main_cast(state) -> torch.Tensor:
@@ -96,7 +87,7 @@ class WeightLookahead:
                              "Megatron's overlap_param_gather is not supported with it")
         self._saved: dict[int, torch.Tensor] = {}  # state index -> host copy
         self._active = False
-        self._has_state = _any_rank(bool(self.states)) if self._gathered else bool(self.states)
+        self._has_state = any_rank(bool(self.states)) if self._gathered else bool(self.states)
 
     @property
     def has_state(self) -> bool:
@@ -191,8 +182,6 @@ def lookahead_old_pass(actor, microbatches: Sequence, window: int, scale: float)
 def merge_passes(results: Sequence, weights: Sequence[float]):
     """One ``PassResult`` of passes over disjoint micro-batches: all routes, the last pass's
     routing metrics, metrics averaged with ``weights`` (the mini-batches each pass covered)."""
-    from megatron_pr2.training.actor import PassResult
-
     routes = RoutePlan()
     for result in results:
         routes.routes.update(result.routing.routes.routes)
@@ -201,4 +190,4 @@ def merge_passes(results: Sequence, weights: Sequence[float]):
     total = sum(weights)
     metrics = {key: sum(w * r.metrics[key] for r, w in zip(results, weights)) / total
                for key in results[0].metrics}
-    return PassResult(routing, metrics)
+    return type(results[0])(routing, metrics)  # the actor's PassResult

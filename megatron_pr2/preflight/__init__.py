@@ -1,4 +1,4 @@
 """Launch-side checks: validate a training configuration for a cluster before anything starts.
 
-``python -m megatron_pr2.launch.validate`` is the CLI (the recipe's ``--dry-run``).
+``python -m megatron_pr2.preflight.validate`` is the CLI (the recipe's ``--dry-run``).
 """

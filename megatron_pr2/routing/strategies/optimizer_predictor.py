@@ -3,7 +3,7 @@ weight's own Adam step as the evolution predictor.
 
 Mini-batch ``m`` is routed in the old-log-prob pass (predict mode, at ``theta_0``) with
 ``TopK(p_old + h_old (c (m-1) u_r)^T)``, where ``u_r`` is Adam's predicted next step of the
-router weight ``W_r`` (:mod:`megatron_pr2.training.optimizer_state`) and ``c`` is
+router weight ``W_r`` (:mod:`megatron_pr2.routing.strategies.optimizer_state`) and ``c`` is
 ``--lookahead-scale``: ``W_p`` is set to ``c (m-1) u_r`` for that mini-batch's pass and restored
 after. Mini-batch 1 is recorded live (R2). No extra forward: each mini-batch is predicted once.
 """
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_pr2.training.batch_plan import split_ministeps
-from megatron_pr2.training.lookahead import merge_passes
-from megatron_pr2.training.optimizer_state import (
+from megatron_pr2.rl.batch_plan import split_ministeps
+from megatron_pr2.routing.strategies.lookahead import merge_passes
+from megatron_pr2.routing.strategies.optimizer_state import (
     adam_next_step,
     adam_param_states,
     sharded_model_chunks,
