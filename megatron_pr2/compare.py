@@ -25,6 +25,7 @@ import time
 import torch
 import torch.multiprocessing
 
+from megatron_pr2.cli_help import COMPARE_HELP, describe_flags
 from megatron_pr2.confidence import (
     Interval,
     mean_ci,
@@ -385,6 +386,7 @@ def parse_args(argv=None):
                         help="torch CPU threads per run (1 is fastest for the tiny default model)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs at a time, each in its own process (default: 2 cores)")
+    describe_flags(parser, COMPARE_HELP)
     args = parser.parse_args(argv)
     if args.off_policy_window < 1:
         parser.error("--off-policy-window must be >= 1")
