@@ -48,8 +48,8 @@ def _run(method, tmp_path, layout=None, world=1):
 
 
 @pytest.mark.parametrize("method", ["none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead", "current-route"])
-def test_each_routing_method_trains(method, tmp_path):
-    records = _run(method, tmp_path)
+def test_each_routing_method_trains(method, method_records):
+    records = method_records(method)
     assert [r["step"] for r in records] == [1, 2]
     first = records[0]
     for key in ("rollout/reward_mean", "mismatch/k3_kl", "train/policy_loss", "train/grad_norm",
