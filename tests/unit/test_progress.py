@@ -21,8 +21,8 @@ def test_compare_logs_runs_done_and_time_left(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="megatron_pr2.compare"):
         compare._log_progress(("pr2", 1235), done=3, total=12, started=20.0)
     # 90 s for 3 runs: 30 s each, 9 to go
-    assert caplog.messages == ["run 3/12 done (pr2, seed 1235); 1 min 30 s elapsed, "
-                               "about 4 min 30 s left"]
+    assert caplog.messages == [("run 3/12 done (pr2, seed 1235); 1 min 30 s elapsed, "
+                                "about 4 min 30 s left")]
 
 
 def test_conversion_logs_tensors_done_and_time_left(monkeypatch, caplog):
@@ -33,5 +33,5 @@ def test_conversion_logs_tensors_done_and_time_left(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger=pipeline.logger.name):
         progress.update(3, 1_000_000_000, 1_000_000_000)
     # 1 of 4 GB in 4 s: 12 s to go
-    assert caplog.messages == ["hf-to-megatron: 3/10 tensors, 1.00/4.00 GB, 0.25 GB/s, "
-                               "about 12 s left"]
+    assert caplog.messages == [("hf-to-megatron: 3/10 tensors, 1.00/4.00 GB, 0.25 GB/s, "
+                                "about 12 s left")]
