@@ -6,6 +6,9 @@ import pytest
 from tests.e2e.test_train_methods import _train_worker
 from tests.multiproc import run_distributed
 
+# the first test reading method_records trains all 7 methods (tests/e2e/conftest.py)
+pytestmark = pytest.mark.timeout(1800)
+
 IGNORED_PREFIXES = ("time/", "routing/old_pass/", "drift")
 
 
