@@ -25,6 +25,7 @@ import time
 import torch
 import torch.multiprocessing
 
+from megatron_pr2.cli_help import COMPARE_HELP, describe_flags
 from megatron_pr2.confidence import (
     Interval,
     mean_ci,
@@ -33,6 +34,7 @@ from megatron_pr2.confidence import (
     verdict,
 )
 from megatron_pr2.config import RunConfig
+from megatron_pr2.progress import describe_seconds, seconds_left
 from megatron_pr2.train import configure_logging, run_training
 from megatron_pr2.training.metrics_log import read_jsonl
 
@@ -530,6 +532,7 @@ def parse_args(argv=None):
                         help="torch CPU threads per run (1 is fastest for the tiny default model)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs at a time, each in its own process (default: 2 cores)")
+    describe_flags(parser, COMPARE_HELP)
     args = parser.parse_args(argv)
     if args.off_policy_window < 1:
         parser.error("--off-policy-window must be >= 1")
@@ -538,6 +541,13 @@ def parse_args(argv=None):
     if args.seeds < 1:
         parser.error("--seeds must be >= 1 (>= 2 for confidence intervals)")
     return args
+
+
+def _log_progress(run: tuple[str, int], done: int, total: int, started: float) -> None:
+    """One line per finished run: runs done / total and the time left at the pace so far."""
+    elapsed = time.perf_counter() - started
+    logger.info("run %d/%d done (%s, seed %d); %s elapsed, about %s left", done, total, *run,
+                describe_seconds(elapsed), describe_seconds(seconds_left(done, total, elapsed)))
 
 
 def main(argv=None) -> int:
@@ -553,14 +563,20 @@ def main(argv=None) -> int:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context,
                                                 max_tasks_per_child=1) as pool:
         warm, warm_cpu = pool.submit(warm_start_worker, args, args.out).result()
+    runs = [(method, seed) for seed in seeds for method in methods]
+    finished = {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context,
                                                 max_tasks_per_child=1) as pool:
-        futures = {(method, seed): pool.submit(run_method, args, method, seed, warm, args.out)
-                   for seed in seeds for method in methods}
-        for (method, seed), future in futures.items():
-            records, wall, cpu = future.result()
-            results[method][seed] = records
-            timings[(method, seed)] = (wall, cpu)
+        futures = {pool.submit(run_method, args, method, seed, warm, args.out): (method, seed)
+                   for method, seed in runs}
+        runs_started = time.perf_counter()
+        for future in concurrent.futures.as_completed(futures):
+            finished[futures[future]] = future.result()
+            _log_progress(futures[future], len(finished), len(runs), runs_started)
+    for method, seed in runs:  # in submission order, whatever order they finished in
+        records, wall, cpu = finished[(method, seed)]
+        results[method][seed] = records
+        timings[(method, seed)] = (wall, cpu)
     text = summarise(results, args.out, args, timings)
     image = plot(results, args.out)
     print(text)

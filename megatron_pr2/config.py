@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from megatron_pr2.cli_help import train_flag_help, train_flag_metavar
 from megatron_pr2.models.moe_options import FP8_ALIGNMENT
 from megatron_pr2.platform.distributed import ParallelConfig
 from megatron_pr2.rl.batch_plan import plan_batch
@@ -332,22 +333,24 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="python -m megatron_pr2.train",
+        usage="%(prog)s [--config FILE] [--FLAG VALUE | --SWITCH | --no-SWITCH ...]",
         description="GRPO-family RL for Qwen-MoE on Megatron-Core with none/R2/R3/PR2 routing.",
         exit_on_error=exit_on_error,
     )
     parser.add_argument("--config", help="YAML file setting any of the fields below")
     for section in dataclasses.fields(RunConfig):
-        group = parser.add_argument_group(section.name)
         section_cls = section.default_factory
+        group = parser.add_argument_group(section.name, section_cls.__doc__.splitlines()[0])
         for field in dataclasses.fields(section_cls):
             flag = _flag(field.name)
             kind = _field_type(section_cls, field)
+            text = train_flag_help(field.name, field.default)
             if kind is bool:
                 group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                   default=None)
+                                   default=None, help=text)
             else:
-                group.add_argument(flag, dest=field.name, type=kind, default=None,
-                                   help=f"default: {field.default}")
+                group.add_argument(flag, dest=field.name, type=kind, default=None, help=text,
+                                   metavar=train_flag_metavar(field.name))
     return parser
 
 

@@ -3,8 +3,16 @@ import logging
 import pytest
 import torch
 
+from tests.tiers import assign_tiers, check_tier_table
+
 # The test models are tiny: one thread avoids oversubscribing the 2-core CI machine.
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier (tests/tiers.py)."""
+    check_tier_table(str(config.rootpath))
+    assign_tiers(items)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     to_mg = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron torch_dist")
-    to_mg.add_argument("--hf-dir", required=True)
+    to_mg.add_argument("--hf-dir", required=True, help="HF checkpoint directory (safetensors)")
     to_mg.add_argument("--out", required=True, help="new or empty directory")
     to_mg.add_argument("--tp", type=int, default=1, help="tensor-model-parallel size")
     to_mg.add_argument("--pp", type=int, default=1, help="pipeline-model-parallel size")
@@ -50,22 +50,23 @@ def _parser() -> argparse.ArgumentParser:
                        help="storage dtype (default: keep the HF dtype)")
 
     to_hf = sub.add_parser("megatron-to-hf", help="Megatron torch_dist -> HF safetensors")
-    to_hf.add_argument("--megatron-dir", required=True)
-    to_hf.add_argument("--out", required=True)
+    to_hf.add_argument("--megatron-dir", required=True, help="Megatron torch_dist checkpoint")
+    to_hf.add_argument("--out", required=True, help="new or empty directory")
     to_hf.add_argument("--predictive-gate", action="store_true",
                        help="write W_r + W_p (router + PR2 predictor) as each gate weight")
     to_hf.add_argument("--hf-config", default=None,
                        help="HF config.json (or its dir) when the checkpoint has no hf_config.json")
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="output dtype (default: the stored dtype)")
-    to_hf.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
+    to_hf.add_argument("--max-shard-size", type=_size, default=_size("5GB"),
+                       help="largest safetensors shard, e.g. 5GB or 500MB (default: 5GB)")
 
     verify = sub.add_parser("verify", help="compare logits and routes of both checkpoints")
-    verify.add_argument("--hf-dir", required=True)
-    verify.add_argument("--megatron-dir", required=True)
-    verify.add_argument("--seq-len", type=int, default=32)
-    verify.add_argument("--batch-size", type=int, default=2)
-    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--hf-dir", required=True, help="HF checkpoint directory")
+    verify.add_argument("--megatron-dir", required=True, help="Megatron checkpoint directory")
+    verify.add_argument("--seq-len", type=int, default=32, help="tokens per random test sequence")
+    verify.add_argument("--batch-size", type=int, default=2, help="random test sequences")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random test tokens")
     verify.add_argument("--atol", type=float, default=1e-3,
                         help="max allowed |logit difference| (fp32 compute)")
     verify.add_argument("--min-route-agreement", type=float, default=0.99,

@@ -72,20 +72,28 @@ CPU_FLAGS = [
 ]
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check-imports", action="store_true",
                         help="only import the server entry point and exit")
-    parser.add_argument("--model-path")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--mem-fraction-static", default="0.05")
-    parser.add_argument("--max-total-tokens", type=int, default=16384)
+    parser.add_argument("--model-path",
+                        help="HF model directory to serve (required unless --check-imports)")
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    parser.add_argument("--port", type=int, default=30000, help="port to listen on")
+    parser.add_argument("--dtype", default="float32", help="SGLang's model dtype (float32 on CPU)")
+    parser.add_argument("--mem-fraction-static", default="0.05",
+                        help="share of memory SGLang reserves for weights and KV cache")
+    parser.add_argument("--max-total-tokens", type=int, default=16384,
+                        help="KV-cache capacity in tokens")
     parser.add_argument("--max-lifetime", type=float, default=1800.0,
                         help="seconds after which the server kills its process tree")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="arguments after -- go to sglang unchanged")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.extra and args.extra[0] == "--":
         args.extra = args.extra[1:]

@@ -39,6 +39,7 @@ from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.rules import TensorRule
 from megatron_pr2.convert.sharding import TargetParallelism, dist_key
 from megatron_pr2.models.hf_config import load_hf_config
+from megatron_pr2.progress import describe_seconds, seconds_left
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ class _Progress:
         self.stats.seconds = now - self._start
         if now - self._last >= self.interval:
             self._last = now
-            logger.info("%s: %d/%d tensors, %.2f/%.2f GB, %.2f GB/s", self.what,
+            left = seconds_left(self.stats.bytes_written, self.total_bytes, self.stats.seconds)
+            logger.info("%s: %d/%d tensors, %.2f/%.2f GB, %.2f GB/s, about %s left", self.what,
                         self.stats.tensors, self.total_tensors, self.stats.bytes_written / 1e9,
-                        self.total_bytes / 1e9, self.stats.gb_per_s)
+                        self.total_bytes / 1e9, self.stats.gb_per_s, describe_seconds(left))
 
 
 # ---------------------------------------------------------------------------- HF -> Megatron

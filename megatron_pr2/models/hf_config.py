@@ -228,6 +228,7 @@ def to_transformer_config(spec: QwenMoeSizes, parallel=None, **overrides):
         **parallel.megatron_sizes(),
         sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=torch.float32,
+        cuda_graph_scope=[],  # the whole layer; Megatron's default "full" is deprecated (warns)
     )
     fields.update(overrides)
     return TransformerConfig(**fields)

@@ -17,6 +17,7 @@ from megatron_pr2.platform.cpu import (
     enable_cpu_backend,
 )
 from megatron_pr2.platform.device import set_compute_device
+from megatron_pr2.platform.fallbacks import log_fallback_implementation
 from megatron_pr2.platform.strict_device import (
     StrictDeviceError,
     enable_strict_device_mode,
@@ -181,6 +182,8 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_model_parallel(seed)
+    if dist.get_rank() == 0:
+        log_fallback_implementation()
     return process_groups()
 
 

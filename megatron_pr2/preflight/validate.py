@@ -225,13 +225,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m megatron_pr2.preflight.validate",
         description="Validate a megatron_pr2.train configuration for a cluster layout (no "
                     "launch). Training flags go after '--'.")
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes of the cluster layout")
+    parser.add_argument("--gpus-per-node", type=int, default=1, help="GPUs on each node")
     parser.add_argument("--print-layout", action="store_true",
                         help="only parse the flags and print 'TP PP EP ETP' (for shell scripts)")
     parser.add_argument("--check-runtime", action="store_true",
                         help="also check input files, CUDA, GPU count, TransformerEngine and FP8")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                        help="memory of one GPU, for the memory estimate")
     parser.add_argument("--prompt-tokens", type=int, default=512,
                         help="prompt length assumed by the predictor memory estimate")
     return parser

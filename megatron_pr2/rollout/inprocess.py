@@ -16,6 +16,7 @@ the train/rollout mismatch real.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,13 @@ def build_hf_model(hf_config: dict, dtype: torch.dtype = torch.float32) -> torch
     config = AutoConfig.for_model(model_type, **fields)
     model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's ``forward`` takes its KV cache under: ``cache`` in recent
+    transformers (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class RouteRecorder:
@@ -157,6 +165,7 @@ class InProcessEngine:
         self.eos_token_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = RouteRecorder(self.model, self.route_shape)
+        self._cache_kwarg = _cache_keyword(self.model)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> InProcessEngine:
@@ -251,7 +260,7 @@ class InProcessEngine:
 
         cache = DynamicCache()
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits[:, -1]
+                            use_cache=True, **{self._cache_kwarg: cache}).logits[:, -1]
         prefill = self._recorder.pop(batch * width).view(batch, width, *self._route_dims())
         routes = [[prefill[b, width - lengths[b]:]] for b in range(batch)]
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -275,8 +284,8 @@ class InProcessEngine:
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
             last_position = last_position + 1
             logits = self.model(input_ids=tokens[:, None], attention_mask=mask,
-                                position_ids=last_position[:, None], past_key_values=cache,
-                                use_cache=True).logits[:, -1]
+                                position_ids=last_position[:, None], use_cache=True,
+                                **{self._cache_kwarg: cache}).logits[:, -1]
             step_routes = self._recorder.pop(batch).view(batch, 1, *self._route_dims())
             for b in active:
                 routes[b].append(step_routes[b])

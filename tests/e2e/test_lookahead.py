@@ -3,8 +3,11 @@ change. current-route replays a route that is never stale."""
 
 import pytest
 
-from tests.e2e.test_train_methods import _run, _train_worker
+from tests.e2e.test_train_methods import _train_worker
 from tests.multiproc import run_distributed
+
+# the first test reading method_records trains all 7 methods (tests/e2e/conftest.py)
+pytestmark = pytest.mark.timeout(1800)
 
 IGNORED_PREFIXES = ("time/", "routing/old_pass/", "drift")
 
@@ -13,9 +16,9 @@ def _comparable(record):
     return {k: v for k, v in record.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
-@pytest.fixture(scope="module")
-def r2_records(tmp_path_factory):
-    return _run("r2", tmp_path_factory.mktemp("r2"))
+@pytest.fixture
+def r2_records(method_records):
+    return method_records("r2")
 
 
 def _without_entropy(record):
@@ -33,8 +36,8 @@ def test_lookahead_with_zero_step_is_r2_bit_for_bit(r2_records, tmp_path):
         assert mine["old/entropy"] == pytest.approx(r2["old/entropy"], rel=1e-6)
 
 
-def test_lookahead_is_r2_until_adam_has_state(r2_records, tmp_path):
-    records = _run("pr2-lookahead", tmp_path)  # --lookahead-scale 0.75
+def test_lookahead_is_r2_until_adam_has_state(r2_records, method_records):
+    records = method_records("pr2-lookahead")  # --lookahead-scale 0.75
     # iteration 1: Adam has no state yet (u = 0): R2 exactly, the lookahead routes are
     # theta_0's own live routes
     assert _without_entropy(records[0]) == _without_entropy(r2_records[0])

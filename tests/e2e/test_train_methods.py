@@ -1,11 +1,16 @@
-"""The RL trainer end to end for every routing method (tiny model, 2 iterations, CPU)."""
+"""The RL trainer end to end for every routing method (tiny model, 2 iterations, CPU; the
+methods train one after another in one spawned process, tests/e2e/conftest.py)."""
 
 
 import pytest
 
 from tests.multiproc import run_distributed
 
+# the first test reading method_records trains all 7 methods (tests/e2e/conftest.py)
+pytestmark = pytest.mark.timeout(1800)
+
 ZERO_DEV_STEP1 = "routing/zero_deviation_ratio/ministep1"
+METHODS = ("none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead", "current-route")
 
 
 def _train_worker(rank, method, layout, out_dir, overrides=None):
@@ -47,9 +52,9 @@ def _run(method, tmp_path, layout=None, world=1):
     return run_distributed(_train_worker, world, method, layout or {}, str(tmp_path))[0]
 
 
-@pytest.mark.parametrize("method", ["none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead", "current-route"])
-def test_each_routing_method_trains(method, tmp_path):
-    records = _run(method, tmp_path)
+@pytest.mark.parametrize("method", METHODS)
+def test_each_routing_method_trains(method, method_records):
+    records = method_records(method)
     assert [r["step"] for r in records] == [1, 2]
     first = records[0]
     for key in ("rollout/reward_mean", "mismatch/k3_kl", "train/policy_loss", "train/grad_norm",

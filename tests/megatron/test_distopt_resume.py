@@ -18,7 +18,6 @@ import torch
 
 from megatron_pr2.training.checkpoint.model_weights import read_full_tensors
 from tests.megatron import distopt_resume_worker as worker
-from tests.megatron import layout_worker
 from tests.multiproc import run_distributed
 
 PRECISIONS = ("fp32", "bf16")
@@ -37,10 +36,9 @@ def _runs(root, resume: bool, dp: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, initial_checkpoint):
     root = tmp_path_factory.mktemp("distopt_resume")
-    init_dir = str(root / "init")
-    run_distributed(layout_worker.init_checkpoint, 1, "qwen3", init_dir)
+    init_dir = initial_checkpoint("qwen3")
     straight = run_distributed(worker.train_runs, 2, init_dir, _runs(root, False, 2))
     resumed2 = run_distributed(worker.train_runs, 2, init_dir, _runs(root, True, 2))
     (resumed1,) = run_distributed(worker.train_runs, 1, init_dir, _runs(root, True, 1))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_pr2.training.checkpoint.model_weights import read_full_tensors
-from tests.megatron import layout_worker, optimizer_worker
+from tests.megatron import optimizer_worker
 from tests.multiproc import run_distributed
 
 LAYOUTS = {
@@ -28,10 +28,9 @@ FP32_ALLTOALL = {"name": "fp32_alltoall", "distributed_optimizer": True, "dispat
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opt_ref")
-    init_dir, out_dir = str(root / "init"), str(root / "single")
-    run_distributed(layout_worker.init_checkpoint, 1, "qwen3", init_dir)
+def reference(tmp_path_factory, initial_checkpoint):
+    init_dir = initial_checkpoint("qwen3")
+    out_dir = str(tmp_path_factory.mktemp("opt_ref") / "single")
     runs = [{"name": "fp32", "reference_norm": True}, {"name": "bf16", "bf16": True}]
     (results,) = run_distributed(optimizer_worker.train_runs, 1, "qwen3", {}, init_dir, out_dir,
                                  runs)

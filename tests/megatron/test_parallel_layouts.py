@@ -22,11 +22,10 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen2"])
-def reference(request, tmp_path_factory):
+def reference(request, tmp_path_factory, initial_checkpoint):
     family = request.param
-    root = tmp_path_factory.mktemp(f"ref_{family}")
-    init_dir, out_dir = str(root / "init"), str(root / "single")
-    run_distributed(layout_worker.init_checkpoint, 1, family, init_dir)
+    init_dir = initial_checkpoint(family)
+    out_dir = str(tmp_path_factory.mktemp(f"ref_{family}") / "single")
     (loss,) = run_distributed(layout_worker.train_step, 1, family, {}, init_dir, out_dir)
     return family, init_dir, loss, _read(out_dir)
 
