@@ -1,6 +1,6 @@
 """megatron_pr2: Predictive Routing Replay for MoE RL on Megatron-Core."""
 
-from megatron_pr2.platform.fallbacks import quiet_fallback_warnings
+from megatron_pr2.fallbacks import quiet_fallback_warnings
 
 __version__ = "0.1.0"
 

@@ -100,6 +100,8 @@ TRAIN_HELP: dict[str, str] = {
                        "scale",
     "drift_attribution_tokens": "tokens per step for the router-input vs router-weight drift "
                                 "split (0: off)",
+    "log_update_direction": "diagnostic: log how far the mini-step updates follow Adam's "
+                            "predicted next step (keeps 3 fp32 copies of the rank's weights)",
     # predictor
     "predictor": "PR2's predictor W_p: learned, or set from the optimizer as c (m-1) u_r "
                  "(no learning)",
@@ -124,6 +126,7 @@ TRAIN_HELP: dict[str, str] = {
     "save_interval": "save every N iterations (0: never)",
     "eval_interval": "greedy evaluation every N iterations (0: never)",
     "eval_prompts": "prompts per greedy evaluation",
+    "eval_before_train": "also evaluate the starting weights, logged as step 0",
     "tensorboard_dir": "TensorBoard log directory",
     "log_jsonl": "file receiving one JSON line of metrics per iteration",
     "warmup_sft_steps": "supervised warm-up steps before RL (embedded digit task only)",
@@ -137,6 +140,8 @@ TRAIN_HELP: dict[str, str] = {
     "data_path": "math problems: a JSONL or parquet file of prompts and answers",
     "task_min_len": "digit task: fewest digits per problem",
     "task_max_len": "digit task: most digits per problem",
+    "partial_credit": "digit task: reward the share of matching answer positions (1 only for the "
+                      "exact answer) instead of exact match only",
     "tokenizer": "HF tokenizer directory (math task)",
     "eval_data_path": "math evaluation problems (else --eval-fraction of --data-path)",
     "eval_fraction": "math: share of --data-path held out (seeded) for evaluation",

@@ -19,10 +19,10 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Packages from the bottom up: a package may import from its own layer and the ones below.
 LAYERS = (
-    ("platform", "rl", "tasks"),
+    ("fallbacks", "progress", "platform", "rl", "tasks"),
     ("models", "routing"),
     ("rollout", "convert"),
-    ("config", "confidence"),
+    ("config", "confidence", "cli_help"),
     ("weight_sync",),
     ("training",),
     ("preflight",),

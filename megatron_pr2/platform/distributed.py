@@ -17,7 +17,7 @@ from megatron_pr2.platform.cpu import (
     enable_cpu_backend,
 )
 from megatron_pr2.platform.device import set_compute_device
-from megatron_pr2.platform.fallbacks import log_fallback_implementation
+from megatron_pr2.fallbacks import log_fallback_implementation
 from megatron_pr2.platform.strict_device import (
     StrictDeviceError,
     enable_strict_device_mode,

@@ -2,7 +2,7 @@
 
 import warnings
 
-from megatron_pr2.platform.fallbacks import fallback_implementations, quiet_fallback_warnings
+from megatron_pr2.fallbacks import fallback_implementations, quiet_fallback_warnings
 
 # Megatron-Core's own texts (megatron/core/optimizer/__init__.py, models/backends.py)
 FALLBACKS = ["Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
@@ -23,7 +23,7 @@ def test_only_the_fallback_warnings_are_ignored():
 
 def test_implementations_follow_megatrons_order(monkeypatch):
     def installed(*packages):
-        monkeypatch.setattr("megatron_pr2.platform.fallbacks._installed",
+        monkeypatch.setattr("megatron_pr2.fallbacks._installed",
                             lambda name: name in packages)
         return list(fallback_implementations().values())
 
