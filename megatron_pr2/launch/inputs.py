@@ -82,18 +82,10 @@ def model_problems(hf_config: str, load: str | None) -> list[str]:
 def load_target_problems(load: str) -> list[str]:
     """``--load`` must be a Megatron distributed checkpoint (``tools/convert.py`` output or one
     ``iter_N`` folder of a trainer's ``--save``)."""
-    from megatron_pr2.convert.dist_checkpoint import is_dist_checkpoint
+    from megatron_pr2.convert.dist_checkpoint import not_a_checkpoint_reason
 
-    if is_dist_checkpoint(load):
-        return []
-    if os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
-        return [(f"--load {load}: a trainer's --save directory, not one checkpoint; resume it "
-                 f"with --save {load}, or load one of its iter_* folders")]
-    if os.path.exists(os.path.join(load, "config.json")):
-        return [(f"--load {load}: a Hugging Face checkpoint, not a Megatron one; convert it "
-                 "first (tools/convert.py hf-to-megatron)")]
-    return [(f"--load {load}: not a Megatron distributed checkpoint (no metadata.json); give "
-             "the output of tools/convert.py hf-to-megatron")]
+    reason = not_a_checkpoint_reason(load)
+    return [f"--load {load} {reason}"] if reason else []
 
 
 def _nearest_existing(path: str) -> str:
