@@ -53,18 +53,18 @@ def run_reporting(step: Callable[[], int | None], *, bad_input: tuple = (),
     """
     try:
         return step() or 0
-    except KeyboardInterrupt:
-        lines, code = ["interrupted (Ctrl-C)"], EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        caught, lines, code = err, ["interrupted (Ctrl-C)"], EXIT_INTERRUPTED
     except bad_input as err:
-        lines, code = problems_of(err), EXIT_BAD_INPUT
+        caught, lines, code = err, problems_of(err), EXIT_BAD_INPUT
     except faults as err:
-        lines, code = problems_of(err), EXIT_RUNTIME_FAULT
+        caught, lines, code = err, problems_of(err), EXIT_RUNTIME_FAULT
     except Exception as err:  # noqa: BLE001 -- the last line of defence: one line, not a dump
         hint = "" if debug else f"; rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for the traceback"
-        lines = [f"unexpected {type(err).__name__}: {err}{hint}"]
+        caught, lines = err, [f"unexpected {type(err).__name__}: {err}{hint}"]
         code = EXIT_RUNTIME_FAULT
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(caught)
     if speak:
         print_errors(lines)
     return code

@@ -268,6 +268,9 @@ class RunConfig:
             raise ValueError("--predictor optimizer reads whole router weights' Adam state, which "
                              "--use-distributed-optimizer shards over data-parallel ranks")
         self._validate_rspo()
+        if self.train.warmup_sft_steps and self.task.task != "digits":
+            raise ValueError(f"--warmup-sft-steps is for the embedded digit task; leave it out "
+                             f"with --task {self.task.task}")
         if self.train.eval_interval and not self.task.has_eval_split:
             raise ValueError("--eval-interval with --task math needs held-out problems: "
                              "--eval-data-path FILE or --eval-fraction F")
