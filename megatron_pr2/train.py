@@ -79,15 +79,22 @@ def check_vocabulary(prompts, cfg: RunConfig) -> None:
              "outside it; use the model's own tokenizer")])
 
 
-def run_training(cfg: RunConfig, prompts) -> None:
-    """Build every part from ``cfg`` and run the RL loop (plus the optional warm-up)."""
+def run_training(cfg: RunConfig, prompts=None) -> None:
+    """Build every part from ``cfg`` and run the RL loop (plus the optional warm-up).
+
+    Args:
+        prompts: the task's prompt source (:func:`prepare_run`'s); default: made from ``cfg``.
+    """
     from megatron_pr2.training.components import build_components
     from megatron_pr2.training.loop import RLLoop
     from megatron_pr2.training.rollout_source import (
         RolloutSource,
         data_parallel_coordinates,
         make_engine,
+        make_prompts,
     )
+
+    prompts = prompts or make_prompts(cfg)
 
     owns_save = bool(cfg.train.save) and _launch_rank() == 0
     with SaveDirLock(cfg.train.save) if owns_save else contextlib.nullcontext():

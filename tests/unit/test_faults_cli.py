@@ -221,3 +221,23 @@ def test_convert_refuses_bad_input_and_leaves_out_as_it_was(case, existing_out, 
     after = sorted(os.listdir(tmp_path))
     assert [n for n in after if n not in before] == []  # no output, no staging folder
     assert os.listdir(out) == [] if existing_out else not out.exists()
+
+
+# ----------------------------------------------------------------------------- compare
+COMPARE_CASES = [
+    ("lr-inf", ["--lr", "inf"], "--lr must be a finite number in (0, 1], got inf"),
+    ("unknown-method", ["--methods", "r3,bogus"], "--routing-method must be one of"),
+    ("missing-model", ["--model", "/no/such/config.json"], "--hf-config /no/such/config.json"),
+]
+
+
+@pytest.mark.parametrize("case", COMPARE_CASES, ids=[c[0] for c in COMPARE_CASES])
+def test_compare_refuses_bad_input_before_any_run(case, tmp_path, capsys, monkeypatch):
+    from megatron_pr2.compare import main as compare_main
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    _, argv, expected = case
+    code = compare_main([*argv, "--out", str(tmp_path / "out")])
+    line = _single_error(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT and expected in line, line
+    assert not (tmp_path / "out").exists()
