@@ -6,7 +6,8 @@ by SIGKILL never stops them, so they would be re-parented to init and live on. O
 such child asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``):
 
 * forked children, through an ``os.register_at_fork`` hook installed by
-  :func:`helpers_tied_to_this_process`;
+  :func:`helpers_tied_to_this_process` (they also leave Ctrl-C, which a terminal sends to the
+  whole process group, to the trainer);
 * spawned children, which re-import the trainer's main module before they run: that import
   calls :func:`die_with_parent_if_helper`, which recognises a descendant by the trainer pid
   left in the environment.
@@ -52,6 +53,7 @@ def _remember_forking_parent() -> None:
 def _after_fork_in_child() -> None:
     parent = _forking_parent["pid"]
     if os.environ.get(TRAINER_PID_ENV) == str(parent):  # forked while the parent was tied
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
         _die_with(parent)
 
 

@@ -81,3 +81,29 @@ def test_sigkill_of_the_trainer_leaves_no_helper_process(tmp_path, moment):
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert survivors == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_releases_the_lock_and_cleans_staging(tmp_path):
+    save = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MEGATRON_PR2_DEBUG", None)
+    trainer = subprocess.Popen([sys.executable, "-m", "megatron_pr2.train", *ARGS, "--save",
+                                str(save)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _saving_again(save):
+            assert trainer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        os.killpg(trainer.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, stderr = trainer.communicate(timeout=120)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert trainer.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if "error:" in line] == [
+        "error: interrupted (Ctrl-C)"]
+    left = os.listdir(save)
+    assert "trainer.lock" not in left and not [n for n in left if n.endswith(".tmp")], left
