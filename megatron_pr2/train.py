@@ -17,7 +17,7 @@ import sys
 
 from megatron_pr2.cli_errors import debug_requested, run_reporting
 from megatron_pr2.config import RunConfig
-from megatron_pr2.launch.checks import check_model_settings
+from megatron_pr2.launch.checks import check_model_settings, launch_rank
 from megatron_pr2.launch.inputs import check_inputs
 from megatron_pr2.launch.parsing import load_config, load_model_spec
 from megatron_pr2.launch.problems import ValidationError
@@ -96,7 +96,7 @@ def run_training(cfg: RunConfig, prompts=None) -> None:
 
     prompts = prompts or make_prompts(cfg)
 
-    owns_save = bool(cfg.train.save) and _launch_rank() == 0
+    owns_save = bool(cfg.train.save) and launch_rank() == 0
     with SaveDirLock(cfg.train.save) if owns_save else contextlib.nullcontext():
         parts = build_components(cfg)
         try:
@@ -122,11 +122,6 @@ def _maybe_warm_up(cfg: RunConfig, parts, prompts) -> None:
     sft_warmup(parts.model, parts.actor.controller, prompts.task, cfg.train.warmup_sft_steps,
                cfg.train.warmup_sft_lr, max_consecutive_skips=cfg.train.max_consecutive_skips,
                groups=parts.groups)
-
-
-def _launch_rank() -> int:
-    """This process's global rank as torchrun sets it (0 without torchrun)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def _reports_input_errors() -> bool:

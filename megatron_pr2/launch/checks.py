@@ -29,6 +29,11 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launch_rank() -> int:
+    """This process's global rank as torchrun sets it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def layout_problems(cfg: RunConfig, spec, world_size: int) -> list[str]:
     """Why the parallel layout cannot run the model ``spec`` on ``world_size`` processes."""
     from megatron_pr2.training.batch_plan import plan_batch
@@ -54,7 +59,8 @@ def check_model_settings(cfg: RunConfig, world_size: int | None = None) -> None:
     world_size = launch_world_size() if world_size is None else world_size
     problems = [*model_setting_problems(cfg, spec), *layout_problems(cfg, spec, world_size),
                 *package_problems(cfg)]
-    if cfg.rollout.rollout_engine == "sglang" and not problems:
+    if cfg.rollout.rollout_engine == "sglang" and not problems and launch_rank() == 0:
+        # rank 0 alone talks to the servers; torchrun stops the other ranks when it exits
         problems = unreachable_servers(parse_sglang_urls(cfg.rollout.sglang_urls))
     if problems:
         raise ValidationError(problems)
