@@ -25,6 +25,7 @@ import time
 import torch
 import torch.multiprocessing
 
+from megatron_pr2.cli_errors import debug_requested, run_reporting
 from megatron_pr2.confidence import (
     Interval,
     mean_ci,
@@ -33,8 +34,10 @@ from megatron_pr2.confidence import (
     verdict,
 )
 from megatron_pr2.config import RunConfig
-from megatron_pr2.cli_errors import debug_requested, run_reporting
-from megatron_pr2.platform.process_tree import die_with_parent_if_helper, helpers_tied_to_this_process
+from megatron_pr2.platform.process_tree import (
+    die_with_parent_if_helper,
+    helpers_tied_to_this_process,
+)
 from megatron_pr2.train import BAD_INPUT, RUN_FAULTS, configure_logging, run_training
 from megatron_pr2.training.metrics_log import read_jsonl
 

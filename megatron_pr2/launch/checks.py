@@ -10,7 +10,11 @@ import os
 from megatron_pr2.config import RunConfig
 from megatron_pr2.launch.inputs import input_problems
 from megatron_pr2.launch.parsing import load_model_spec
-from megatron_pr2.launch.placement import Placement, model_division_problems, placement_problems
+from megatron_pr2.launch.placement import (
+    Placement,
+    model_division_problems,
+    placement_problems,
+)
 from megatron_pr2.launch.problems import ValidationError, collect
 from megatron_pr2.launch.urls import parse_sglang_urls, unreachable_servers
 

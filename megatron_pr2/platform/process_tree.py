@@ -78,6 +78,6 @@ def die_with_parent_if_helper() -> None:
     """In a process spawned below a tied trainer (the environment names another pid): die with
     the parent, or at once when it is gone already (re-parented to init)."""
     owner = os.environ.get(TRAINER_PID_ENV)
-    if owner and owner.isdigit() and int(owner) != os.getpid():
-        if _set_parent_death_signal() and os.getppid() == 1:
-            os._exit(1)
+    if (owner and owner.isdigit() and int(owner) != os.getpid()
+            and _set_parent_death_signal() and os.getppid() == 1):
+        os._exit(1)

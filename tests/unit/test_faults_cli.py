@@ -20,11 +20,11 @@ from megatron_pr2.cli_errors import DEBUG_ENV, EXIT_BAD_INPUT, run_reporting
 from megatron_pr2.convert.random_init import write_random_hf_checkpoint
 from megatron_pr2.models.hf_config import resolve_hf_config
 from megatron_pr2.train import main as train_main
-from tests.unit.test_rollout_source import write_problems, write_tokenizer
+from tests.unit.test_rollout_source import write_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tools"))
-import convert  # noqa: E402  (tools/convert.py)
+import convert
 
 
 def _free_port() -> int:
@@ -109,7 +109,7 @@ def test_trainer_process_exit_status_and_stderr(tmp_path):
     env.pop(DEBUG_ENV, None)
     done = subprocess.run([sys.executable, "-m", "megatron_pr2.train", "--config",
                            str(tmp_path / "run.yaml")], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=REPO)
+                          timeout=120, cwd=REPO, check=False)
     assert done.returncode == EXIT_BAD_INPUT
     assert _single_error(done.stderr) == f"error: --config {tmp_path}/run.yaml: lr must be " \
         "float, got 'fast'"
@@ -158,7 +158,7 @@ def _copy(src, dst):
 
 
 def _truncate_last(directory, suffix, keep):
-    path = directory / sorted(p for p in os.listdir(directory) if p.endswith(suffix))[-1]
+    path = directory / max(p for p in os.listdir(directory) if p.endswith(suffix))
     os.truncate(path, keep(os.path.getsize(path)))
 
 
