@@ -27,11 +27,14 @@ def debug_requested(argv: Sequence[str]) -> bool:
 
 
 def problems_of(err: BaseException) -> list[str]:
-    """The problems an exception names: its ``problems`` list, else its message."""
+    """The problems an exception names: its ``problems`` list, else its message (the first line
+    of a message that spans several: an ``error:`` line stays one line)."""
     problems = getattr(err, "problems", None)
     if problems:
         return [str(p) for p in problems]
-    return [str(err) or type(err).__name__]
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    more = f" (and {len(lines) - 1} more lines: rerun with {DEBUG_FLAG})" if len(lines) > 1 else ""
+    return [lines[0] + more]
 
 
 def print_errors(problems: Sequence[str]) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -156,10 +157,23 @@ def write_dist_checkpoint(out_dir: str, tensors: list[PlannedTensor], content_me
     planner = _LazySavePlanner(tensors, on_tensor_done)
     writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=False, thread_count=1,
                                   sync_files=False)
-    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    try:
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as err:
+        raise _first_cause(err) from err
     planner.close()
     torch.save({CONTENT_METADATA_KEY: content_metadata}, os.path.join(out_dir, "common.pt"))
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), out_dir)
+
+
+def _first_cause(err: CheckpointException) -> BaseException:
+    """The error a rank met inside a ``torch.distributed.checkpoint`` call (a
+    ``ConversionError`` reading a source, an ``OSError`` writing), not the wrapper with its
+    formatted tracebacks."""
+    for cause, _ in err.failures.values():
+        if isinstance(cause, Exception):
+            return cause
+    return ConversionError(str(err).splitlines()[0])
 
 
 def ensure_process_group() -> None:

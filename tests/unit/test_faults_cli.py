@@ -134,6 +134,13 @@ def test_run_reporting_codes_and_debug(capsys):
     assert run_reporting(lambda: None) == 0
     assert run_reporting(lambda: 3) == 3
 
+    def long_story():
+        raise OSError("disk failed\nTraceback (most recent call last):\n  File x")
+
+    assert run_reporting(long_story, faults=(OSError,)) == 1
+    assert capsys.readouterr().err == ("error: disk failed (and 2 more lines: rerun with "
+                                       "--debug)\n")
+
 
 # ------------------------------------------------------------------------- tools/convert.py
 @pytest.fixture(scope="module")
@@ -241,3 +248,27 @@ def test_compare_refuses_bad_input_before_any_run(case, tmp_path, capsys, monkey
     line = _single_error(capsys.readouterr().err)
     assert code == EXIT_BAD_INPUT and expected in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_failing_mid_write_leaves_nothing_behind(hf_dir, tmp_path, capsys, monkeypatch):
+    """A source that breaks after some tensors were written (inside torch's checkpoint writer,
+    which wraps the error): one line naming the file, and neither output nor staging left."""
+    from megatron_pr2.convert.errors import ConversionError
+    from megatron_pr2.convert.safetensors_io import SafetensorsReader
+
+    read, calls = SafetensorsReader.read, []
+
+    def breaks_later(self, name):
+        calls.append(name)
+        if len(calls) > 20:
+            raise ConversionError(f"{self.path} is truncated (reading {name})")
+        return read(self, name)
+
+    monkeypatch.setattr(SafetensorsReader, "read", breaks_later)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    code = convert.main(["--quiet", "hf-to-megatron", "--hf-dir", str(hf_dir), "--out",
+                         str(tmp_path / "out")])
+    line = _single_error(capsys.readouterr().err)
+    assert code == EXIT_BAD_INPUT and len(calls) == 21
+    assert line == f"error: {hf_dir}/model.safetensors is truncated (reading {calls[-1]})"
+    assert os.listdir(tmp_path) == []
