@@ -17,6 +17,7 @@ import sys
 
 from megatron_pr2.cli_errors import debug_requested, run_reporting
 from megatron_pr2.config import RunConfig
+from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.launch.checks import check_model_settings, launch_rank
 from megatron_pr2.launch.inputs import check_inputs
 from megatron_pr2.launch.parsing import load_config, load_model_spec
@@ -36,9 +37,10 @@ from megatron_pr2.training.save_lock import SaveDirLock, SaveDirLockedError
 # raise TypeError / OSError naming the file (and line).
 BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
 # Faults the trainer detects and explains at run time: exit status 1. (RolloutError covers
-# a pool without live servers and a failed weight sync.)
+# a pool without live servers and a failed weight sync; ConversionError a --load checkpoint
+# that does not fit the model.)
 RUN_FAULTS = (CheckpointError, NonFiniteError, ResumeConfigError, SaveDirLockedError,
-              RolloutError)
+              RolloutError, ConversionError)
 
 logger = logging.getLogger("megatron_pr2.train")
 
