@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing
 
 from megatron_pr2.cli_help import COMPARE_HELP, describe_flags
+from megatron_pr2.cli_errors import debug_requested, run_reporting
 from megatron_pr2.confidence import (
     Interval,
     mean_ci,
@@ -36,9 +37,17 @@ from megatron_pr2.confidence import (
 from megatron_pr2.config import RunConfig
 from megatron_pr2.progress import describe_seconds, seconds_left
 from megatron_pr2.train import configure_logging, run_training
+from megatron_pr2.platform.process_tree import (
+    die_with_parent_if_helper,
+    helpers_tied_to_this_process,
+)
+from megatron_pr2.train import BAD_INPUT, RUN_FAULTS, configure_logging, run_training
 from megatron_pr2.training.metrics_log import read_jsonl
 
 logger = logging.getLogger("megatron_pr2.compare")
+
+# A process that multiprocessing spawns below the comparison imports this module first.
+die_with_parent_if_helper()
 
 DEFAULT_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead")
 DEFAULT_MODEL = "tiny-qwen3-moe-fg"
@@ -533,6 +542,8 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs at a time, each in its own process (default: 2 cores)")
     describe_flags(parser, COMPARE_HELP)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a fault (also: MEGATRON_PR2_DEBUG=1)")
     args = parser.parse_args(argv)
     if args.off_policy_window < 1:
         parser.error("--off-policy-window must be >= 1")
@@ -551,11 +562,40 @@ def _log_progress(run: tuple[str, int], done: int, total: int, started: float) -
 
 
 def main(argv=None) -> int:
+    """Run the comparison; exit status 0, 2 for bad input, 1 for a run-time fault, 130 for
+    Ctrl-C (one ``error:`` line each; the traceback only with ``--debug``)."""
     configure_logging()
     args = parse_args(argv)
+    debug = args.debug or debug_requested([])
+    code = run_reporting(lambda: check_args(args), bad_input=BAD_INPUT, debug=debug)
+    if code:
+        return code
+    with helpers_tied_to_this_process():
+        return run_reporting(lambda: compare(args), faults=RUN_FAULTS, debug=debug)
+
+
+def check_args(args) -> None:
+    """Every method's config, checked before any run starts (``ValueError`` names the flag)."""
+    from megatron_pr2.preflight.checks import check_model_settings
+    from megatron_pr2.preflight.inputs import check_inputs
+
+    for method in _methods(args):
+        cfg = base_config(args, args.seed)
+        cfg.algo.routing_method = method
+        cfg.validate()
+    check_inputs(cfg)
+    check_model_settings(cfg, world_size=1)
     os.makedirs(args.out, exist_ok=True)
+
+
+def _methods(args) -> list[str]:
+    return [m.strip() for m in args.methods.split(",") if m.strip()]
+
+
+def compare(args) -> int:
+    """Warm start, the runs (``--jobs`` at a time, each in its own process), the summary."""
     started = time.perf_counter()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _methods(args)
     seeds = [args.seed + i for i in range(args.seeds)]
     results, timings = {method: {} for method in methods}, {}
     # every run in its own process (Megatron's state is per process), --jobs at a time

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any
 
 import yaml
 
 from megatron_pr2.cli_help import train_flag_help, train_flag_metavar
+from megatron_pr2.cli_errors import DEBUG_FLAG
 from megatron_pr2.models.moe_options import FP8_ALIGNMENT
 from megatron_pr2.platform.distributed import ParallelConfig
 from megatron_pr2.rl.batch_plan import plan_batch
@@ -97,6 +99,9 @@ class RolloutArgs:
         _positive("rollout_batch_prompts", self.rollout_batch_prompts)
         _positive("n_samples_per_prompt", self.n_samples_per_prompt)
         _positive("max_new_tokens", self.max_new_tokens)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature must be a finite number > 0 (RL samples its "
+                             f"rollouts), got {self.temperature}")
 
 
 @dataclasses.dataclass
@@ -182,8 +187,8 @@ class TrainArgs:
         _positive("train_iters", self.train_iters)
         _positive("micro_batch_size", self.micro_batch_size)
         _positive("max_consecutive_skips", self.max_consecutive_skips)
-        if self.lr <= 0:
-            raise ValueError("--lr must be > 0")
+        _learning_rate("lr", self.lr)
+        _learning_rate("warmup_sft_lr", self.warmup_sft_lr)
         if self.keep_last < 0:
             raise ValueError(f"--keep-last must be >= 0 (0 keeps all), got {self.keep_last}")
         _choice("lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
@@ -268,6 +273,9 @@ class RunConfig:
         self._validate_rspo()
         if self.train.eval_before_train and not self.train.eval_interval:
             raise ValueError("--eval-before-train needs --eval-interval N (what to evaluate on)")
+        if self.train.warmup_sft_steps and self.task.task != "digits":
+            raise ValueError(f"--warmup-sft-steps is for the embedded digit task; leave it out "
+                             f"with --task {self.task.task}")
         if self.train.eval_interval and not self.task.has_eval_split:
             raise ValueError("--eval-interval with --task math needs held-out problems: "
                              "--eval-data-path FILE or --eval-fraction F")
@@ -311,6 +319,15 @@ def _choice(name: str, value, allowed) -> None:
         raise ValueError(f"--{name.replace('_', '-')} must be one of {shown}; got {value!r}")
 
 
+MAX_LR = 1.0  # an Adam step of this size already rewrites every weight
+
+
+def _learning_rate(name: str, value: float) -> None:
+    if not (math.isfinite(value) and 0 < value <= MAX_LR):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number in (0, {MAX_LR:g}], "
+                         f"got {value}")
+
+
 def _positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -338,6 +355,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         exit_on_error=exit_on_error,
     )
     parser.add_argument("--config", help="YAML file setting any of the fields below")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="print the traceback of a fault (also: MEGATRON_PR2_DEBUG=1)")
     for section in dataclasses.fields(RunConfig):
         section_cls = section.default_factory
         group = parser.add_argument_group(section.name, section_cls.__doc__.splitlines()[0])
@@ -360,7 +379,7 @@ def _flag(field_name: str) -> str:
 
 def known_flags() -> list[str]:
     """Every flag :func:`build_parser` accepts (``--no-X`` forms of switches included)."""
-    flags = ["--config"]
+    flags = ["--config", DEBUG_FLAG]
     for section in dataclasses.fields(RunConfig):
         section_cls = section.default_factory
         for field in dataclasses.fields(section_cls):
@@ -382,7 +401,45 @@ def _apply(cfg: RunConfig, values: dict[str, Any], source: str) -> None:
         key = key.replace("-", "_")
         if key not in owner:
             raise ValueError(f"unknown setting {key!r} in {source}")
-        setattr(getattr(cfg, owner[key]), key, value)
+        section = getattr(cfg, owner[key])
+        kind = _field_type(type(section), _field_named(type(section), key))
+        setattr(section, key, _typed(value, kind, key, source))
+
+
+def _field_named(section_cls, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(section_cls) if f.name == name)
+
+
+def _typed(value, kind, key: str, source: str):
+    """``value`` as the field's type (an int is a valid float, "1e-4" too: YAML 1.1 reads such
+    numbers as text); raise ``ValueError`` naming the setting and ``source`` otherwise."""
+    if value is None or kind not in (bool, int, float, str):
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def _read_yaml(path: str) -> dict:
+    """The settings of a ``--config`` file; ``ValueError`` naming the file (and line) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot be read ({err.strerror or err})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"--config {where}: not valid YAML ({problem})") from err
+    return _flatten_yaml(data or {}, path)
 
 
 def _flatten_yaml(data: dict, path: str) -> dict:
@@ -403,8 +460,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     args = build_parser().parse_args(argv)
     cfg = RunConfig()
     if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            _apply(cfg, _flatten_yaml(yaml.safe_load(handle) or {}, args.config), args.config)
-    given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+        _apply(cfg, _read_yaml(args.config), f"--config {args.config}")
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("config", "debug") and v is not None}
     _apply(cfg, given, "the command line")
     return cfg.validate()

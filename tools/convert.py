@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a fault (also: MEGATRON_PR2_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     to_mg = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron torch_dist")
@@ -132,22 +134,27 @@ def _verify(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command; exit status 0, 2 for bad input, 1 for a run-time fault, 130 for Ctrl-C
+    (one ``error:`` line; the traceback only with ``--debug`` or MEGATRON_PR2_DEBUG=1)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_pr2").setLevel(logging.WARNING if args.quiet else logging.INFO)
     # Deprecation chatter of torch.distributed.checkpoint / Megatron-Core, not about this run.
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(torch|megatron)\.")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_pr2.cli_errors import debug_requested, run_reporting
     from megatron_pr2.convert.errors import ConversionError
     from megatron_pr2.models import UnsupportedConfigError
 
     commands = {"hf-to-megatron": _hf_to_megatron, "megatron-to-hf": _megatron_to_hf,
                 "verify": _verify}
-    try:
-        return commands[args.command](args)
-    except (ConversionError, UnsupportedConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting(lambda: commands[args.command](args),
+                         bad_input=(ConversionError, UnsupportedConfigError, FileNotFoundError),
+                         faults=(OSError, CheckpointException),
+                         debug=args.debug or debug_requested(argv))
 
 
 if __name__ == "__main__":

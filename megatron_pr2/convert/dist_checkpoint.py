@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -156,10 +157,23 @@ def write_dist_checkpoint(out_dir: str, tensors: list[PlannedTensor], content_me
     planner = _LazySavePlanner(tensors, on_tensor_done)
     writer = dcp.FileSystemWriter(out_dir, single_file_per_rank=False, thread_count=1,
                                   sync_files=False)
-    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    try:
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as err:
+        raise _first_cause(err) from err
     planner.close()
     torch.save({CONTENT_METADATA_KEY: content_metadata}, os.path.join(out_dir, "common.pt"))
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), out_dir)
+
+
+def _first_cause(err: CheckpointException) -> BaseException:
+    """The error a rank met inside a ``torch.distributed.checkpoint`` call (a
+    ``ConversionError`` reading a source, an ``OSError`` writing), not the wrapper with its
+    formatted tracebacks."""
+    for cause, _ in err.failures.values():
+        if isinstance(cause, Exception):
+            return cause
+    return ConversionError(str(err).splitlines()[0])
 
 
 def ensure_process_group() -> None:
@@ -174,14 +188,53 @@ def is_dist_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and check_is_distributed_checkpoint(path)
 
 
+SAVE_DIR_MARKER = "latest_checkpointed_iteration.txt"  # what a trainer's --save holds
+
+
+def not_a_checkpoint_reason(path: str) -> str | None:
+    """Why ``path`` is not a Megatron distributed checkpoint directory (None when it is)."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isdir(path):
+        return "is a file, not a checkpoint directory"
+    if is_dist_checkpoint(path):
+        return None
+    if os.path.exists(os.path.join(path, SAVE_DIR_MARKER)):
+        return ("is a trainer's --save directory, not one checkpoint: give one of its iter_* "
+                "folders (a trainer resumes it with --save)")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return ("is a Hugging Face checkpoint, not a Megatron one: convert it with "
+                "tools/convert.py hf-to-megatron")
+    return "is not a Megatron distributed checkpoint (no metadata.json)"
+
+
+def require_dist_checkpoint(path: str) -> None:
+    """Raise :class:`ConversionError` unless ``path`` is a Megatron distributed checkpoint."""
+    reason = not_a_checkpoint_reason(path)
+    if reason:
+        raise ConversionError(f"{path} {reason}")
+
+
+def check_storage_files(ckpt_dir: str) -> None:
+    """Every ``.distcp`` file holds the bytes its ``.metadata`` promises (not truncated)."""
+    metadata = dcp.FileSystemReader(ckpt_dir).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        path = os.path.join(ckpt_dir, name)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size is None or size < end:
+            held = "is missing" if size is None else f"holds {size} bytes of {end}"
+            raise ConversionError(f"{path} {held}: the checkpoint is truncated or incomplete")
+
+
 def read_tensor_metadata(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{key: (global_shape, dtype)}`` of every tensor in a ``torch_dist`` checkpoint."""
     from megatron.core import dist_checkpointing
 
-    if not is_dist_checkpoint(ckpt_dir):
-        raise ConversionError(
-            f"{ckpt_dir} is not a Megatron distributed checkpoint (no metadata.json)"
-        )
+    require_dist_checkpoint(ckpt_dir)
     metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     return {key: (tuple(sh.global_shape), sh.dtype) for key, sh in metadata.items()}
 

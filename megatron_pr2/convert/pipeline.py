@@ -22,10 +22,11 @@ import torch
 from megatron_pr2.convert.adapter import StateDictAdapter
 from megatron_pr2.convert.dist_checkpoint import (
     PlannedTensor,
-    is_dist_checkpoint,
+    check_storage_files,
     read_content_metadata,
     read_tensor_metadata,
     read_tensors,
+    require_dist_checkpoint,
     write_dist_checkpoint,
 )
 from megatron_pr2.convert.errors import ConversionError
@@ -38,6 +39,7 @@ from megatron_pr2.convert.hf_checkpoint import (
 from megatron_pr2.convert.registry import adapter_for
 from megatron_pr2.convert.rules import TensorRule
 from megatron_pr2.convert.sharding import TargetParallelism, dist_key
+from megatron_pr2.convert.staging import check_output_dir, staged_output
 from megatron_pr2.models.hf_config import load_hf_config
 from megatron_pr2.progress import describe_seconds, seconds_left
 
@@ -144,6 +146,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, target: TargetParallelism | None =
     adapter = adapter_for(ckpt.config)
     target.validate(adapter.spec)
     _check_hf_names(adapter, ckpt)
+    check_output_dir(out_dir)
     planned = _planned_tensors(adapter, ckpt, target, dtype)
     total = sum(math.prod(p.shape) * p.dtype.itemsize for p in planned)
     progress = _Progress("hf-to-megatron", len(planned), total)
@@ -154,13 +157,14 @@ def hf_to_megatron(hf_dir: str, out_dir: str, target: TargetParallelism | None =
         "parallel_layout": target.as_dict(),
         "source": os.path.abspath(hf_dir),
     }
-    write_dist_checkpoint(
-        out_dir, planned, metadata,
-        on_tensor_done=lambda p: progress.update(1, p.nbytes_in,
-                                                 math.prod(p.shape) * p.dtype.itemsize))
-    with open(os.path.join(out_dir, HF_CONFIG_NAME), "w", encoding="utf-8") as handle:
-        json.dump(ckpt.config, handle, indent=2, sort_keys=True)
-    copy_hf_assets(hf_dir, os.path.join(out_dir, ASSETS_DIR))
+    with staged_output(out_dir) as staging:
+        write_dist_checkpoint(
+            staging, planned, metadata,
+            on_tensor_done=lambda p: progress.update(1, p.nbytes_in,
+                                                     math.prod(p.shape) * p.dtype.itemsize))
+        with open(os.path.join(staging, HF_CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(ckpt.config, handle, indent=2, sort_keys=True)
+        copy_hf_assets(hf_dir, os.path.join(staging, ASSETS_DIR))
     logger.debug("wrote %s (%d tensors, %.2f GB) in %.1f s", out_dir, progress.stats.tensors,
                 progress.stats.bytes_written / 1e9, progress.stats.seconds)
     return progress.stats
@@ -255,6 +259,24 @@ def _hf_config_for_output(config: dict, dtypes: set) -> dict:
     return config
 
 
+def _write_hf(adapter: StateDictAdapter, groups, metadata: dict, megatron_dir: str,
+              out_dir: str, shards, out_dtype: dict, predictive_gate: bool) -> _Progress:
+    """Read the Megatron tensors group by group and write them as HF shards into ``out_dir``."""
+    writer = HfShardWriter(out_dir, shards)
+    progress = _Progress("megatron-to-hf", len(out_dtype), writer.total_bytes)
+    for group in groups:
+        tensors = read_tensors(megatron_dir, _requests(adapter, group, metadata, predictive_gate))
+        bytes_in = sum(t.numel() * t.element_size() for t in tensors.values())
+        for rule in group:
+            for name, tensor in _hf_outputs(adapter, rule, tensors, predictive_gate):
+                tensor = tensor.to(out_dtype[name])
+                writer.add(name, tensor)
+                progress.update(1, 0, tensor.numel() * tensor.element_size())
+        progress.update(0, bytes_in, 0)
+    writer.close()
+    return progress
+
+
 def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = False,
                    hf_config=None, dtype: torch.dtype | None = None,
                    max_shard_bytes: int = 5 * 1024**3,
@@ -271,12 +293,15 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
         max_shard_bytes: maximum HF shard size.
         read_group_bytes: Megatron tensors read per step (peak memory is about this).
     """
+    require_dist_checkpoint(megatron_dir)
+    check_output_dir(out_dir)
     if hf_config is None:
         config = read_megatron_hf_config(megatron_dir)
     else:
         config = load_hf_config(hf_config)
     adapter = adapter_for(config)
     metadata = read_tensor_metadata(megatron_dir)
+    check_storage_files(megatron_dir)
     _check_megatron_tensors(adapter, metadata, predictive_gate, megatron_dir)
     groups = _read_groups(adapter, adapter.rules, metadata, read_group_bytes)
     entries = []
@@ -285,24 +310,15 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
         entries += [(name, shape, dtype or stored)
                     for name, shape in zip(rule.hf_names, rule.hf_shapes)]
     out_dtype = {name: entry_dtype for name, _, entry_dtype in entries}
-    writer = HfShardWriter(out_dir, plan_shards(entries, max_shard_bytes))
-    progress = _Progress("megatron-to-hf", len(entries), writer.total_bytes)
-    for group in groups:
-        tensors = read_tensors(megatron_dir, _requests(adapter, group, metadata, predictive_gate))
-        bytes_in = sum(t.numel() * t.element_size() for t in tensors.values())
-        for rule in group:
-            for name, tensor in _hf_outputs(adapter, rule, tensors, predictive_gate):
-                tensor = tensor.to(out_dtype[name])
-                writer.add(name, tensor)
-                progress.update(1, 0, tensor.numel() * tensor.element_size())
-        progress.update(0, bytes_in, 0)
-    writer.close()
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(_hf_config_for_output(config, set(out_dtype.values())), handle, indent=2,
-                  sort_keys=True)
-    assets = os.path.join(megatron_dir, ASSETS_DIR)
-    if os.path.isdir(assets):
-        copy_hf_assets(assets, out_dir)
+    with staged_output(out_dir) as staging:
+        progress = _write_hf(adapter, groups, metadata, megatron_dir, staging,
+                             plan_shards(entries, max_shard_bytes), out_dtype, predictive_gate)
+        with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(_hf_config_for_output(config, set(out_dtype.values())), handle, indent=2,
+                      sort_keys=True)
+        assets = os.path.join(megatron_dir, ASSETS_DIR)
+        if os.path.isdir(assets):
+            copy_hf_assets(assets, staging)
     logger.debug("wrote %s (%d tensors, %.2f GB) in %.1f s", out_dir, progress.stats.tensors,
                 progress.stats.bytes_written / 1e9, progress.stats.seconds)
     return progress.stats
@@ -310,7 +326,5 @@ def megatron_to_hf(megatron_dir: str, out_dir: str, predictive_gate: bool = Fals
 
 def describe_megatron_checkpoint(megatron_dir: str) -> dict:
     """Content metadata of a checkpoint (format, architecture, recorded parallel layout)."""
-    if not is_dist_checkpoint(megatron_dir):
-        raise ConversionError(f"{megatron_dir} is not a Megatron distributed checkpoint "
-                              "(no metadata.json)")
+    require_dist_checkpoint(megatron_dir)
     return read_content_metadata(megatron_dir)

@@ -39,6 +39,7 @@ class SafetensorsReader:
                 header = json.loads(handle.read(length))
             except (ValueError, UnicodeDecodeError) as err:
                 raise ConversionError(f"{path} has a corrupt safetensors header: {err}") from err
+            size = os.fstat(handle.fileno()).st_size
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + length
         self.entries = {}
@@ -47,6 +48,10 @@ class SafetensorsReader:
                 raise ConversionError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
             self.entries[name] = (DTYPES[entry["dtype"]], tuple(entry["shape"]),
                                   tuple(entry["data_offsets"]))
+        data_end = max((end for _, _, (_, end) in self.entries.values()), default=0)
+        if self._data_start + data_end > size:
+            raise ConversionError(f"{path} is truncated: its header describes {data_end} bytes of "
+                                  f"tensor data, the file holds {size - self._data_start}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]

@@ -70,7 +70,13 @@ def load_hf_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str
         if not os.path.exists(path):
             raise FileNotFoundError(f"no Hugging Face config at {path}")
         with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
+            try:
+                config = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise UnsupportedConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") \
+                    from err
+        if not isinstance(config, dict):
+            raise UnsupportedConfigError(f"{path}: expected a JSON object of config fields")
     if "num_experts" not in config and "num_local_experts" in config:
         config["num_experts"] = config["num_local_experts"]
     return config
@@ -95,6 +101,11 @@ def _architecture(cfg: dict[str, Any]) -> str:
             f"unsupported architecture {arch or model_type!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    expected_type = next((t for t, a in by_type.items() if a == arch), None)
+    if model_type is not None and expected_type is not None and model_type != expected_type:
+        raise UnsupportedConfigError(
+            f"model_type {model_type!r} contradicts architectures {archs!r} (which needs "
+            f"model_type {expected_type!r}); fix config.json")
     return arch
 
 
@@ -145,6 +156,13 @@ def parse_hf_config(path_or_dict) -> QwenMoeSizes:
     cfg = load_hf_config(path_or_dict)
     arch = _architecture(cfg)
     _refuse_unsupported(cfg, arch)
+    try:
+        return _spec(cfg, arch)
+    except KeyError as err:
+        raise UnsupportedConfigError(f"the config has no {err.args[0]!r} field") from err
+
+
+def _spec(cfg: dict[str, Any], arch: str) -> QwenMoeSizes:
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     num_layers = int(cfg["num_hidden_layers"])

@@ -5,11 +5,18 @@ FP8)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from megatron_pr2.config import RunConfig
 from megatron_pr2.preflight.inputs import input_problems
 from megatron_pr2.preflight.parsing import load_model_sizes
-from megatron_pr2.preflight.problems import ValidationError
+from megatron_pr2.preflight.placement import (
+    Placement,
+    model_division_problems,
+    placement_problems,
+)
+from megatron_pr2.preflight.problems import ValidationError, collect
+from megatron_pr2.preflight.urls import parse_sglang_urls, unreachable_servers
 
 
 def model_setting_problems(cfg: RunConfig, spec) -> list[str]:
@@ -21,14 +28,44 @@ def model_setting_problems(cfg: RunConfig, spec) -> list[str]:
     return []
 
 
-def check_model_settings(cfg: RunConfig) -> None:
-    """The trainer's check before it builds anything: the HF config parses and the run's
-    settings fit the model.
+def launch_world_size() -> int:
+    """The number of trainer processes as torchrun sets it (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_rank() -> int:
+    """This process's global rank as torchrun sets it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def layout_problems(cfg: RunConfig, spec, world_size: int) -> list[str]:
+    """Why the parallel layout cannot run the model ``spec`` on ``world_size`` processes."""
+    from megatron_pr2.rl.batch_plan import plan_batch
+
+    world = placement_problems(cfg.parallel, world_size)
+    if world:
+        return [f"{problem}: launch a fitting number of processes (torchrun --nproc-per-node) "
+                "or change the parallel sizes" for problem in world]
+    layout = Placement.of(cfg.parallel, world_size)
+    problems = model_division_problems(spec, layout, fp8=bool(cfg.model.fp8_format))
+    collect(problems, plan_batch, cfg, layout.dp)
+    return problems
+
+
+def check_model_settings(cfg: RunConfig, world_size: int | None = None) -> None:
+    """The trainer's check before it builds anything: the HF config parses, the run's settings
+    fit the model and the parallel layout fits the launch's processes.
 
     Raises:
         ValidationError: one entry per problem.
     """
-    problems = model_setting_problems(cfg, load_model_sizes(cfg.model.hf_config))
+    spec = load_model_sizes(cfg.model.hf_config)
+    world_size = launch_world_size() if world_size is None else world_size
+    problems = [*model_setting_problems(cfg, spec), *layout_problems(cfg, spec, world_size),
+                *package_problems(cfg)]
+    if cfg.rollout.rollout_engine == "sglang" and not problems and launch_rank() == 0:
+        # rank 0 alone talks to the servers; torchrun stops the other ranks when it exits
+        problems = unreachable_servers(parse_sglang_urls(cfg.rollout.sglang_urls))
     if problems:
         raise ValidationError(problems)
 

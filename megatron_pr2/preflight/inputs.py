@@ -74,7 +74,18 @@ def model_problems(hf_config: str, load: str | None) -> list[str]:
                         f"({', '.join(sorted(PRESETS))}) nor an existing directory or file")
     if load and not os.path.isdir(load):
         problems.append(f"--load {load}: no such checkpoint directory")
+    elif load:
+        problems += load_target_problems(load)
     return problems
+
+
+def load_target_problems(load: str) -> list[str]:
+    """``--load`` must be a Megatron distributed checkpoint (``tools/convert.py`` output or one
+    ``iter_N`` folder of a trainer's ``--save``)."""
+    from megatron_pr2.convert.dist_checkpoint import not_a_checkpoint_reason
+
+    reason = not_a_checkpoint_reason(load)
+    return [f"--load {load} {reason}"] if reason else []
 
 
 def _nearest_existing(path: str) -> str:

@@ -5,7 +5,9 @@ once per ``interval_s`` seconds. Each failed rejoin (the server answered ``/heal
 weight sync with it failed, which can cost up to the weight-sync timeout) doubles its interval
 (up to ``2**MAX_DOUBLINGS``, i.e. without a practical cap): a server that answers health checks
 but never takes weights is tried about ``log2(run length / interval_s)`` times in a run (about 12
-in three days at 60 s), not once per iteration. A server that rejoins starts afresh.
+in three days at 60 s), not once per iteration. A server evicted again after it rejoined is not
+probed at once: it waits ``interval_s * 2**rejoins`` first (its rejoins are counted for the whole
+run), so a server that hangs every time it is back costs a timeout ever more rarely.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RejoinSchedule:
             raise ValueError(f"the rejoin interval must be >= 0 s (0: off), got {interval_s}")
         self.interval_s = float(interval_s)
         self._state: dict[str, _ProbeState] = {}
+        self._rejoins: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -42,12 +45,17 @@ class RejoinSchedule:
     def due(self, evicted: Iterable[str], now: float) -> list[str]:
         """The evicted servers to probe at ``now`` (in the given order); each is marked probed.
 
-        A server not seen evicted before is due at once; servers no longer evicted are forgotten.
+        A newly evicted server is due at once, or after ``interval_s * 2**rejoins`` when it had
+        rejoined before; servers no longer evicted are forgotten (their rejoin count stays).
         """
         evicted = list(evicted)
         self._state = {a: s for a, s in self._state.items() if a in evicted}
         if not self.enabled:
             return []
+        for address in evicted:
+            rejoins = self._rejoins.get(address, 0)
+            if address not in self._state and rejoins:
+                self._state[address] = _ProbeState(now + self._interval(rejoins), rejoins)
         due = [a for a in evicted if a not in self._state or now >= self._state[a].next_probe]
         for address in due:
             state = self._state.setdefault(address, _ProbeState(now))
@@ -61,9 +69,10 @@ class RejoinSchedule:
             state.failures += 1
             state.next_probe = now + self._interval(state.failures)
 
-    def forget(self, address: str) -> None:
-        """The server rejoined: a later eviction starts afresh."""
+    def rejoined(self, address: str) -> None:
+        """The server rejoined: a later eviction waits longer than this one (see :meth:`due`)."""
         self._state.pop(address, None)
+        self._rejoins[address] = self._rejoins.get(address, 0) + 1
 
     def next_probe(self, address: str) -> float | None:
         """When ``address`` is due next (None: at once, it was never probed)."""

@@ -3,7 +3,8 @@
 Every per-server operation (a generation request, a weight update) runs through
 :meth:`ServerPool.run_on`: an operation that raises :class:`ServerFailure` evicts its server
 (logged and counted), so the run goes on with the others and stops with
-:class:`NoServerLeftError` only when none is left. An evicted server rejoins only through
+:class:`NoServerLeftError` only when none is left. A server whose answers break the wire
+contract (:meth:`ServerPool.bad_answer`) is evicted after ``BAD_ANSWERS_TO_EVICT`` of them. An evicted server rejoins only through
 :meth:`ServerPool.rejoin`, which the caller invokes after a full weight sync to it succeeded (a
 server that missed a sync holds stale weights); :meth:`ServerPool.probe_due` says which evicted
 servers are worth a health probe now (:mod:`~megatron_pr2.rollout.rejoin_schedule`).
@@ -23,6 +24,8 @@ from megatron_pr2.rollout.rejoin_schedule import RejoinSchedule
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+BAD_ANSWERS_TO_EVICT = 3  # malformed answers (since it joined) that evict a server
 
 
 class ServerFailure(RolloutError):
@@ -51,9 +54,11 @@ class ServerPool:
         self._evicted: dict[str, str] = {}
         self._lock = threading.Lock()
         self._schedule = RejoinSchedule(rejoin_interval_s)
+        self._bad_answers: dict[str, int] = {}
         self.evictions = 0
         self.rejoins = 0
         self.retries = 0
+        self.malformed_answers = 0
 
     @property
     def live(self) -> list[str]:
@@ -96,12 +101,21 @@ class ServerPool:
             left = len(self._order) - len(self._evicted)
         logger.error("SGLang server %s left the pool (%d left): %s", address, left, reason)
 
+    def bad_answer(self, address: str, reason: str) -> None:
+        """``address`` answered, but malformed: count it; the ``BAD_ANSWERS_TO_EVICT``-th evicts."""
+        with self._lock:
+            self.malformed_answers += 1
+            count = self._bad_answers[address] = self._bad_answers.get(address, 0) + 1
+        if count >= BAD_ANSWERS_TO_EVICT:
+            self.evict(address, f"{count} malformed answers, the last: {reason}")
+
     def rejoin(self, address: str) -> None:
         """Put an evicted server back (call only after a full weight sync to it succeeded)."""
         with self._lock:
             if self._evicted.pop(address, None) is None:
                 return
-            self._schedule.forget(address)
+            self._schedule.rejoined(address)
+            self._bad_answers.pop(address, None)
             self.rejoins += 1
         logger.warning("SGLang server %s rejoined the pool after a full weight sync", address)
 
@@ -145,4 +159,5 @@ class ServerPool:
             return {"rollout/servers_live": float(len(self._order) - len(self._evicted)),
                     "rollout/server_evictions": float(self.evictions),
                     "rollout/server_rejoins": float(self.rejoins),
-                    "rollout/requests_retried": float(self.retries)}
+                    "rollout/requests_retried": float(self.retries),
+                    "rollout/malformed_answers": float(self.malformed_answers)}

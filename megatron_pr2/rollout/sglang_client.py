@@ -278,7 +278,8 @@ class SGLangClient:
         """Send with retries over the live servers starting at ``first``; return (result, address).
 
         An unreachable or timed-out server leaves the pool; a 5xx or an aborted request is
-        retried elsewhere without evicting.
+        retried elsewhere without evicting; a malformed answer is retried elsewhere and counted
+        against its server (:meth:`ServerPool.bad_answer` evicts after a few).
         """
         errors = []
         delay = self.config.backoff
@@ -290,6 +291,13 @@ class SGLangClient:
                 answer = self.pool.run_on(
                     address, lambda a: self._request_once(a, method, path, body))
                 return (check(answer) if check else answer), address
+            except MalformedResponseError as exc:  # the server's fault: try another one
+                errors.append(str(exc))
+                logger.warning("attempt %d/%d: malformed answer: %s", attempt + 1,
+                               self.config.max_attempts, exc)
+                self.pool.bad_answer(address, str(exc))
+                if not any(other != address for other in self.pool.live):
+                    raise  # no other server to ask
             except _RetryableError as exc:
                 errors.append(str(exc))
                 logger.warning("attempt %d/%d failed: %s", attempt + 1, self.config.max_attempts, exc)

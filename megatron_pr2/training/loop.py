@@ -271,6 +271,10 @@ class RLLoop:
             "data_position", self.start_iteration * self.cfg.rollout.rollout_batch_prompts))
         logger.info("resuming after iteration %d (data position %d)", self.start_iteration,
                     self.source.data_position)
+        if self.start_iteration >= self.cfg.train.train_iters:
+            logger.warning("%s is at iteration %d, already at --train-iters %d: nothing left to "
+                           "train (raise --train-iters to go on)", resumed.directory,
+                           self.start_iteration, self.cfg.train.train_iters)
 
     def _progress(self, iteration: int, metrics: dict) -> None:
         if not _is_rank0():

@@ -130,7 +130,8 @@ class WeightSyncer:
                 local["bytes"] += bucket.used
                 local["buckets"] += 1
             except Exception as exc:  # reported on every rank after the rounds
-                logger.exception("weight sync push failed on rank %d", dist.get_rank())
+                logger.warning("weight sync push failed on rank %d: %s", dist.get_rank(), exc,
+                               exc_info=logger.isEnabledFor(logging.DEBUG))
                 local["error"] = f"{type(exc).__name__}: {exc}"
         for _ in stream:  # keep the collectives going (other ranks, or after a failure)
             pass
@@ -155,7 +156,8 @@ class WeightSyncer:
             action()
             return None
         except Exception as exc:  # turned into one agreed error
-            logger.exception("weight sync step failed on rank %d", dist.get_rank())
+            logger.warning("weight sync step failed on rank %d: %s", dist.get_rank(), exc,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
             return f"{type(exc).__name__}: {exc}"
 
 

@@ -128,6 +128,19 @@ def test_resume_with_a_new_lr_applies_it(two_checkpoints, tmp_path):
     assert set(_group_lrs(save / "iter_0000003")) == {3e-3}
 
 
+def test_resume_at_train_iters_skips_the_warm_up_and_says_nothing_is_left(two_checkpoints,
+                                                                           tmp_path):
+    save = _copy(two_checkpoints, tmp_path)
+    result = _train(save, 2, "--warmup-sft-steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from --save {save}: the SFT warm-up is skipped" in result.stderr
+    assert "warm-up step" not in result.stderr
+    assert (f"{save / 'iter_0000002'} is at iteration 2, already at --train-iters 2: nothing "
+            "left to train") in result.stderr
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000001", "iter_0000002"]
+
+
 # ------------------------------------------------------------------------------------- corrupt
 def test_corrupt_latest_checkpoint_falls_back_and_names_the_file(two_checkpoints, tmp_path):
     save = _copy(two_checkpoints, tmp_path)

@@ -125,7 +125,7 @@ def test_megatron_to_hf_refusals_name_the_problem(converted, tmp_path, capsys):
     assert "output directory" in capsys.readouterr().err
     assert main(["--quiet", "megatron-to-hf", "--megatron-dir", str(converted / "hf"),
                  "--out", str(tmp_path / "a"), "--hf-config", str(converted / "hf")]) == 2
-    assert "is not a Megatron distributed checkpoint" in capsys.readouterr().err
+    assert "is a Hugging Face checkpoint, not a Megatron one" in capsys.readouterr().err
     bare = tmp_path / "bare"
     os.makedirs(bare)
     for name in os.listdir(converted / "mg"):

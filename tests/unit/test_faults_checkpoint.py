@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import os
 import shutil
 
@@ -168,3 +169,22 @@ def test_non_finite_weights_are_never_written(tmp_path, monkeypatch):
         checkpointing.save_checkpoint(str(tmp_path), 2, [layer], None, {})
     assert os.listdir(tmp_path) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_ctrl_c_during_a_save_leaves_no_staging_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointing, "_write_staging", _fail_writing(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(str(tmp_path), 2, [torch.nn.Linear(2, 2)], None, {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_replacing_an_unused_folder_of_the_same_iteration_is_logged(tmp_path, caplog):
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "iter_0000002" / "junk").write_text("x")
+    (tmp_path / "iter_0000002.tmp").mkdir()
+    (tmp_path / "iter_0000002.tmp" / "new").write_text("y")
+    with caplog.at_level(logging.WARNING):
+        checkpointing._publish(str(tmp_path), str(tmp_path / "iter_0000002.tmp"),
+                               str(tmp_path / "iter_0000002"), 2)
+    assert os.listdir(tmp_path / "iter_0000002") == ["new"]
+    assert f"replacing the existing checkpoint {tmp_path}/iter_0000002" in caplog.text

@@ -1,5 +1,6 @@
 """The save-directory lock refuses a live owner and breaks the lock of a dead one."""
 
+import errno
 import json
 import logging
 import os
@@ -64,3 +65,14 @@ def test_a_lock_from_another_host_is_never_broken(tmp_path):
     _write_lock(tmp_path, pid=1, host="elsewhere-node-7")
     with pytest.raises(SaveDirLockedError, match="pid 1 on elsewhere-node-7"):
         SaveDirLock(str(tmp_path)).acquire()
+
+
+def test_a_full_disk_when_taking_the_lock_leaves_no_empty_lock(tmp_path, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(SaveDirLockedError, match="cannot write .*trainer.lock .No space left on "
+                       "device.; free space or use another directory"):
+        SaveDirLock(str(tmp_path / "ckpt")).acquire()
+    assert os.listdir(tmp_path / "ckpt") == []

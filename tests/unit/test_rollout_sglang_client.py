@@ -329,3 +329,27 @@ def test_health_check_failure_evicts():
 
 def test_unavailable_error_type_is_exported():
     assert issubclass(EngineUnavailableError, RolloutError)
+
+
+def test_a_server_answering_malformed_routes_is_retried_elsewhere_and_evicted():
+    """The issue's pool: one good server, one sending routed_experts one row short. Every
+    prompt still gets its sample (retried on the good server), the bad server leaves the pool
+    after BAD_ANSWERS_TO_EVICT answers, and the next batch runs on the good one alone."""
+    from megatron_pr2.rollout.server_pool import BAD_ANSWERS_TO_EVICT
+
+    prompts = [[i + 1, i + 2] for i in range(8)]
+    with fake_servers(None, corrupt(set_routes(-1))) as (good, bad):
+        engine = client([good.address, bad.address])
+        for batch in range(2):
+            samples = engine.generate(prompts, GREEDY)
+            for sample, prompt in zip(samples, prompts):
+                check_sample(sample, prompt)
+                assert sample.metadata["engine"] == good.address
+        assert len(bad.requests) == BAD_ANSWERS_TO_EVICT == 3  # none after its eviction
+        assert len(good.requests) == 2 * len(prompts)
+    assert list(engine.pool.evicted) == [bad.address]
+    assert "3 malformed answers, the last:" in engine.pool.evicted[bad.address]
+    assert "truncated, re-prefilled" in engine.pool.evicted[bad.address]
+    metrics = engine.metrics()
+    assert metrics["rollout/malformed_answers"] == 3.0
+    assert metrics["rollout/servers_live"] == 1.0 and metrics["rollout/requests_retried"] == 3.0

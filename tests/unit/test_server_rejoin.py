@@ -66,7 +66,23 @@ def test_pool_probes_only_evicted_servers_and_counts_rejoins(caplog):
     assert pool.probe_due(now=31.0) == []  # c waits 60 s after its failed rejoin
     assert pool.probe_due(now=62.0) == ["c"]
     pool.evict("a", "refused again")
-    assert pool.probe_due(now=63.0) == ["a"]  # rejoined, then evicted: at once
+    assert pool.probe_due(now=63.0) == []  # rejoined once, then evicted: waits 30 s * 2
+    assert pool.probe_due(now=123.0) == ["a", "c"]  # c: 62 s + 60 s
+
+
+def test_a_server_failing_again_after_each_rejoin_waits_twice_as_long_each_time():
+    schedule = RejoinSchedule(10.0)
+    assert schedule.due(["a"], 0.0) == ["a"]  # first eviction: at once
+    waits, now = [], 0.0
+    for _ in range(3):
+        schedule.rejoined("a")
+        assert schedule.due([], now) == []  # back in the pool
+        now += 1.0  # evicted again (it hangs once more)
+        assert schedule.due(["a"], now) == []
+        waits.append(schedule.next_probe("a") - now)
+        now = schedule.next_probe("a")
+        assert schedule.due(["a"], now) == ["a"]
+    assert waits == [20.0, 40.0, 80.0]  # 10 s * 2**rejoins
 
 
 def probe_client(addresses, interval):

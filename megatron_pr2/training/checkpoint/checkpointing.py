@@ -123,8 +123,12 @@ def _write_staging(root: str, staging: str, model, optimizer, trainer_state: dic
 
 
 def _publish(root: str, staging: str, final: str, iteration: int) -> None:
-    """Rank 0: rename the complete staging folder and point ``latest`` at it."""
-    shutil.rmtree(final, ignore_errors=True)
+    """Rank 0: rename the complete staging folder and point ``latest`` at it (replacing, with a
+    warning, a folder of the same iteration left by an earlier run: resume found it unusable)."""
+    if os.path.exists(final):
+        logger.warning("replacing the existing checkpoint %s (an earlier run's, which resume "
+                       "did not use)", final)
+        shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     tmp = os.path.join(root, LATEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -149,6 +153,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, trainer_state: 
     error = None
     try:
         _write_staging(root, staging, model, optimizer, trainer_state)
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # Ctrl-C: leave no half checkpoint
+        raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001 -- all ranks must agree below
         error = err
     if any_rank(error is not None):

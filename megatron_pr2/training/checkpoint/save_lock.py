@@ -23,7 +23,8 @@ LOCK_NAME = "trainer.lock"
 
 
 class SaveDirLockedError(RuntimeError):
-    """Another live trainer owns the save directory."""
+    """The save directory cannot be taken: another live trainer owns it, or the lock cannot be
+    written (a full disk)."""
 
 
 def _process_start_tick(pid: int) -> int | None:
@@ -121,10 +122,16 @@ class SaveDirLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(_owner_record(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(_owner_record(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            os.remove(self.path)  # no empty lock may outlive a failed write
+            raise SaveDirLockedError(f"--save {self.directory}: cannot write {self.path} "
+                                     f"({err.strerror or err}); free space or use another "
+                                     "directory") from err
         return True
 
     def __enter__(self) -> Self:
