@@ -25,8 +25,8 @@ import time
 import torch
 import torch.multiprocessing
 
-from megatron_pr2.cli_help import COMPARE_HELP, describe_flags
 from megatron_pr2.cli_errors import debug_requested, run_reporting
+from megatron_pr2.cli_help import COMPARE_HELP, describe_flags
 from megatron_pr2.confidence import (
     Interval,
     mean_ci,
@@ -35,12 +35,11 @@ from megatron_pr2.confidence import (
     verdict,
 )
 from megatron_pr2.config import RunConfig
-from megatron_pr2.progress import describe_seconds, seconds_left
-from megatron_pr2.train import configure_logging, run_training
 from megatron_pr2.platform.process_tree import (
     die_with_parent_if_helper,
     helpers_tied_to_this_process,
 )
+from megatron_pr2.progress import describe_seconds, seconds_left
 from megatron_pr2.train import BAD_INPUT, RUN_FAULTS, configure_logging, run_training
 from megatron_pr2.training.metrics_log import read_jsonl
 

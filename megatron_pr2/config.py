@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from megatron_pr2.cli_help import train_flag_help, train_flag_metavar
 from megatron_pr2.cli_errors import DEBUG_FLAG
+from megatron_pr2.cli_help import train_flag_help, train_flag_metavar
 from megatron_pr2.models.moe_options import FP8_ALIGNMENT
 from megatron_pr2.platform.distributed import ParallelConfig
 from megatron_pr2.rl.batch_plan import plan_batch

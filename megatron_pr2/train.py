@@ -18,17 +18,22 @@ import sys
 from megatron_pr2.cli_errors import debug_requested, run_reporting
 from megatron_pr2.config import RunConfig
 from megatron_pr2.convert.errors import ConversionError
-from megatron_pr2.preflight.checks import check_model_settings, launch_rank
-from megatron_pr2.preflight.inputs import check_inputs
-from megatron_pr2.preflight.parsing import load_config, load_model_sizes
-from megatron_pr2.preflight.problems import ValidationError
 from megatron_pr2.platform import destroy_model_parallel
 from megatron_pr2.platform.process_tree import (
     die_with_parent_if_helper,
     helpers_tied_to_this_process,
 )
+from megatron_pr2.preflight.checks import check_model_settings, launch_rank
+from megatron_pr2.preflight.inputs import check_inputs
+from megatron_pr2.preflight.parsing import load_config, load_model_sizes
+from megatron_pr2.preflight.problems import ValidationError
 from megatron_pr2.rollout.engine import RolloutError
-from megatron_pr2.training.checkpoint.checkpointing import CheckpointError, complete_iterations
+from megatron_pr2.training.checkpoint.checkpointing import (
+    CheckpointError,
+    complete_iterations,
+)
+from megatron_pr2.training.checkpoint.resume_config import ResumeConfigError
+from megatron_pr2.training.checkpoint.save_lock import SaveDirLock, SaveDirLockedError
 from megatron_pr2.training.nonfinite import NonFiniteError
 
 # Inputs found unusable before anything is built: exit status 2. Data and tokenizer readers

@@ -22,7 +22,7 @@ LAYERS = (
     ("fallbacks", "progress", "platform", "rl", "tasks"),
     ("models", "routing"),
     ("rollout", "convert"),
-    ("config", "confidence", "cli_help"),
+    ("config", "confidence", "cli_help", "cli_errors"),
     ("weight_sync",),
     ("training",),
     ("preflight",),
