@@ -121,6 +121,7 @@ def base_config(args, seed: int) -> RunConfig:
     cfg.train.eval_before_train = True
     cfg.algo.log_update_direction = True
     cfg.train.lr = args.lr
+    cfg.train.lr_warmup_iters = args.lr_warmup_iters
     cfg.train.micro_batch_size = 4
     cfg.train.seed = seed
     cfg.rollout.rollout_batch_prompts = args.prompts
@@ -529,6 +530,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-prompts", type=int, default=64,
                         help="greedy evaluation prompts after the last iteration")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr-warmup-iters", type=int, default=0,
+                        help="optimizer steps of linear LR warm-up from 0 at the start of RL")
     parser.add_argument("--lookahead-scale", type=float, default=0.75)
     parser.add_argument("--predictor-lr-mult", type=float, default=1.0)
     parser.add_argument("--warmup-steps", type=int, default=150)
