@@ -5,9 +5,13 @@
    rollout engine vs the fp32 trainer): seeds change rollout sampling, the data order and the
    predictor sampling, nothing else.
 3. Write TensorBoard logs and JSONL metrics per run; ``summary.md`` / ``summary.csv`` (each
-   column as mean ± 95% t-interval over seeds, paired differences against R2 in words, R3/none
-   KL ratio, drift attribution), ``costs.md`` (seconds per iteration) and ``comparison.png``
-   (mean and 95% band per iteration).
+   column as mean ± 95% t-interval over seeds; whether RL learned: reward gain per method, greedy
+   eval before/after RL, and per run the degeneracy checks (zero-advantage groups, mini-steps
+   without policy gradient, collapsed reward); paired differences against R2 in words, marked
+   where they rest on degenerate runs; R3/none KL ratio; how far the updates follow Adam's
+   predicted step; drift attribution), ``costs.md`` (seconds per iteration) and
+   ``comparison.png`` (mean and 95% band per iteration). docs/learning_regime.md says how the
+   default regime was chosen.
 """
 
 from __future__ import annotations
@@ -445,7 +449,9 @@ def summarise(results: dict[str, dict[int, list[dict]]], out_dir: str, args,
         f"# Routing methods on the embedded {args.model} (CPU), seeds {seeds}",
         "",
         (f"Each cell: mean ± 95% t-interval over {len(seeds)} seeds of the per-run value "
-         f"({args.iterations} RL iterations, off-policy window {args.off_policy_window}, "
+         f"({args.iterations} RL iterations of {args.prompts} prompts x {args.group_size} "
+         f"samples, {'partial-credit' if args.partial_credit else 'exact-match'} reward, "
+         f"{args.warmup_steps} warm-up steps, off-policy window {args.off_policy_window}, "
          f"lr {args.lr:g}, lookahead scale {args.lookahead_scale:g})."),
         "", table, "",
         "## Does RL learn? (reward gain per method; degeneracy per run)", "",
@@ -524,18 +530,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1234, help="first seed (and the warm-up's)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded preset or HF config")
     parser.add_argument("--iterations", type=int, default=16)
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch")
+    parser.add_argument("--prompts", type=int, default=12, help="prompts per rollout batch")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--off-policy-window", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=64,
                         help="greedy evaluation prompts after the last iteration")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-warmup-iters", type=int, default=0,
                         help="optimizer steps of linear LR warm-up from 0 at the start of RL")
     parser.add_argument("--lookahead-scale", type=float, default=0.75)
     parser.add_argument("--predictor-lr-mult", type=float, default=1.0)
-    parser.add_argument("--warmup-steps", type=int, default=150)
-    parser.add_argument("--partial-credit", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--partial-credit", action=argparse.BooleanOptionalAction, default=True,
                         help="digit reward: share of matching answer positions (else exact match)")
     parser.add_argument("--task-min-len", type=int, default=3, help="shortest digit string")
     parser.add_argument("--task-max-len", type=int, default=6, help="longest digit string")

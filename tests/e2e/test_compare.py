@@ -6,7 +6,7 @@ from tests.multiproc import run_distributed
 
 ARGS = ["--model", "tiny-qwen3-moe", "--methods", "r2,pr2-lookahead", "--seeds", "2",
         "--iterations", "2", "--prompts", "4", "--group-size", "2", "--off-policy-window", "2",
-        "--warmup-steps", "3", "--eval-prompts", "4"]
+        "--warmup-steps", "3", "--eval-prompts", "4", "--no-partial-credit"]
 
 
 def _metrics(out_dir):
