@@ -51,7 +51,7 @@ def run_training(cfg: RunConfig) -> None:
                 sft_warmup(parts.model, parts.actor.controller, prompts.task,
                            cfg.train.warmup_sft_steps, cfg.train.warmup_sft_lr,
                            max_consecutive_skips=cfg.train.max_consecutive_skips,
-                           groups=parts.groups)
+                           groups=parts.groups, refresh=(parts.optimizer,))
             source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
                                    dp=data_parallel_coordinates(parts.groups))
             RLLoop(parts, source).run()
