@@ -7,7 +7,8 @@ Everything after ``--`` is what ``python -m megatron_pr2.train`` would receive. 
 arithmetic and parsing only (CPU, no model is built): the flags and the config parse, the HF
 config parses, the parallel layout fits the world and divides the model, the rollout batch
 splits into whole micro-batches on every data-parallel rank for every mini-step, the SGLang URLs
-are well formed, the optional packages the run uses are importable, and the weights, gradients
+are well formed, a rollout cannot outlast ``--distributed-timeout-minutes``, the optional
+packages the run uses are importable, and the weights, gradients
 and Adam states fit a GPU. ``--check-runtime`` adds what only the launch machine can tell (CUDA,
 GPU count, TransformerEngine, FP8 support, input files).
 
@@ -45,6 +46,7 @@ from megatron_pr2.launch.placement import (
     placement_problems,
 )
 from megatron_pr2.launch.problems import ValidationError, collect
+from megatron_pr2.launch.timeouts import host_timeout_problems
 from megatron_pr2.launch.urls import parse_sglang_urls
 from megatron_pr2.routing.methods import routing_method
 from megatron_pr2.training.batch_plan import BatchPlan, plan_batch
@@ -217,7 +219,8 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
     world_problems = placement_problems(cfg.parallel, world)
     problems = [*world_problems,
                 *model_division_problems(spec, layout, fp8=bool(cfg.model.fp8_format)),
-                *model_setting_problems(cfg, spec), *package_problems(cfg)]
+                *model_setting_problems(cfg, spec), *package_problems(cfg),
+                *host_timeout_problems(cfg)]
     batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
     if cfg.rollout.rollout_engine == "sglang":
         collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)

@@ -31,6 +31,7 @@ from megatron_pr2.launch.placement import (
     plan_placement,
 )
 from megatron_pr2.launch.problems import ValidationError
+from megatron_pr2.launch.timeouts import host_timeout_problems, rollout_worst_case_seconds
 from megatron_pr2.launch.urls import parse_sglang_urls
 from megatron_pr2.launch.validate import validate
 from megatron_pr2.models.pipeline_stages import rank_layer_numbers
@@ -361,6 +362,28 @@ def test_validate_reports_every_problem_at_once():
 def test_validate_names_bad_settings(extra, needle):
     with pytest.raises(ValidationError, match=re.escape(needle)):
         validate([*RECIPE_ARGS, *extra], nnodes=2, gpus_per_node=8)
+
+
+def test_rollout_worst_case_by_hand():
+    cfg = parse_config(["--rollout-engine", "sglang", "--sglang-urls", "http://r0:1",
+                        "--rollout-batch-prompts", "4", "--n-samples-per-prompt", "4",
+                        "--rollout-max-concurrency", "6", "--rollout-timeout", "100",
+                        "--distributed-timeout-minutes", "15"])
+    # 16 requests, 6 at a time: 3 waves of 3 attempts x 100 s plus backoffs of 0.5 s and 1 s
+    assert rollout_worst_case_seconds(cfg) == pytest.approx(3 * (300 + 1.5))
+    (problem,) = host_timeout_problems(cfg)  # 904.5 s > 15 min
+    assert "up to 904 s (--rollout-timeout 100 s x 3 attempts x 3 waves" in problem
+    assert "raise --distributed-timeout-minutes to at least 16" in problem
+    cfg.parallel.distributed_timeout_minutes = 16
+    assert host_timeout_problems(cfg) == []
+
+
+def test_validate_refuses_a_rollout_that_can_outlast_the_host_timeout():
+    with pytest.raises(ValidationError, match=re.escape(
+            "one rollout can take up to 5402 s (--rollout-timeout 1800 s x 3 attempts), longer "
+            "than --distributed-timeout-minutes 10 (600 s) that the other ranks wait for it: "
+            "raise --distributed-timeout-minutes to at least 91")):
+        validate([*RECIPE_ARGS, "--distributed-timeout-minutes", "10"], nnodes=2, gpus_per_node=8)
 
 
 def test_validate_refuses_a_layout_whose_optimizer_state_cannot_fit():
