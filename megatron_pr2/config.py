@@ -78,7 +78,7 @@ class RolloutArgs:
     weight_sync: str | None = None  # tensor | distributed | disk (default: tensor in-process, distributed for SGLang)
     weight_sync_bucket_mb: int = 512  # bucket size: peak extra memory of a sync
     weight_sync_dtype: str | None = None  # bf16 | fp32 | fp16 (default: the engine's dtype)
-    weight_sync_master_addr: str | None = None  # this host as SGLang servers reach it (distributed)
+    weight_sync_master_addr: str | None = None  # trainer address for SGLang (one node; per node: $MEGATRON_PR2_WEIGHT_SYNC_ADDR)
 
     def validate(self) -> None:
         _choice("rollout_engine", self.rollout_engine, ("inprocess", "sglang"))
