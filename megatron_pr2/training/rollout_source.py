@@ -169,10 +169,19 @@ class RolloutSource:
                 scoring.append(scorer.submit(self._score, problems[index // n], index // n, sample))
 
             samples = self.engine.generate(repeated, self._sampling(self.cfg.train.seed + iteration),
+                                           return_routed_experts=self._wants_engine_routes(),
                                            on_sample=score_when_ready)
             for future in scoring:
                 future.result()
         return samples, self._metrics(samples)
+
+    def _wants_engine_routes(self) -> bool:
+        """Routes are asked of the engine only by methods that replay them (R3, PR2-engine):
+        they are most of the generation payload (~7 MB per 4.6k-token Qwen3-30B-A3B sample)."""
+        from megatron_pr2.routing.methods import routing_method
+
+        return routing_method(self.cfg.algo.routing_method,
+                              self.cfg.predictor.predictor).uses_engine_routes
 
     def _score(self, problem, group: int, sample: Sample) -> None:
         sample.reward = self.prompt_source.reward(problem, sample.response_tokens.tolist())
