@@ -22,6 +22,10 @@ from megatron_pr2.routing.methods import PREDICTORS, ROUTING_METHODS, routing_me
 from megatron_pr2.training.batch_plan import plan_batch
 
 
+# Fusions Megatron-Core runs only with TransformerEngine (CUDA); none of them touches the routes.
+TE_FUSIONS = ("moe_permute_fusion", "apply_rope_fusion", "gradient_accumulation_fusion")
+
+
 @dataclasses.dataclass
 class ModelArgs:
     """The model: an HF config (directory, config.json, or an embedded preset name)."""
@@ -36,6 +40,10 @@ class ModelArgs:
     recompute_granularity: str | None = None  # full | selective
     device: str | None = None  # cpu | cuda (default: cuda when available)
     strict_device: bool = False  # CPU backend: refuse host tensors at the model/loss/collectives
+    moe_permute_fusion: bool = False  # fused MoE token permute/unpermute (TransformerEngine, CUDA)
+    apply_rope_fusion: bool = False  # fused rotary embedding (TransformerEngine, CUDA)
+    bias_swiglu_fusion: bool = False  # fused SwiGLU activation (Megatron's jit kernel)
+    gradient_accumulation_fusion: bool = False  # weight grads accumulated into main_grad in the GEMM (TE linears)
 
     def validate(self) -> None:
         _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))
@@ -52,6 +60,11 @@ class ModelArgs:
         if self.strict_device and self.device == "cuda":
             raise ValueError("--strict-device checks device placement under the CPU backend; "
                              "it cannot be used with --device cuda")
+        te_fusions = [f"--{name.replace('_', '-')}" for name in TE_FUSIONS if getattr(self, name)]
+        if te_fusions and self.transformer_impl != "transformer_engine":
+            raise ValueError(f"{', '.join(te_fusions)} need --transformer-impl transformer_engine "
+                             "(Megatron-Core runs these fused kernels only through "
+                             "TransformerEngine, on CUDA)")
         if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
             raise ValueError("--moe-grouped-gemm needs --transformer-impl transformer_engine "
                              "(TransformerEngine's GroupedLinear experts)")

@@ -13,6 +13,7 @@ from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_confi
 from megatron_pr2.models.hf_config import resolve_hf_config
 from megatron_pr2.models.moe_options import (
     fp8_token_multiple,
+    fusion_overrides,
     moe_overrides,
     precision_overrides,
 )
@@ -64,6 +65,7 @@ def _model_options(cfg: RunConfig, groups=None) -> ModelOptions:
             overrides["recompute_modules"] = ["moe"]
     overrides.update(precision_overrides(cfg.train.bf16))
     overrides.update(moe_overrides(cfg.model, cfg.parallel))
+    overrides.update(fusion_overrides(cfg.model))
     method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
     router = functools.partial(PR2Router, use_predictor=method.builds_predictor)
     return ModelOptions(router_class=router,
