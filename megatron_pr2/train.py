@@ -37,6 +37,7 @@ def run_training(cfg: RunConfig) -> None:
         data_parallel_coordinates,
         make_engine,
         make_prompts,
+        stage_route_slots_of,
     )
     from megatron_pr2.training.warmup import sft_warmup
 
@@ -53,7 +54,8 @@ def run_training(cfg: RunConfig) -> None:
                            max_consecutive_skips=cfg.train.max_consecutive_skips,
                            groups=parts.groups, refresh=(parts.optimizer,))
             source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
-                                   dp=data_parallel_coordinates(parts.groups))
+                                   dp=data_parallel_coordinates(parts.groups),
+                                   route_slots=stage_route_slots_of(parts))
             RLLoop(parts, source).run()
         finally:
             parts.actor.controller.close()

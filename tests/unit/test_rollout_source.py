@@ -246,6 +246,33 @@ def test_routes_are_requested_only_by_methods_that_replay_the_engines(
     assert engine.route_requests == [wants_routes]
 
 
+def _collect_one_stage_each(rank):
+    import torch.distributed as dist
+
+    from megatron_pr2.platform.distributed import init_process_group
+
+    init_process_group("cpu")
+    try:
+        cfg = digit_config()
+        prompts = DigitPrompts(cfg)
+        engine = FakeEngine(prompts.tokenizer.eos_id) if rank == 0 else None
+        source = RolloutSource(cfg, engine, prompts, route_slots=(rank,))  # PP=2: layer slot r
+        samples, _ = source.collect(1)
+        return samples, engine.prompts if engine else None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_pipeline_stage_receives_only_its_layers_routes():
+    results = run_distributed(_collect_one_stage_each, 2)
+    driver_prompts = results[0][1][0]
+    reference = FakeEngine(DigitPrompts(digit_config()).tokenizer.eos_id)
+    for rank, (samples, _) in enumerate(results):
+        for i, sample in enumerate(samples):
+            want = reference.sample(i, driver_prompts[i]).routed_experts[:, [rank]]
+            assert torch.equal(sample.routed_experts, want), (rank, i)
+
+
 def test_only_the_driver_may_hold_no_engine(megatron_single_process):
     with pytest.raises(ValueError, match="rank 0.*needs a rollout engine"):
         RolloutSource(digit_config(), None, DigitPrompts(digit_config()))
