@@ -1,14 +1,15 @@
 """Route traffic per RL iteration for the recipe's layout, by routing method: engine -> driver
 (SGLang's base64 int32 routes) and driver -> trainer ranks (the pickled compact samples each
-rank receives over the gloo host group).
+rank receives over the gloo host group: its data-parallel share).
 
 Default: Qwen3-30B-A3B (48 MoE layers, top-8 of 128 experts), 2 x 8 H100 with TP=4 PP=2 EP=8
 (DP=2), 64 prompts x 8 samples of 4608 tokens (examples/pr2/train_qwen_moe.sh). Sizes are
 measured on one encoded payload and one pickled sample, then scaled. "before" is the trainer
-asking every request for routes; "after" asks only where the method replays the engine's
-routes (``RoutingMethod.uses_engine_routes``). The last column projects the host-group bytes if
-each rank received only its pipeline stage's MoE layers and its sequence-parallel token slice
-(not implemented).
+asking every request for routes and sending each rank all MoE layers; "after" asks only where
+the method replays the engine's routes (``RoutingMethod.uses_engine_routes``) and sends each rank
+its pipeline stage's MoE layers (``dp_view`` with the stage's slots). The last column projects
+the host-group bytes if each rank also received only its sequence-parallel token slice (1/TP;
+not implemented).
 
     .venv/bin/python tools/bench_route_traffic.py [--tokens 4608 --tp 4 --pp 2 --world 16]
 """
@@ -52,12 +53,13 @@ def wire_bytes(ids: torch.Tensor) -> int:
     return len(base64.b64encode(ids.numpy().astype("<i4").tobytes()))
 
 
-def host_bytes(sample: Sample, with_routes: bool) -> tuple[int, int]:
-    """Pickled bytes of a sample in a rank's own share and as a token stub (another rank's)."""
+def host_bytes(sample: Sample, with_routes: bool, route_slots=None) -> tuple[int, int]:
+    """Pickled bytes of a sample in a rank's own share (routes cut to ``route_slots``) and as a
+    token stub (another rank's share)."""
     own = sample if with_routes else Sample(sample.tokens, sample.prompt_length,
                                             sample.rollout_log_probs)
-    stub = dp_view([own, own], 2, 1)[0]
-    return len(pickle.dumps(own)), len(pickle.dumps(stub))
+    mine, stub = dp_view([own, own], 2, 0, route_slots)
+    return len(pickle.dumps(mine)), len(pickle.dumps(stub))
 
 
 def main(argv=None) -> None:
@@ -78,18 +80,20 @@ def main(argv=None) -> None:
           f"{host_bytes(sample, True)[0] / 1e6:.2f} MB pickled with compact routes, "
           f"{host_bytes(sample, False)[0] / 1e6:.3f} MB without")
     print(f"{'method':<15}{'engine->driver GB':>20}{'driver->ranks GB':>20}"
-          f"{'  stage+SP slice GB (projection)':>34}")
+          f"{'  + SP token slice GB (projection)':>36}")
+    stages = [tuple(range(s * args.layers // args.pp, (s + 1) * args.layers // args.pp))
+              for s in range(args.pp)]
+    plain_own, plain_stub = host_bytes(sample, False)
+    plain = args.world * (share * plain_own + (samples - share) * plain_stub)
     for name, method in ROUTING_METHODS.items():
-        rows = []
-        for wants in (True, method.uses_engine_routes):
-            own, stub = host_bytes(sample, wants)
-            engine = samples * per_wire if wants else 0
-            host = args.world * (share * own + (samples - share) * stub)
-            rows.append((engine, host))
-        (engine_before, host_before), (engine_after, host_after) = rows
-        route_part = host_after - host_bytes(sample, False)[0] * share * args.world \
-            - host_bytes(sample, False)[1] * (samples - share) * args.world
-        projected = host_after - route_part + route_part / (args.pp * args.tp)
+        engine_before = samples * per_wire
+        host_before = args.world * sum(share * own + (samples - share) * stub for own, stub in
+                                       [host_bytes(sample, True)])
+        wants = method.uses_engine_routes
+        engine_after = samples * per_wire if wants else 0
+        host_after = sum(args.world // args.pp * (share * own + (samples - share) * stub)
+                         for own, stub in (host_bytes(sample, wants, slots) for slots in stages))
+        projected = plain + (host_after - plain) / args.tp
         print(f"{name:<15}{engine_before / gb:>9.2f} -> {engine_after / gb:<8.2f}"
               f"{host_before / gb:>9.2f} -> {host_after / gb:<8.2f}{projected / gb:>20.2f}")
 
