@@ -106,6 +106,19 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
                             "temporary directory, which SGLang servers on other hosts cannot read")
 
 
+def _master_address_problems(cfg: RunConfig, layout: Placement, gpus_per_node: int) -> list[str]:
+    """``--weight-sync-master-addr`` names one host, but with pipeline stages of whole nodes
+    each stage's pushing rank is on another node (Megatron puts PP outermost)."""
+    if not cfg.rollout.weight_sync_master_addr or layout.pp < 2:
+        return []
+    if layout.world_size // layout.pp < gpus_per_node:
+        return []
+    return [(f"--weight-sync-master-addr {cfg.rollout.weight_sync_master_addr} is one address, "
+             f"but the {layout.pp} pipeline stages push from different nodes: leave it unset "
+             "(each pushing rank offers its own address) or set MEGATRON_PR2_WEIGHT_SYNC_ADDR "
+             "per node")]
+
+
 def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,
                 gpus_per_node: int, gpu_memory_gib: float, prompt_tokens: int) -> None:
     method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
@@ -224,6 +237,7 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
     batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
     if cfg.rollout.rollout_engine == "sglang":
         collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)
+    problems += _master_address_problems(cfg, layout, gpus_per_node)
     if problems:
         raise ValidationError(problems)
     report = Report(lines=_summary_lines(spec, layout, batch, cfg))

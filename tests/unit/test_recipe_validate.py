@@ -386,6 +386,15 @@ def test_validate_refuses_a_rollout_that_can_outlast_the_host_timeout():
         validate([*RECIPE_ARGS, "--distributed-timeout-minutes", "10"], nnodes=2, gpus_per_node=8)
 
 
+def test_validate_refuses_one_master_address_for_stages_on_two_nodes():
+    argv = [*RECIPE_ARGS, "--weight-sync-master-addr", "10.0.0.1"]
+    with pytest.raises(ValidationError, match=re.escape(
+            "--weight-sync-master-addr 10.0.0.1 is one address, but the 2 pipeline stages push "
+            "from different nodes")):
+        validate(argv, nnodes=2, gpus_per_node=8)
+    validate(argv, nnodes=1, gpus_per_node=16)  # both stages on one node: one address is right
+
+
 def test_validate_refuses_a_layout_whose_optimizer_state_cannot_fit():
     argv = [*RECIPE_ARGS, "--tensor-model-parallel-size", "1", "--no-sequence-parallel",
             "--pipeline-model-parallel-size", "1", "--expert-model-parallel-size", "2"]
