@@ -263,6 +263,7 @@ def _collect_one_stage_each(rank):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_each_pipeline_stage_receives_only_its_layers_routes():
     results = run_distributed(_collect_one_stage_each, 2)
     driver_prompts = results[0][1][0]
