@@ -21,7 +21,6 @@ from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.routing.methods import PREDICTORS, ROUTING_METHODS, routing_method
 from megatron_pr2.training.batch_plan import plan_batch
 
-
 # Fusions Megatron-Core runs only with TransformerEngine (CUDA); none of them touches the routes.
 TE_FUSIONS = ("moe_permute_fusion", "apply_rope_fusion", "gradient_accumulation_fusion")
 

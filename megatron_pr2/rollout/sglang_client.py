@@ -35,7 +35,12 @@ from megatron_pr2.rollout.engine import (
     RolloutError,
 )
 from megatron_pr2.rollout.route_codec import RouteShape, decode_routed_experts
-from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams, sample_seed
+from megatron_pr2.rollout.sample import (
+    Sample,
+    SampleStatus,
+    SamplingParams,
+    sample_seed,
+)
 from megatron_pr2.rollout.server_pool import ServerFailure, ServerPool
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ import torch
 
 from megatron_pr2.rollout.engine import RolloutError
 
-
 # The SGLang the weight sync is written and tested against (tools/sglang_env.sh installs it;
 # examples/pr2/launch_sglang_servers.sh refuses another): update sessions
 # (/begin_weight_update), flattened-bucket broadcasts and routed experts.

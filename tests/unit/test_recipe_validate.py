@@ -31,7 +31,10 @@ from megatron_pr2.launch.placement import (
     plan_placement,
 )
 from megatron_pr2.launch.problems import ValidationError
-from megatron_pr2.launch.timeouts import host_timeout_problems, rollout_worst_case_seconds
+from megatron_pr2.launch.timeouts import (
+    host_timeout_problems,
+    rollout_worst_case_seconds,
+)
 from megatron_pr2.launch.urls import parse_sglang_urls
 from megatron_pr2.launch.validate import validate
 from megatron_pr2.models.pipeline_stages import rank_layer_numbers

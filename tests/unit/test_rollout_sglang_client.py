@@ -17,7 +17,12 @@ from megatron_pr2.rollout.engine import (
     PartialRolloutError,
     RolloutError,
 )
-from megatron_pr2.rollout.sample import SEED_LIMIT, SampleStatus, SamplingParams, sample_seed
+from megatron_pr2.rollout.sample import (
+    SEED_LIMIT,
+    SampleStatus,
+    SamplingParams,
+    sample_seed,
+)
 from megatron_pr2.rollout.sglang_client import (
     SGLangClient,
     SGLangClientConfig,
