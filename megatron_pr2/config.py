@@ -24,6 +24,9 @@ from megatron_pr2.rl.batch_plan import plan_batch
 from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.routing.methods import PREDICTORS, ROUTING_METHODS, routing_method
 
+# Fusions Megatron-Core runs only with TransformerEngine (CUDA); none of them touches the routes.
+TE_FUSIONS = ("moe_permute_fusion", "apply_rope_fusion", "gradient_accumulation_fusion")
+
 
 @dataclasses.dataclass
 class ModelArgs:
@@ -39,6 +42,10 @@ class ModelArgs:
     recompute_granularity: str | None = None  # full | selective
     device: str | None = None  # cpu | cuda (default: cuda when available)
     strict_device: bool = False  # CPU backend: refuse host tensors at the model/loss/collectives
+    moe_permute_fusion: bool = False  # fused MoE token permute/unpermute (TransformerEngine, CUDA)
+    apply_rope_fusion: bool = False  # fused rotary embedding (TransformerEngine, CUDA)
+    bias_swiglu_fusion: bool = False  # fused SwiGLU activation (Megatron's jit kernel)
+    gradient_accumulation_fusion: bool = False  # weight grads accumulated into main_grad in the GEMM (TE linears)
 
     def validate(self) -> None:
         _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))
@@ -55,6 +62,11 @@ class ModelArgs:
         if self.strict_device and self.device == "cuda":
             raise ValueError("--strict-device checks device placement under the CPU backend; "
                              "it cannot be used with --device cuda")
+        te_fusions = [f"--{name.replace('_', '-')}" for name in TE_FUSIONS if getattr(self, name)]
+        if te_fusions and self.transformer_impl != "transformer_engine":
+            raise ValueError(f"{', '.join(te_fusions)} need --transformer-impl transformer_engine "
+                             "(Megatron-Core runs these fused kernels only through "
+                             "TransformerEngine, on CUDA)")
         if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
             raise ValueError("--moe-grouped-gemm needs --transformer-impl transformer_engine "
                              "(TransformerEngine's GroupedLinear experts)")
@@ -78,7 +90,7 @@ class RolloutArgs:
     weight_sync: str | None = None  # tensor | distributed | disk (default: tensor in-process, distributed for SGLang)
     weight_sync_bucket_mb: int = 512  # bucket size: peak extra memory of a sync
     weight_sync_dtype: str | None = None  # bf16 | fp32 | fp16 (default: the engine's dtype)
-    weight_sync_master_addr: str | None = None  # this host as SGLang servers reach it (distributed)
+    weight_sync_master_addr: str | None = None  # trainer address for SGLang (one node; per node: $MEGATRON_PR2_WEIGHT_SYNC_ADDR)
 
     def validate(self) -> None:
         _choice("rollout_engine", self.rollout_engine, ("inprocess", "sglang"))

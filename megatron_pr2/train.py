@@ -97,6 +97,7 @@ def run_training(cfg: RunConfig, prompts=None) -> None:
         data_parallel_coordinates,
         make_engine,
         make_prompts,
+        stage_route_slots_of,
     )
 
     prompts = prompts or make_prompts(cfg)
@@ -107,7 +108,8 @@ def run_training(cfg: RunConfig, prompts=None) -> None:
         try:
             _maybe_warm_up(cfg, parts, prompts)
             source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
-                                   dp=data_parallel_coordinates(parts.groups))
+                                   dp=data_parallel_coordinates(parts.groups),
+                                   route_slots=stage_route_slots_of(parts))
             RLLoop(parts, source).run()
         finally:
             parts.actor.controller.close()
@@ -126,7 +128,7 @@ def _maybe_warm_up(cfg: RunConfig, parts, prompts) -> None:
         return
     sft_warmup(parts.model, parts.actor.controller, prompts.task, cfg.train.warmup_sft_steps,
                cfg.train.warmup_sft_lr, max_consecutive_skips=cfg.train.max_consecutive_skips,
-               groups=parts.groups)
+               groups=parts.groups, refresh=(parts.optimizer,))
 
 
 def _reports_input_errors() -> bool:

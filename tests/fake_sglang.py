@@ -140,6 +140,8 @@ class WeightServer:
             return 200, {"dtype": "float32", "tp_size": 1, "pp_size": 1}
         if path == "/generate":
             return 200, good_answer(body)
+        if path == "/begin_weight_update" and body is None:  # a GET: SGLang's POST-only route
+            return 405, {"detail": "Method Not Allowed"}
         if path == "/begin_weight_update":
             self.session = {}
         elif path == "/update_weights_from_tensor":

@@ -1,39 +1,66 @@
 #!/usr/bin/env bash
-# The GPU smoke suite (tests/gpu) on one CUDA machine, offline: bf16 training for every routing
-# method, torchrun + NCCL over all local GPUs, and (when TransformerEngine is installed) the TE
-# spec with replayed routes and FP8 against bf16.
+# The GPU smoke suite (tests/gpu) on one CUDA machine, set up from the package index alone.
 #
-# Needs: Python 3.11/3.12 with a CUDA build of torch, transformers, pytest, pytest-timeout.
-# megatron-core, when missing, is installed from a local wheel folder (no network):
+# 1. Without CUDA it stops at once ("CUDA is not available"), before installing anything.
+# 2. A venv (GPU_SMOKE_VENV, default .venv-gpu in the checkout) that sees the machine's own CUDA
+#    torch (--system-site-packages), with this project and its dependencies (megatron-core ...)
+#    and the test tools (pytest, pytest-timeout): `pip install -e .[dev]`, torch held as found.
+# 3. TransformerEngine, unless importable: `pip install --no-build-isolation
+#    transformer-engine[pytorch]` (no binary wheel matches most torch builds: it compiles
+#    against this torch and needs the CUDA toolkit (nvcc) and cuDNN headers; bounded by
+#    TE_INSTALL_TIMEOUT seconds, default 1800). When that fails the script says what is missing
+#    and the TE tests skip; REQUIRE_TE=1 makes a missing TE fail the suite instead.
+# 4. pytest tests/gpu: bf16 training for every routing method, the recipe's flags, bf16 with the
+#    SFT warm-up, torchrun + NCCL over all local GPUs, PP=2 when there are 2+ GPUs (NCCL refuses
+#    two ranks on one device), placement on the GPU, and with TE the TE spec with replayed
+#    routes and FP8 against bf16. SGLang is not installed here (its GPU build is its own
+#    environment, examples/pr2/launch_sglang_servers.sh).
 #
-#   # once, on a machine with network access (the wheel is ~2.6 MB):
-#   pip download megatron-core==0.16.1 --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#       -d wheels/
-#
-# The project itself runs from this checkout (PYTHONPATH); nothing else is installed.
-# Usage: bash tools/gpu_smoke.sh [WHEEL_DIR]     (default WHEEL_DIR: wheels/)
+# Usage: bash tools/gpu_smoke.sh     (PYTHON: the interpreter with CUDA torch, default python3)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
-WHEELS=${1:-wheels}
-SITE=${GPU_SMOKE_SITE:-${TMPDIR:-/tmp}/megatron_pr2_gpu_site}
+VENV=${GPU_SMOKE_VENV:-$PWD/.venv-gpu}
+TE_INSTALL_TIMEOUT=${TE_INSTALL_TIMEOUT:-1800}
+say() { echo "gpu_smoke: $*" >&2; }
 
-"$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-    || { echo "gpu_smoke: CUDA is not available to $PYTHON" >&2; exit 1; }
-
-if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
-    shopt -s nullglob
-    wheels=("$WHEELS"/*.whl)
-    if [ ${#wheels[@]} -eq 0 ]; then
-        echo "gpu_smoke: megatron-core is not installed and $WHEELS/ holds no wheels (see the" \
-             "pip download command at the top of this script)" >&2
-        exit 1
-    fi
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
-        "${wheels[@]}"
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cuda_check='import sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_smoke: CUDA is not available to {sys.executable} (torch {torch.__version__}, "
+             f"CUDA build {torch.version.cuda})")'
+if "$PYTHON" -c "import torch" 2>/dev/null; then
+  "$PYTHON" -c "$cuda_check"
+elif ! nvidia-smi -L >/dev/null 2>&1; then
+  say "CUDA is not available: no NVIDIA driver answers (nvidia-smi) and $PYTHON has no torch"
+  exit 1
 fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV (it sees $PYTHON's packages, its CUDA torch included)"
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+py="$VENV/bin/python"
+pip=("$py" -m pip install --disable-pip-version-check -q)
+held="$VENV/torch-held.txt"
+if "$py" -c "import torch" 2>/dev/null; then  # keep the CUDA torch that is there
+  "$py" -c "import torch; print('torch==' + torch.__version__)" > "$held"
+else
+  : > "$held"
+fi
+say "installing megatron_pr2 with its dependencies and pytest, pytest-timeout ($(cat "$held"))"
+"${pip[@]}" -c "$held" -e ".[dev]"
+"$py" -c "$cuda_check"
+
+if ! "$py" -c "import transformer_engine.pytorch" 2>/dev/null; then
+  say "installing TransformerEngine (compiles against this torch; up to ${TE_INSTALL_TIMEOUT} s)"
+  if ! timeout "$TE_INSTALL_TIMEOUT" "${pip[@]}" -c "$held" --no-build-isolation \
+      "transformer-engine[pytorch]"; then
+    say "TransformerEngine could not be installed: it needs the CUDA toolkit (nvcc on PATH," \
+        "CUDA_HOME) and cuDNN headers matching torch's CUDA $("$py" -c 'import torch; print(torch.version.cuda)');" \
+        "the TE tests $([ "${REQUIRE_TE:-0}" = 1 ] && echo fail \(REQUIRE_TE=1\) || echo skip)"
+  fi
+fi
+
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-exec timeout 470 "$PYTHON" -m pytest -q -ra -p no:cacheprovider tests/gpu
+exec timeout 900 "$py" -m pytest -q -ra -p no:cacheprovider tests/gpu

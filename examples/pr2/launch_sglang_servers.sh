@@ -8,8 +8,13 @@
 # the routed expert ids of every token), waits until each answers /health, and prints the line
 #   SGLANG_URLS=http://<host>:<port>,...
 # Join the lines of all rollout nodes with commas and pass them to train_qwen_moe.sh.
-# The trainer sends token ids (--skip-tokenizer-init) and reloads weights from its --save
-# directory after every rollout batch: the servers must see that shared filesystem.
+# The trainer sends token ids (--skip-tokenizer-init) and pushes its weights after every rollout
+# batch in memory (--weight-sync distributed: an NCCL broadcast group per pipeline stage with the
+# servers' GPUs, so the servers must reach the training nodes; --weight-sync disk instead has
+# them reload the trainer's --save directory, which they must then see).
+# SGLANG_PYTHON must have sglang==0.5.23 (the version the weight sync needs: update sessions,
+# flattened-bucket broadcasts, routed experts; tools/sglang_env.sh pins the same); the script
+# refuses another version before starting anything.
 #
 #   --dry-run   print the server commands and URLs, start nothing
 #   --stop      stop the servers this script started on this node (pid files in LOG_DIR)
@@ -53,6 +58,7 @@ SGLANG_MEM_FRACTION="${SGLANG_MEM_FRACTION:-0.85}"
 SGLANG_PYTHON="${SGLANG_PYTHON:-python}"
 SGLANG_STARTUP_TIMEOUT="${SGLANG_STARTUP_TIMEOUT:-1800}"
 LOG_DIR="${LOG_DIR:-./sglang_logs}"
+SGLANG_VERSION=0.5.23  # = SGLANG_VERSION in megatron_pr2/weight_sync/sglang_api.py
 read -r -a extra_args <<< "${SGLANG_EXTRA_ARGS:-}"
 
 for name in GPUS_PER_NODE SGLANG_TP SGLANG_BASE_PORT SGLANG_STARTUP_TIMEOUT; do
@@ -72,6 +78,12 @@ if [ "$mode" = stop ]; then
   exit 0
 fi
 
+if [ "$mode" = launch ]; then
+  have="$("$SGLANG_PYTHON" -c 'import importlib.metadata as m; print(m.version("sglang"))' 2>/dev/null)" \
+    || die "SGLANG_PYTHON=$SGLANG_PYTHON has no sglang: install sglang==$SGLANG_VERSION in SGLang's GPU environment"
+  [ "$have" = "$SGLANG_VERSION" ] \
+    || die "SGLANG_PYTHON=$SGLANG_PYTHON has sglang $have; the trainer's weight sync needs sglang==$SGLANG_VERSION (pip install 'sglang==$SGLANG_VERSION')"
+fi
 [ "$mode" = dry-run ] || [ -f "${HF_CKPT:-}/config.json" ] || die "set HF_CKPT to a Hugging Face checkpoint directory (config.json not found in '${HF_CKPT:-}')"
 
 # SGLang's entry point with --api-key taken from the environment, so the key stays off `ps`.

@@ -17,8 +17,13 @@
 #   3. each node checks its runtime (inputs, CUDA, GPU count, TransformerEngine, FP8), then runs
 #      `torchrun ... -m megatron_pr2.train --config examples/pr2/qwen3_30b_a3b.yaml ...`,
 #      logging to $OUTPUT/logs and TensorBoard to $OUTPUT/tensorboard.
-# OUTPUT must be on a filesystem shared by all training nodes and SGLang servers: the trainer
-# writes its weights there after every rollout batch and the servers reload them from it.
+# OUTPUT must be on a filesystem shared by all training nodes (the converted checkpoint, its
+# marker, checkpoints). After every rollout batch the trainer pushes its weights to the SGLang
+# servers in memory (--weight-sync distributed): each pipeline stage's first GPU broadcasts its
+# stage over an NCCL group with the servers' GPUs, the stages one after another. The servers must
+# reach every training node; each pushing rank offers its address on the route to the servers
+# (set MEGATRON_PR2_WEIGHT_SYNC_ADDR per node to override). With `--weight-sync disk` the servers
+# reload $OUTPUT/checkpoints/weight_sync_hf instead and must see that filesystem.
 #
 # --dry-run does everything except launching, on any machine (CPU only is fine): it validates the
 # whole configuration with `python -m megatron_pr2.preflight.validate` for NNODES x GPUS_PER_NODE GPUs,

@@ -11,7 +11,10 @@ import shutil
 import torch
 
 from megatron_pr2.convert.errors import ConversionError
-from megatron_pr2.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
+from megatron_pr2.convert.safetensors_io import (
+    SafetensorsReader,
+    SafetensorsStreamWriter,
+)
 from megatron_pr2.models.hf_config import load_hf_config
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,10 @@ import logging
 import torch
 
 from megatron_pr2.convert.adapter import PREDICTOR_SUFFIX
-from megatron_pr2.convert.dist_checkpoint import CONTENT_METADATA_KEY, read_tensor_metadata
+from megatron_pr2.convert.dist_checkpoint import (
+    CONTENT_METADATA_KEY,
+    read_tensor_metadata,
+)
 from megatron_pr2.convert.errors import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +31,10 @@ def _drop_extra_state(sharded: dict) -> None:
 
 def _check_against_checkpoint(sharded: dict, stored: dict, ckpt_dir: str) -> list[str]:
     """Refuse missing or mis-shaped tensors; return the optional entries absent from the ckpt."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
 
     missing, absent_optional = [], []
     for name, item in sharded.items():

@@ -66,6 +66,16 @@ def moe_overrides(model_args, parallel) -> dict:
     return fields
 
 
+def fusion_overrides(model_args) -> dict:
+    """``TransformerConfig`` fields of the fusion flags (Megatron-LM names; ``--bias-swiglu-fusion``
+    is Megatron's ``bias_activation_fusion``). All of them keep replayed routes exact: they fuse
+    work after the router (permute) or outside the MoE block."""
+    return {"moe_permute_fusion": bool(model_args.moe_permute_fusion),
+            "apply_rope_fusion": bool(model_args.apply_rope_fusion),
+            "bias_activation_fusion": bool(model_args.bias_swiglu_fusion),
+            "gradient_accumulation_fusion": bool(model_args.gradient_accumulation_fusion)}
+
+
 def check_routes_reach_experts(config) -> None:
     """Refuse every ``TransformerConfig`` setting that rewrites the routing map after the router.
 

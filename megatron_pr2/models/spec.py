@@ -6,6 +6,7 @@ Megatron is patched.
 
 from __future__ import annotations
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -14,7 +15,6 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -38,7 +38,9 @@ def _backend(use_transformer_engine: bool):
         return LocalSpecProvider()
     try:
         import transformer_engine  # noqa: F401
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        from megatron.core.extensions.transformer_engine_spec_provider import (
+            TESpecProvider,
+        )
     except ImportError as err:
         raise TransformerEngineMissingError(
             "TransformerEngine modules (grouped/FP8 experts) were requested but "

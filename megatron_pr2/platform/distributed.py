@@ -11,13 +11,13 @@ import socket
 import torch
 import torch.distributed as dist
 
+from megatron_pr2.fallbacks import log_fallback_implementation
 from megatron_pr2.platform.cpu import (
     CpuBackendError,
     cpu_backend_enabled,
     enable_cpu_backend,
 )
 from megatron_pr2.platform.device import set_compute_device
-from megatron_pr2.fallbacks import log_fallback_implementation
 from megatron_pr2.platform.strict_device import (
     StrictDeviceError,
     enable_strict_device_mode,

@@ -8,7 +8,8 @@ Everything after ``--`` is what ``python -m megatron_pr2.train`` would receive. 
 arithmetic and parsing only (CPU, no model is built): the flags and the config parse, the HF
 config parses, the parallel layout fits the world and divides the model, the rollout batch
 splits into whole micro-batches on every data-parallel rank for every mini-step, the SGLang URLs
-are well formed, the optional packages the run uses are importable, and the weights, gradients
+are well formed, a rollout cannot outlast ``--distributed-timeout-minutes``, the optional
+packages the run uses are importable, and the weights, gradients
 and Adam states fit a GPU. ``--check-runtime`` adds what only the launch machine can tell (CUDA,
 GPU count, TransformerEngine, FP8 support, input files).
 
@@ -45,6 +46,7 @@ from megatron_pr2.preflight.placement import (
     placement_problems,
 )
 from megatron_pr2.preflight.problems import ValidationError, collect
+from megatron_pr2.preflight.timeouts import host_timeout_problems
 from megatron_pr2.preflight.urls import parse_sglang_urls
 from megatron_pr2.rl.batch_plan import BatchPlan, plan_batch
 from megatron_pr2.routing.methods import routing_method
@@ -102,6 +104,19 @@ def _add_rollout(report: Report, cfg: RunConfig, layout: Placement) -> None:
     else:
         report.notes.append("--weight-sync disk without --save: weight sync goes through a "
                             "temporary directory, which SGLang servers on other hosts cannot read")
+
+
+def _master_address_problems(cfg: RunConfig, layout: Placement, gpus_per_node: int) -> list[str]:
+    """``--weight-sync-master-addr`` names one host, but with pipeline stages of whole nodes
+    each stage's pushing rank is on another node (Megatron puts PP outermost)."""
+    if not cfg.rollout.weight_sync_master_addr or layout.pp < 2:
+        return []
+    if layout.world_size // layout.pp < gpus_per_node:
+        return []
+    return [(f"--weight-sync-master-addr {cfg.rollout.weight_sync_master_addr} is one address, "
+             f"but the {layout.pp} pipeline stages push from different nodes: leave it unset "
+             "(each pushing rank offers its own address) or set MEGATRON_PR2_WEIGHT_SYNC_ADDR "
+             "per node")]
 
 
 def _add_memory(report: Report, cfg: RunConfig, spec, layout: Placement, batch: BatchPlan,
@@ -206,10 +221,12 @@ def validate(train_argv: Sequence[str], nnodes: int, gpus_per_node: int, *,
     world_problems = placement_problems(cfg.parallel, world)
     problems = [*world_problems,
                 *model_division_problems(spec, layout, fp8=bool(cfg.model.fp8_format)),
-                *model_setting_problems(cfg, spec), *package_problems(cfg)]
+                *model_setting_problems(cfg, spec), *package_problems(cfg),
+                *host_timeout_problems(cfg)]
     batch = None if world_problems else collect(problems, plan_batch, cfg, layout.dp)
     if cfg.rollout.rollout_engine == "sglang":
         collect(problems, parse_sglang_urls, cfg.rollout.sglang_urls)
+    problems += _master_address_problems(cfg, layout, gpus_per_node)
     if problems:
         raise ValidationError(problems)
     report = Report(lines=_summary_lines(spec, layout, batch, cfg))

@@ -21,7 +21,12 @@ import dataclasses
 
 import torch
 
-from megatron_pr2.rl.reductions import check_same_shape, masked_mean, masked_row_mean, masked_sum
+from megatron_pr2.rl.reductions import (
+    check_same_shape,
+    masked_mean,
+    masked_row_mean,
+    masked_sum,
+)
 
 AGGREGATIONS = ("token_mean", "seq_mean")
 

@@ -282,6 +282,24 @@ def local_moe_layer_numbers(layer_numbers: Sequence[int] | None, route_shape: Ro
     return [n for n in layer_numbers if n in route_shape.moe_layer_numbers]
 
 
+def stage_route_shape(route_shape: RouteShape, layer_numbers: Sequence[int]) -> RouteShape | None:
+    """The route shape of a pipeline stage holding global ``layer_numbers``: only its MoE layers
+    (None when it has none). Samples sent to that stage carry routes for these layers only
+    (:func:`stage_route_slots`), and its route plan is built with this shape."""
+    numbers = set(layer_numbers)
+    indices = tuple(i for i in route_shape.moe_layer_indices if i + 1 in numbers)
+    if not indices:
+        return None
+    return dataclasses.replace(route_shape, moe_layer_indices=indices)
+
+
+def stage_route_slots(route_shape: RouteShape, layer_numbers: Sequence[int]) -> tuple[int, ...]:
+    """Positions on a sample's MoE-layer axis of the MoE layers among ``layer_numbers``."""
+    numbers = set(layer_numbers)
+    return tuple(slot for slot, number in enumerate(route_shape.moe_layer_numbers)
+                 if number in numbers)
+
+
 def model_layer_numbers(model_chunks) -> list[int]:
     """Global layer numbers of the decoder layers of this rank's Megatron model chunks."""
     numbers = []
@@ -341,5 +359,5 @@ def route_bytes(plan: RoutePlan) -> int:
 __all__ = [
     "MicroBatch", "TokenParallel", "build_micro_batch", "build_micro_batches", "build_route_plan",
     "local_moe_layer_numbers", "model_layer_numbers", "route_bytes", "route_grid",
-    "router_token_index", "shard_for_dp",
+    "router_token_index", "shard_for_dp", "stage_route_shape", "stage_route_slots",
 ]

@@ -2,12 +2,14 @@
 
 Routes travel in their compact dtype (uint8 for E <= 256) inside the pickled samples. The
 rollout driver (rank 0) sends each rank only what its data-parallel rank trains on
-(:func:`dp_view`, cut by :func:`megatron_pr2.rollout.alignment.shard_for_dp`); the other ranks
+(:func:`dp_view`, cut by :func:`megatron_pr2.rollout.alignment.shard_for_dp`, routes cut to its
+pipeline stage's MoE layers); the other ranks
 wait on the host group, whose timeout (``--distributed-timeout-minutes``) bounds the wait.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,11 +35,25 @@ def token_stub(sample: Sample) -> Sample:
                   status=sample.status, metadata={**metadata, "dp_remote": True})
 
 
-def dp_view(samples: Sequence[Sample], dp_size: int, dp_rank: int) -> list[Sample]:
+def dp_view(samples: Sequence[Sample], dp_size: int, dp_rank: int,
+            route_slots: Sequence[int] | None = None) -> list[Sample]:
     """The batch as data-parallel rank ``dp_rank`` needs it: its share (``shard_for_dp``) whole,
-    every other sample as a :func:`token_stub` (no routes, no log-probs)."""
+    every other sample as a :func:`token_stub` (no routes, no log-probs). ``route_slots``: the
+    positions on the MoE-layer axis of the receiving pipeline stage's layers (None: all); the
+    share's routes keep only those."""
     share = set(shard_for_dp(len(samples), dp_size, dp_rank))
-    return [s if i in share else token_stub(s) for i, s in enumerate(samples)]
+    return [(_with_route_slots(s, route_slots) if i in share else token_stub(s))
+            for i, s in enumerate(samples)]
+
+
+def _with_route_slots(sample: Sample, route_slots: Sequence[int] | None) -> Sample:
+    if route_slots is None or sample.routed_experts is None:
+        return sample
+    if len(route_slots) == sample.routed_experts.shape[1]:
+        return sample
+    # a copy: pickling a view would send the whole base tensor
+    routes = sample.routed_experts[:, list(route_slots)].clone() if route_slots else None
+    return dataclasses.replace(sample, routed_experts=routes)
 
 
 def scatter_object(per_rank: Sequence[Any] | None, src: int = 0, group=None) -> Any:
@@ -55,8 +71,9 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     return box[0]
 
 
-def gather_dp_ranks(dp_size: int, dp_rank: int, group=None) -> list[tuple[int, int]]:
-    """``(dp_size, dp_rank)`` of every rank of ``group``, in rank order, on every rank."""
-    gathered: list[tuple[int, int] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (dp_size, dp_rank), group=group)
+def gather_rank_views(view: tuple, group=None) -> list[tuple]:
+    """Each rank's ``view`` (what it needs of a batch, e.g. ``(dp_size, dp_rank, route_slots)``)
+    in rank order, on every rank of ``group``."""
+    gathered: list[tuple | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, tuple(view), group=group)
     return gathered

@@ -30,7 +30,8 @@ class SamplingParams:
         top_p: nucleus mass (1.0 = all).
         stop_token_ids: tokens that end a sequence (kept as its last token).
         ignore_eos: generate exactly ``max_new_tokens`` tokens.
-        seed: sampling seed, where the engine supports one.
+        seed: the batch's sampling seed, where the engine supports one (an HTTP engine
+            samples request ``i`` with :func:`sample_seed` ``(seed, i)``).
     """
 
     max_new_tokens: int = 64
@@ -51,6 +52,21 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+SEED_LIMIT = 2**31 - 1  # sampling seeds stay below: engines hold them in int32 tensors
+_SEED_STRIDE = 1_000_003  # > any batch: consecutive batch seeds give disjoint seed ranges
+
+
+def sample_seed(batch_seed: int, index: int) -> int:
+    """The sampling seed of request ``index`` of a batch seeded ``batch_seed``.
+
+    Reproducible from the two, and distinct for the requests of one batch, so the samples of a
+    prompt differ even where the engine's sampling is deterministic per seed.
+    """
+    if not 0 <= index < _SEED_STRIDE:
+        raise ValueError(f"request index {index} outside [0, {_SEED_STRIDE}) of one batch")
+    return (batch_seed * _SEED_STRIDE + index) % SEED_LIMIT
 
 
 @dataclasses.dataclass

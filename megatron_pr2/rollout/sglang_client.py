@@ -35,7 +35,12 @@ from megatron_pr2.rollout.engine import (
     RolloutError,
 )
 from megatron_pr2.rollout.route_codec import RouteShape, decode_routed_experts
-from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
+from megatron_pr2.rollout.sample import (
+    Sample,
+    SampleStatus,
+    SamplingParams,
+    sample_seed,
+)
 from megatron_pr2.rollout.server_pool import ServerFailure, ServerPool
 
 logger = logging.getLogger(__name__)
@@ -94,8 +99,9 @@ class _ServerDownError(_RetryableError, ServerFailure):
 
 def build_generate_payload(prompt: Sequence[int], sampling: SamplingParams, *,
                            return_logprobs: bool, return_routed_experts: bool,
-                           routed_experts_start_len: int = 0) -> dict[str, Any]:
-    """The JSON body of one ``/generate`` request."""
+                           routed_experts_start_len: int = 0,
+                           request_index: int = 0) -> dict[str, Any]:
+    """The JSON body of request ``request_index`` of a batch (its seed: :func:`sample_seed`)."""
     params: dict[str, Any] = {
         "max_new_tokens": sampling.max_new_tokens,
         "temperature": 0.0 if sampling.greedy else sampling.temperature,
@@ -107,7 +113,7 @@ def build_generate_payload(prompt: Sequence[int], sampling: SamplingParams, *,
     if sampling.stop_token_ids:
         params["stop_token_ids"] = list(sampling.stop_token_ids)
     if sampling.seed is not None:
-        params["sampling_seed"] = sampling.seed
+        params["sampling_seed"] = sample_seed(sampling.seed, request_index)
     payload: dict[str, Any] = {
         "input_ids": [int(t) for t in prompt],
         "sampling_params": params,
@@ -117,6 +123,17 @@ def build_generate_payload(prompt: Sequence[int], sampling: SamplingParams, *,
         payload["return_routed_experts"] = True
         payload["routed_experts_start_len"] = routed_experts_start_len
     return payload
+
+
+def prompt_groups(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The group of each request: runs of equal consecutive prompts (a prompt's samples) share
+    one, numbered from 0; requests are placed on servers by group (one server per prompt, so
+    its samples share the server's prefix cache; prompts spread over the servers)."""
+    groups: list[int] = []
+    for i, prompt in enumerate(prompts):
+        same = i > 0 and list(prompt) == list(prompts[i - 1])
+        groups.append(groups[-1] if same else (groups[-1] + 1 if groups else 0))
+    return groups
 
 
 def _field(body: dict, key: str, kind: type, where: str):
@@ -316,7 +333,8 @@ class SGLangClient:
         """Generate one continuation per prompt (prompt order kept).
 
         Every request is in flight at once (``config.max_concurrency`` caps it), spread over the
-        live servers, which schedule them; each answer is parsed and its routes decoded as it
+        live servers by prompt (:func:`prompt_groups`), which schedule them; request ``i`` samples
+        with seed ``sample_seed(sampling.seed, i)``; each answer is parsed and its routes decoded as it
         arrives, then handed to ``on_sample(index, sample)`` in the worker thread, while the
         other requests are still generating.
 
@@ -331,9 +349,10 @@ class SGLangClient:
         failures: dict[int, str] = {}
         cap = self.config.max_concurrency or len(prompts)
         workers = max(1, min(cap, len(prompts)))
+        groups = prompt_groups(prompts)
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sglang") as pool:
             futures = {
-                pool.submit(self._generate_one, i, prompt, sampling, return_logprobs,
+                pool.submit(self._generate_one, i, groups[i], prompt, sampling, return_logprobs,
                             return_routed_experts, on_sample): i
                 for i, prompt in enumerate(prompts)
             }
@@ -352,18 +371,19 @@ class SGLangClient:
             )
         return results
 
-    def _generate_one(self, index: int, prompt: list[int], sampling: SamplingParams,
+    def _generate_one(self, index: int, group: int, prompt: list[int], sampling: SamplingParams,
                       return_logprobs: bool, return_routed_experts: bool,
                       on_sample: Callable[[int, Sample], None] | None) -> Sample:
         payload = build_generate_payload(prompt, sampling, return_logprobs=return_logprobs,
-                                         return_routed_experts=return_routed_experts)
+                                         return_routed_experts=return_routed_experts,
+                                         request_index=index)
 
         def check(body):
             return parse_generate_response(
                 body, prompt, self.route_shape, vocab_size=self.vocab_size,
                 return_logprobs=return_logprobs, return_routed_experts=return_routed_experts)
 
-        sample, address = self._request("POST", "/generate", payload, first=index, check=check)
+        sample, address = self._request("POST", "/generate", payload, first=group, check=check)
         sample.metadata.update(engine=address, finished_at=time.monotonic())
         if on_sample is not None:
             on_sample(index, sample)

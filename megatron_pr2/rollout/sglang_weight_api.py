@@ -19,6 +19,11 @@ import torch
 
 from megatron_pr2.rollout.engine import RolloutError
 
+# The SGLang the weight sync is written and tested against (tools/sglang_env.sh installs it;
+# examples/pr2/launch_sglang_servers.sh refuses another): update sessions
+# (/begin_weight_update), flattened-bucket broadcasts and routed experts.
+SGLANG_VERSION = "0.5.23"
+
 
 class WeightUpdateError(RolloutError):
     """A server refused or failed a weight-update call."""
@@ -89,6 +94,21 @@ class SGLangWeightAPI:
     # -- server facts ------------------------------------------------------------------------
     def server_info(self) -> dict:
         return self._call("GET", "/server_info")
+
+    def require_update_session(self) -> None:
+        """Probe once (no state changes) that the server has ``/begin_weight_update``: a GET
+        answers 405 where the POST route exists, 404 where the SGLang is too old."""
+        url = self.base_url + "/begin_weight_update"
+        try:
+            status = self._session.get(url, headers=self._headers(), timeout=(5.0, 30.0)).status_code
+        except requests.RequestException as exc:
+            raise WeightUpdateError(f"SGLang server {self.base_url}: probing /begin_weight_update "
+                                    f"failed: {type(exc).__name__}: {exc}") from None
+        if status == 404:
+            raise WeightUpdateError(
+                f"SGLang server {self.base_url} has no /begin_weight_update: its SGLang is older "
+                f"than the weight sync needs; run sglang=={SGLANG_VERSION} on the servers "
+                f"(the version tools/sglang_env.sh installs)")
 
     # -- session -----------------------------------------------------------------------------
     def begin_weight_update(self) -> None:

@@ -20,6 +20,7 @@ reproduces the predict pass bit for bit.
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 
 import torch
@@ -38,6 +39,8 @@ from megatron_pr2.routing.replay_state import (
 )
 from megatron_pr2.routing.route_plan import LayerRoutes, RoutePlan, compact_route_dtype
 from megatron_pr2.routing.route_selector import RouteRequest, RouteSelector
+
+DEBUG_ROUTES_ENV = "MEGATRON_PR2_DEBUG_ROUTES"  # 1: also check device-resident replayed routes
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +262,15 @@ class ReplayRouter(TopKRouter):
             )
         if routes.expert_ids.dtype.is_floating_point:
             raise RouteError(f"{where}: expert ids must be integers, got {routes.expert_ids.dtype}")
-        ids = routes.widened(device)
-        valid = routes.valid.to(device)
+        if routes.expert_ids.device.type == "cpu" or os.environ.get(DEBUG_ROUTES_ENV) == "1":
+            self._check_route_values(routes.widened(), routes.valid, where)
+        return routes.widened(device)
+
+    def _check_route_values(self, ids: torch.Tensor, valid: torch.Tensor, where: str) -> None:
+        """Expert ids in range and distinct per valid row. Run where the ids are: on the host
+        for a plan built there (engine routes: no device sync); device-resident ids (this
+        router's own top-k, recorded) are checked only under ``MEGATRON_PR2_DEBUG_ROUTES=1``,
+        as each check there syncs the device."""
         used = ids[valid]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.num_experts):
             raise RouteError(
@@ -276,7 +286,6 @@ class ReplayRouter(TopKRouter):
                     f"{where}: row {row} repeats an expert ({ids[row].tolist()}); mark rows "
                     "without a route invalid instead of filling them"
                 )
-        return ids
 
     # ----------------------------------------------------------------------------- recording
     def _record_first_visit(self, hidden_TH, logits_TE, request: RouteRequest, pad_T, mb: int):

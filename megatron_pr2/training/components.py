@@ -13,6 +13,7 @@ from megatron_pr2.models import ModelOptions, build_model_chunks, parse_hf_confi
 from megatron_pr2.models.hf_config import resolve_hf_config
 from megatron_pr2.models.moe_options import (
     fp8_token_multiple,
+    fusion_overrides,
     moe_overrides,
     precision_overrides,
 )
@@ -21,11 +22,18 @@ from megatron_pr2.rl.losses import PolicyLossConfig
 from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.methods import routing_method
-from megatron_pr2.routing.predictor import PredictorConfig, predictor_optimizer_overrides
+from megatron_pr2.routing.predictor import (
+    PredictorConfig,
+    predictor_optimizer_overrides,
+)
 from megatron_pr2.routing.router import ReplayRouter
 from megatron_pr2.training.actor import PolicyActor
 from megatron_pr2.training.lr_schedule import ScheduledOptimizer, build_param_scheduler
-from megatron_pr2.training.model_setup import OptimizerOptions, build_optimizer, wrap_with_ddp
+from megatron_pr2.training.model_setup import (
+    OptimizerOptions,
+    build_optimizer,
+    wrap_with_ddp,
+)
 from megatron_pr2.training.nonfinite import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,7 @@ def _model_options(cfg: RunConfig, groups=None) -> ModelOptions:
             overrides["recompute_modules"] = ["moe"]
     overrides.update(precision_overrides(cfg.train.bf16))
     overrides.update(moe_overrides(cfg.model, cfg.parallel))
+    overrides.update(fusion_overrides(cfg.model))
     method = routing_method(cfg.algo.routing_method, cfg.predictor.predictor)
     router = functools.partial(ReplayRouter, use_predictor=method.builds_predictor)
     return ModelOptions(router_class=router,

@@ -21,9 +21,11 @@ from megatron_pr2.rollout.alignment import (
     build_route_plan,
     model_layer_numbers,
     shard_for_dp,
+    stage_route_shape,
 )
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.routing.methods import routing_method
+from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.training.checkpoint import checkpointing
 from megatron_pr2.training.components import Components
 from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
@@ -93,7 +95,9 @@ class RLLoop:
         self.source = source
         self.method = routing_method(self.cfg.algo.routing_method, self.cfg.predictor.predictor)
         self.start_iteration = 0
-        self.route_shape = RouteShape.from_hf_config(parts.spec)
+        # this stage's MoE layers: the samples it receives carry routes for those only
+        self.route_shape = stage_route_shape(RouteShape.from_hf_config(parts.spec),
+                                             model_layer_numbers(parts.model))
         self.weight_sync = EngineWeightSync(self._build_weight_syncer, source.engine,
                                             server_pool=self.cfg.rollout.rollout_engine == "sglang")
         tokens = self.cfg.algo.drift_attribution_tokens
@@ -175,6 +179,8 @@ class RLLoop:
     def _engine_plan(self, microbatches, samples):
         if not self.method.uses_engine_routes:
             return None
+        if self.route_shape is None:  # no MoE layer on this stage
+            return RoutePlan()
         return build_route_plan([mb.grid for mb in microbatches], samples, self.route_shape,
                                 layer_numbers=model_layer_numbers(self.parts.model),
                                 parallel=self.parts.token_parallel)

@@ -70,11 +70,31 @@ def build_optimizer(wrapped_chunks, lr: float | None = None, *, options: Optimiz
                     config_overrides: dict | None = None, **option_fields):
     """Megatron's optimizer over the DDP-wrapped chunks.
 
-    Give either ``options`` or ``lr`` plus :class:`OptimizerOptions` fields. ``config_overrides``
+    Give either ``options`` or ``lr`` plus :class:`OptimizerOptions` fields; ``bf16`` and
+    ``use_distributed_optimizer`` default to the model's (:func:`model_fixed_fields`) and must
+    match it (a bf16 model under an fp32 optimizer fails at its first step). ``config_overrides``
     is Megatron's per-parameter-group override mapping (the PR2 predictor's group, no weight
     decay on norms and biases). Per-group LR and weight decay only take effect once an
     ``OptimizerParamScheduler`` runs (see :func:`build_param_scheduler`).
     """
-    options = options or OptimizerOptions(lr=lr, **option_fields)
+    fixed = model_fixed_fields(wrapped_chunks)
+    options = options or OptimizerOptions(lr=lr, **{**fixed, **option_fields})
+    _check_matches_model(options, fixed)
     kwargs = {"config_overrides": config_overrides} if config_overrides else {}
     return get_megatron_optimizer(options.megatron_config(), wrapped_chunks, **kwargs)
+
+
+def model_fixed_fields(wrapped_chunks) -> dict:
+    """The optimizer fields the DDP-wrapped model already fixes: precision and grad-buffer layout."""
+    first = wrapped_chunks[0]
+    return {"bf16": bool(first.config.bf16),
+            "use_distributed_optimizer": bool(first.ddp_config.use_distributed_optimizer)}
+
+
+def _check_matches_model(options: OptimizerOptions, fixed: dict) -> None:
+    for name, model_value in fixed.items():
+        if getattr(options, name) != model_value:
+            raise ValueError(
+                f"optimizer {name}={getattr(options, name)} but the model was wrapped with "
+                f"{name}={model_value}: build the optimizer with the model's precision and "
+                f"grad-buffer layout")

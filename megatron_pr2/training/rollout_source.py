@@ -2,8 +2,9 @@
 
 Rank 0 (the rollout driver) alone holds the engine: it generates the batch, scores each sample
 in a worker thread as soon as the engine hands it over (while the others still generate), and
-sends every rank only what its data-parallel rank trains on (its share whole, the rest as
-token-only stubs; :func:`~megatron_pr2.rollout.exchange.dp_view`). The other ranks wait on
+sends every rank only what its data-parallel rank trains on (its share, with routes for its
+pipeline stage's MoE layers only, the rest as token-only stubs;
+:func:`~megatron_pr2.rollout.exchange.dp_view`). The other ranks wait on
 the gloo host group, bounded by ``--distributed-timeout-minutes``, never inside an NCCL
 collective.
 """
@@ -19,7 +20,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.config import RunConfig
-from megatron_pr2.rollout.exchange import broadcast_object, dp_view, gather_dp_ranks, scatter_object
+from megatron_pr2.rollout.exchange import (
+    broadcast_object,
+    dp_view,
+    gather_rank_views,
+    scatter_object,
+)
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.rollout.sglang_server import API_KEY_ENV
 from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, prompt_ids
@@ -115,20 +121,24 @@ class RolloutSource:
         engine: the rollout engine on rank 0; None on the other ranks.
         prompts: the task's prompt source.
         dp: ``(dp_size, dp_rank)`` of this rank (default: no data parallelism).
+        route_slots: positions on the MoE-layer axis of this rank's pipeline-stage layers
+            (:func:`~megatron_pr2.rollout.alignment.stage_route_slots`); None: all layers.
 
     Attributes:
         data_position: training prompts consumed so far (saved in the trainer state).
     """
 
-    def __init__(self, cfg: RunConfig, engine, prompts, dp: tuple[int, int] = (1, 0)):
+    def __init__(self, cfg: RunConfig, engine, prompts, dp: tuple[int, int] = (1, 0),
+                 route_slots: tuple[int, ...] | None = None):
         if _is_driver() and engine is None:
             raise ValueError("the rollout driver (rank 0) needs a rollout engine")
         self.cfg = cfg
         self.engine = engine
         self.prompt_source = prompts
         self.dp = dp
+        self.route_slots = None if route_slots is None else tuple(route_slots)
         self.data_position = 0
-        self._rank_dp: list[tuple[int, int]] | None = None
+        self._rank_views: list[tuple] | None = None
 
     def _sampling(self, seed: int, greedy: bool = False) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.cfg.rollout.max_new_tokens,
@@ -145,18 +155,19 @@ class RolloutSource:
         self.data_position += self.cfg.rollout.rollout_batch_prompts
         if dist.get_world_size() == 1:
             return self._generate_and_score(iteration, start)
-        rank_dp = self._dp_of_every_rank()
+        rank_views = self._view_of_every_rank()
         per_rank = None
         if _is_driver():
             samples, metrics = self._generate_and_score(iteration, start)
-            views = {dp: dp_view(samples, *dp) for dp in set(rank_dp)}
-            per_rank = [(views[dp], metrics) for dp in rank_dp]
+            views = {view: dp_view(samples, *view) for view in set(rank_views)}
+            per_rank = [(views[view], metrics) for view in rank_views]
         return scatter_object(per_rank, src=0, group=_host_group())
 
-    def _dp_of_every_rank(self) -> list[tuple[int, int]]:
-        if self._rank_dp is None:
-            self._rank_dp = gather_dp_ranks(*self.dp, group=_host_group())
-        return self._rank_dp
+    def _view_of_every_rank(self) -> list[tuple]:
+        if self._rank_views is None:
+            self._rank_views = gather_rank_views((*self.dp, self.route_slots),
+                                                 group=_host_group())
+        return self._rank_views
 
     def _generate_and_score(self, iteration: int, start: int):
         n = self.cfg.rollout.n_samples_per_prompt
@@ -170,10 +181,19 @@ class RolloutSource:
                 scoring.append(scorer.submit(self._score, problems[index // n], index // n, sample))
 
             samples = self.engine.generate(repeated, self._sampling(self.cfg.train.seed + iteration),
+                                           return_routed_experts=self._wants_engine_routes(),
                                            on_sample=score_when_ready)
             for future in scoring:
                 future.result()
         return samples, self._metrics(samples)
+
+    def _wants_engine_routes(self) -> bool:
+        """Routes are asked of the engine only by methods that replay them (R3, PR2-engine):
+        they are most of the generation payload (~7 MB per 4.6k-token Qwen3-30B-A3B sample)."""
+        from megatron_pr2.routing.methods import routing_method
+
+        return routing_method(self.cfg.algo.routing_method,
+                              self.cfg.predictor.predictor).uses_engine_routes
 
     def _score(self, problem, group: int, sample: Sample) -> None:
         sample.reward = self.prompt_source.reward(problem, sample.response_tokens.tolist())
@@ -210,6 +230,15 @@ class RolloutSource:
 def data_parallel_coordinates(groups) -> tuple[int, int]:
     """``(dp_size, dp_rank)`` of this rank in the run's ``ProcessGroupCollection``."""
     return groups.dp.size(), groups.dp.rank()
+
+
+def stage_route_slots_of(parts) -> tuple[int, ...]:
+    """The MoE-layer positions of this rank's pipeline stage, for a run's ``Components``."""
+    from megatron_pr2.rollout.alignment import model_layer_numbers, stage_route_slots
+    from megatron_pr2.rollout.route_codec import RouteShape
+
+    return stage_route_slots(RouteShape.from_hf_config(parts.spec),
+                             model_layer_numbers(parts.model))
 
 
 def make_engine(cfg: RunConfig, hf_config: dict):

@@ -32,10 +32,13 @@ def _sft_step(inputs, model):
 
 def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_size: int = 32,
                micro_batch_size: int = 8, log_every: int = 25,
-               max_consecutive_skips: int = 8, groups=None) -> float:
+               max_consecutive_skips: int = 8, groups=None, refresh=()) -> float:
     """Train ``model`` on answer tokens for ``steps`` steps (live routing); return the last loss.
 
-    Uses its own Megatron optimizer (Adam at ``lr``), discarded afterwards. A step with a
+    Uses its own Megatron optimizer (Adam at ``lr``, the model's precision and grad-buffer
+    layout), discarded afterwards. Each optimizer in ``refresh`` (built before the warm-up, e.g.
+    the RL one) reloads its fp32 main params from the warmed-up model, else its first step
+    would write the pre-warm-up weights back under ``--bf16``. A step with a
     non-finite loss or gradient is skipped; ``max_consecutive_skips`` in a row stop the run
     (:class:`~megatron_pr2.training.nonfinite.NonFiniteError`). ``groups``: the run's
     ``ProcessGroupCollection`` (default: Megatron's initialised groups).
@@ -70,4 +73,6 @@ def sft_warmup(model, controller, task: DigitTask, steps: int, lr: float, batch_
         loss_value = float(broadcast_from_last_stage(local, groups.pp))
         if (step + 1) % log_every == 0 or step + 1 == steps or guard.consecutive:
             logger.info("warm-up step %d/%d: answer loss %.4f", step + 1, steps, loss_value)
+    for stale in refresh:
+        stale.reload_model_params()
     return loss_value

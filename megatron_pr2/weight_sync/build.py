@@ -27,6 +27,7 @@ from megatron_pr2.weight_sync.transports import (
 
 logger = logging.getLogger(__name__)
 
+ADDRESS_ENV = "MEGATRON_PR2_WEIGHT_SYNC_ADDR"  # per node: this node as the SGLang servers reach it
 TRANSPORTS = {"inprocess": ("tensor", "disk"), "sglang": ("distributed", "tensor", "disk")}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
           "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -42,8 +43,8 @@ class WeightSyncOptions:
         bucket_bytes: maximum bucket size.
         dtype: ``bf16`` | ``fp32`` | ``fp16`` (None: the engine's own dtype).
         directory: the disk transport's directory (readable by every engine host).
-        master_address: address SGLang servers reach this host at (None: loopback when every
-            server is on loopback, else this host's resolved name).
+        master_address: address SGLang servers reach the pushing ranks at, one for all nodes
+            (see :func:`master_address`; ``$MEGATRON_PR2_WEIGHT_SYNC_ADDR`` overrides it per node).
         timeout_s: bound on a group rendezvous and on one bucket's broadcast.
     """
 
@@ -160,12 +161,33 @@ def _loopback(address: str) -> bool:
         return False
 
 
-def _master_address(engine, requested: str | None) -> str:
+def routable_address(url: str) -> str:
+    """This host's address on the interface that routes to ``url``'s host (a UDP ``connect``
+    only picks the route; nothing is sent). Unlike ``gethostbyname(gethostname())``, never the
+    127.0.1.1 that stock Ubuntu maps the host name to."""
+    parsed = urlparse(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((parsed.hostname, parsed.port or 80))
+        except OSError as exc:
+            raise ValueError(f"no route from this host to the SGLang server {url}: {exc}; set "
+                             f"{ADDRESS_ENV} to this node's address as the servers reach it"
+                             ) from None
+        return probe.getsockname()[0]
+
+
+def master_address(engine, requested: str | None) -> str:
+    """The address the servers reach this pushing rank at: ``$MEGATRON_PR2_WEIGHT_SYNC_ADDR``
+    (set per node), else ``--weight-sync-master-addr``, else loopback when every server is on
+    loopback, else this host's address on the route to the first server."""
+    per_node = os.environ.get(ADDRESS_ENV)
+    if per_node:
+        return per_node
     if requested:
         return requested
     if all(_loopback(a) for a in engine.addresses):
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    return routable_address(engine.addresses[0])
 
 
 def _disk_directory(requested: str | None) -> str:
@@ -184,12 +206,14 @@ def build_transport(name: str, engine, hf_config: dict, options: WeightSyncOptio
         return DiskTransport(_disk_directory(options.directory), hf_config, reload, stage)
     if engine_kind(engine) == "inprocess":
         return InProcessTransport(engine, host_group)
+    for api in apis:
+        api.require_update_session()
     sizes = server_tp_sizes(apis)
     if name == "tensor":
         return SGLangTensorTransport(apis, sizes)
     backend = "nccl" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "gloo"
     return SGLangDistributedTransport(apis, sizes, backend,
-                                      _master_address(engine, options.master_address), stage,
+                                      master_address(engine, options.master_address), stage,
                                       options.timeout_s)
 
 

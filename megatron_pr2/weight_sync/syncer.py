@@ -7,7 +7,10 @@ the engine's dtype, one bounded bucket at a time, through a transport
 (:mod:`megatron_pr2.weight_sync.transports`). Peak extra memory is about one bucket.
 
 While a pushing rank sends a bucket, the other ranks of its stage wait on a gloo barrier, never
-inside an NCCL collective. Errors are gathered on the host group at the end, so every rank
+inside an NCCL collective. Where the stages share the receiving servers (SGLang), the stages
+push one after another in stage order, the others waiting on a host-group barrier: a server
+takes requests in arrival order, so two stages broadcasting at once could be served in
+different orders by different servers and their NCCL groups would deadlock. Errors are gathered on the host group at the end, so every rank
 raises the same error and no collective is left half-done.
 """
 
@@ -67,6 +70,8 @@ class WeightSyncer:
         self.bucket_bytes = bucket_bytes
         self.host = host_group()
         self.stage_group, self.pushers = _stage_groups(self.host, self.gatherer.position)
+        self.push_turns = push_turns(len(self.pushers), self.gatherer.position.stage,
+                                     transport.stages_in_turn)
         self.expected_names = [n for rule in self.adapter.rules for n in rule.hf_names]
 
     @property
@@ -80,9 +85,13 @@ class WeightSyncer:
         agree_on_error(self.host, error, "opening the update")
         local = {"error": None, "names": [], "bytes": 0, "buckets": 0}
         slots = self.gatherer.slots(predictive_gate)
-        for round_slots in split_rounds(slots, self.dtype.itemsize, self.bucket_bytes):
-            self._round(round_slots, predictive_gate, local)
-            dist.barrier(group=self.stage_group)  # others wait here (gloo) while the push runs
+        for mine in self.push_turns:
+            if mine:
+                for round_slots in split_rounds(slots, self.dtype.itemsize, self.bucket_bytes):
+                    self._round(round_slots, predictive_gate, local)
+                    dist.barrier(group=self.stage_group)  # others wait here (gloo) meanwhile
+            if len(self.push_turns) > 1:
+                dist.barrier(group=self.host)  # the next stage's turn
         if self.is_pusher:  # always: rank 0 may be waiting for this stage's end
             ended = self._attempt(self.transport.end_stage)
             local["error"] = local["error"] or ended
@@ -175,6 +184,14 @@ def agree_on_error(group, error: str | None, what: str,
     failed = [f"rank {rank}: {e}" for rank, e in enumerate(errors) if e]
     if failed:
         raise error_type(f"{what} failed: " + "; ".join(failed))
+
+
+def push_turns(num_stages: int, stage: int, in_turn: bool) -> list[bool]:
+    """The turns of a sync, in stage order, and whether each is this stage's: one turn per stage
+    when the stages take turns (``in_turn``), else a single turn shared by all stages."""
+    if not in_turn:
+        return [True]
+    return [turn == stage for turn in range(num_stages)]
 
 
 def _stage_groups(host, position):

@@ -10,6 +10,9 @@ Every transport has the same life cycle within one sync (driven by
 * ``close(manifests, ok)`` on rank 0 at the end, with every pushing rank's ``manifest()``;
 * ``reset()`` on a pushing rank whose push failed (the next sync starts afresh);
 * ``release()`` when the syncer is dropped (``reset()`` and the transport's threads).
+
+``stages_in_turn``: the pipeline stages push one after another (the transports whose stages
+share one set of servers), not at once.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ import torch.distributed as dist
 from megatron_pr2.convert.safetensors_io import SafetensorsStreamWriter
 from megatron_pr2.platform.device import compute_device
 from megatron_pr2.platform.distributed import free_port
-from megatron_pr2.weight_sync.bucket import FlatBucket
 from megatron_pr2.rollout.sglang_weight_api import (
     SGLangWeightAPI,
     WeightUpdateError,
     serialize_named_tensors,
 )
-from megatron_pr2.weight_sync.update_group import create_update_group, destroy_update_group
+from megatron_pr2.weight_sync.bucket import FlatBucket
+from megatron_pr2.weight_sync.update_group import (
+    create_update_group,
+    destroy_update_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ class Transport:
 
     name = "base"
     device: torch.device = torch.device("cpu")
+    stages_in_turn = False
 
     def open(self) -> None:
         pass
@@ -141,7 +148,12 @@ class InProcessTransport(Transport):
 
 # --------------------------------------------------------------------------------- SGLang base
 class _SGLangSession(Transport):
-    """Opens SGLang's update session on rank 0 and closes it (then flushes the prefix cache)."""
+    """Opens SGLang's update session on rank 0 and closes it (then flushes the prefix cache).
+
+    Every stage pushes to the same servers, so the stages push in turn (one pusher at a time).
+    """
+
+    stages_in_turn = True
 
     def __init__(self, apis: Sequence[SGLangWeightAPI]):
         self.apis = list(apis)

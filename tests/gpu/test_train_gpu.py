@@ -86,22 +86,41 @@ def test_h100_recipe_flags_train(tmp_path):
     assert records[0][ZERO_DEV_STEP1] == 1.0
 
 
+def test_bf16_with_the_sft_warmup_and_the_distributed_optimizer_trains(tmp_path):
+    _require_flags("--bf16", "--warmup-sft-steps", "--use-distributed-optimizer")
+    argv = _flags(str(tmp_path), "pr2") + ["--warmup-sft-steps", "2",
+                                           "--use-distributed-optimizer"]
+    _check_records(run_distributed(_train_worker, 1, argv)[0], "pr2")
+
+
+def test_two_pipeline_stages_train(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("PP=2 needs 2 GPUs here: NCCL refuses two ranks on one device")
+    _torchrun(tmp_path, _flags(str(tmp_path), "pr2", prompts=4) + [
+        "--pipeline-model-parallel-size", "2"], nproc=2)
+
+
+def _torchrun(tmp_path, argv, nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={nproc}", "-m", "megatron_pr2.train", *argv],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    _check_records(records, "pr2")
+    return result
+
+
 def test_torchrun_nccl_over_all_local_gpus(tmp_path):
     _require_flags("--bf16")
     gpus = torch.cuda.device_count()
     argv = _flags(str(tmp_path), "pr2", prompts=4 * gpus)
     if 8 % gpus == 0:  # the tiny preset has 8 experts
         argv += ["--expert-model-parallel-size", str(gpus)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={gpus}", "-m", "megatron_pr2.train", *argv],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    _check_records(records, "pr2")
+    result = _torchrun(tmp_path, argv, nproc=gpus)
     assert "backend=nccl" in result.stderr
 
 

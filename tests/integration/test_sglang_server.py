@@ -92,6 +92,22 @@ def test_answer_that_breaks_the_layout_is_a_clear_error(server):
     assert info.value.failed_indices == [0, 1]
 
 
+@pytest.mark.sglang
+@pytest.mark.slow
+def test_the_samples_of_one_prompt_differ_and_the_server_takes_every_seed(client):
+    """The samples of a batch (one prompt, per-request seeds) each get an answer and differ.
+
+    SGLang samples from ``sampling_seed`` only under ``--enable-deterministic-inference``, which
+    it refuses on CPU (attention backend ``intel_amx``); here the server validates every seed the
+    client sends (an int in range) and samples freely. The seeds themselves are checked on the
+    wire in tests/unit/test_rollout_sglang_client.py.
+    """
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    samples = client.generate([PROMPTS[0]] * 4, sampled, return_routed_experts=False)
+    responses = {tuple(s.tokens.tolist()[len(PROMPTS[0]):]) for s in samples}
+    assert len(responses) > 1, f"all 4 samples of the prompt are identical: {responses}"
+
+
 def gate_inputs(model, tokens):
     """Router inputs ``h`` [T, H] of every MoE layer in one uncached forward."""
     captured = {}

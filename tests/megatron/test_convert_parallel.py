@@ -12,7 +12,11 @@ from megatron_pr2.convert.loading import load_megatron_checkpoint
 from megatron_pr2.convert.pipeline import describe_megatron_checkpoint, hf_to_megatron
 from megatron_pr2.convert.random_init import save_random_hf_checkpoint
 from megatron_pr2.convert.registry import adapter_for
-from megatron_pr2.convert.sharding import TargetParallelism, global_megatron_name, merge_tp_shards
+from megatron_pr2.convert.sharding import (
+    TargetParallelism,
+    global_megatron_name,
+    merge_tp_shards,
+)
 from megatron_pr2.convert.verify import hf_forward, megatron_forward
 from megatron_pr2.models import build_model
 from megatron_pr2.models.presets import preset

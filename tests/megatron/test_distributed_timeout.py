@@ -11,7 +11,11 @@ def _timeouts_worker(rank):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_pr2.platform import ParallelConfig, host_group, initialize_model_parallel
+    from megatron_pr2.platform import (
+        ParallelConfig,
+        host_group,
+        initialize_model_parallel,
+    )
 
     initialize_model_parallel(ParallelConfig(distributed_timeout_minutes=3), device="cpu")
     groups = {

@@ -16,6 +16,7 @@ the same against EP=2 with the plain optimizer.
 import pytest
 import torch
 
+from tests.megatron.test_lookahead_parallel import train_steps
 from tests.megatron.test_router_parallel import (  # noqa: F401 (fixtures)
     HF_CONFIG,
     _microbatches,
@@ -23,7 +24,6 @@ from tests.megatron.test_router_parallel import (  # noqa: F401 (fixtures)
     checkpoint,
     rollouts,
 )
-from tests.megatron.test_lookahead_parallel import train_steps
 from tests.multiproc import run_distributed
 
 SCALE = 1.5

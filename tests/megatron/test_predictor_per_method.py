@@ -12,8 +12,8 @@ from megatron_pr2.models import build_model
 from megatron_pr2.models.presets import preset
 from megatron_pr2.platform.distributed import seed_model_parallel
 from megatron_pr2.routing.predictor import predictor_parameters
-from megatron_pr2.training.components import _model_options, _optimizer
 from megatron_pr2.training.checkpoint.model_weights import save_model_checkpoint
+from megatron_pr2.training.components import _model_options, _optimizer
 from megatron_pr2.training.model_setup import wrap_with_ddp
 
 # Written out by hand (not read from the table): the methods whose routers hold W_p.

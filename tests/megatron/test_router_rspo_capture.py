@@ -6,7 +6,13 @@ import torch
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.route_plan import RoutePlan
 from megatron_pr2.routing.router import ReplayRouter
-from tests.megatron.test_router_replay import B, S, build, random_routes, tokens_and_positions
+from tests.megatron.test_router_replay import (
+    B,
+    S,
+    build,
+    random_routes,
+    tokens_and_positions,
+)
 
 
 def _router_inputs(model):

@@ -6,7 +6,10 @@ from safetensors.torch import load_file, save_file
 
 from megatron_pr2.convert.errors import ConversionError
 from megatron_pr2.convert.hf_checkpoint import HfShardWriter, plan_shards
-from megatron_pr2.convert.safetensors_io import SafetensorsReader, SafetensorsStreamWriter
+from megatron_pr2.convert.safetensors_io import (
+    SafetensorsReader,
+    SafetensorsStreamWriter,
+)
 
 
 def _tensors():

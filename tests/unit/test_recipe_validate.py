@@ -34,6 +34,10 @@ from megatron_pr2.preflight.placement import (
     plan_placement,
 )
 from megatron_pr2.preflight.problems import ValidationError
+from megatron_pr2.preflight.timeouts import (
+    host_timeout_problems,
+    rollout_worst_case_seconds,
+)
 from megatron_pr2.preflight.urls import parse_sglang_urls
 from megatron_pr2.preflight.validate import validate
 from megatron_pr2.rl.batch_plan import plan_batch
@@ -365,6 +369,37 @@ def test_validate_reports_every_problem_at_once():
 def test_validate_names_bad_settings(extra, needle):
     with pytest.raises(ValidationError, match=re.escape(needle)):
         validate([*RECIPE_ARGS, *extra], nnodes=2, gpus_per_node=8)
+
+
+def test_rollout_worst_case_by_hand():
+    cfg = parse_config(["--rollout-engine", "sglang", "--sglang-urls", "http://r0:1",
+                        "--rollout-batch-prompts", "4", "--n-samples-per-prompt", "4",
+                        "--rollout-max-concurrency", "6", "--rollout-timeout", "100",
+                        "--distributed-timeout-minutes", "15"])
+    # 16 requests, 6 at a time: 3 waves of 3 attempts x 100 s plus backoffs of 0.5 s and 1 s
+    assert rollout_worst_case_seconds(cfg) == pytest.approx(3 * (300 + 1.5))
+    (problem,) = host_timeout_problems(cfg)  # 904.5 s > 15 min
+    assert "up to 904 s (--rollout-timeout 100 s x 3 attempts x 3 waves" in problem
+    assert "raise --distributed-timeout-minutes to at least 16" in problem
+    cfg.parallel.distributed_timeout_minutes = 16
+    assert host_timeout_problems(cfg) == []
+
+
+def test_validate_refuses_a_rollout_that_can_outlast_the_host_timeout():
+    with pytest.raises(ValidationError, match=re.escape(
+            "one rollout can take up to 5402 s (--rollout-timeout 1800 s x 3 attempts), longer "
+            "than --distributed-timeout-minutes 10 (600 s) that the other ranks wait for it: "
+            "raise --distributed-timeout-minutes to at least 91")):
+        validate([*RECIPE_ARGS, "--distributed-timeout-minutes", "10"], nnodes=2, gpus_per_node=8)
+
+
+def test_validate_refuses_one_master_address_for_stages_on_two_nodes():
+    argv = [*RECIPE_ARGS, "--weight-sync-master-addr", "10.0.0.1"]
+    with pytest.raises(ValidationError, match=re.escape(
+            "--weight-sync-master-addr 10.0.0.1 is one address, but the 2 pipeline stages push "
+            "from different nodes")):
+        validate(argv, nnodes=2, gpus_per_node=8)
+    validate(argv, nnodes=1, gpus_per_node=16)  # both stages on one node: one address is right
 
 
 def test_validate_refuses_a_layout_whose_optimizer_state_cannot_fit():

@@ -17,11 +17,17 @@ from megatron_pr2.rollout.engine import (
     PartialRolloutError,
     RolloutError,
 )
-from megatron_pr2.rollout.sample import SampleStatus, SamplingParams
+from megatron_pr2.rollout.sample import (
+    SEED_LIMIT,
+    SampleStatus,
+    SamplingParams,
+    sample_seed,
+)
 from megatron_pr2.rollout.sglang_client import (
     SGLangClient,
     SGLangClientConfig,
     build_generate_payload,
+    prompt_groups,
 )
 from tests.fake_sglang import (
     EXPERTS,
@@ -78,7 +84,50 @@ def test_payload_of_sampling_params():
                                      return_logprobs=False, return_routed_experts=False)
     assert payload == {"input_ids": [1, 2], "return_logprob": False, "sampling_params": {
         "max_new_tokens": 3, "temperature": 0.7, "top_p": 0.9, "ignore_eos": False, "top_k": 5,
-        "stop_token_ids": [2], "sampling_seed": 4}}
+        "stop_token_ids": [2], "sampling_seed": sample_seed(4, 0)}}
+
+
+SAMPLED = SamplingParams(max_new_tokens=5, temperature=1.0, seed=9)
+
+
+def _seeds(batch_seed, count):
+    sampling = SamplingParams(max_new_tokens=5, temperature=1.0, seed=batch_seed)
+    return [build_generate_payload([1, 2], sampling, return_logprobs=False,
+                                   return_routed_experts=False, request_index=i)
+            ["sampling_params"]["sampling_seed"] for i in range(count)]
+
+
+def test_each_request_of_a_batch_samples_with_its_own_seed_reproducibly():
+    first = _seeds(9, 64)
+    assert len(set(first)) == 64, "two requests of one batch share a sampling seed"
+    assert all(isinstance(s, int) and 0 <= s < SEED_LIMIT for s in first)
+    assert _seeds(9, 64) == first  # reproducible from the batch seed
+    assert not set(_seeds(10, 64)) & set(first)  # the next iteration draws other seeds
+    with pytest.raises(ValueError, match="request index -1 outside"):
+        sample_seed(9, -1)
+
+
+def test_the_samples_of_one_prompt_reach_the_server_with_distinct_seeds():
+    with fake_servers(None) as (server,):
+        client([server.address], max_concurrency=4).generate([PROMPTS[0]] * 4, SAMPLED)
+    sent = sorted(body["sampling_params"]["sampling_seed"] for _, body in server.requests)
+    assert sent == sorted(_seeds(9, 4))
+
+
+def test_prompt_groups_are_runs_of_equal_prompts():
+    assert prompt_groups([[1], [1], [2], [2], [1], [3, 4]]) == [0, 0, 1, 1, 2, 3]
+    assert prompt_groups([]) == []
+
+
+def test_a_prompts_samples_go_to_one_server_and_prompts_spread_over_servers():
+    repeated = [prompt for prompt in PROMPTS for _ in range(3)]
+    with fake_servers(None, None) as (a, b):
+        samples = client([a.address, b.address], max_concurrency=4).generate(repeated, SAMPLED)
+    servers_of = {}
+    for sample, prompt in zip(samples, repeated):
+        servers_of.setdefault(tuple(prompt), set()).add(sample.metadata["engine"])
+    assert all(len(servers) == 1 for servers in servers_of.values()), servers_of
+    assert len(a.requests) == len(b.requests) == 6
 
 
 def corrupt(mutate):

@@ -115,6 +115,7 @@ class FakeEngine:
     def __init__(self, eos):
         self.eos = eos
         self.prompts = []
+        self.route_requests = []
 
     def sample(self, i, prompt):
         tokens = torch.tensor([*prompt, 3 + i % 5, self.eos])
@@ -125,6 +126,7 @@ class FakeEngine:
     def generate(self, prompts, sampling, *, return_logprobs=True, return_routed_experts=True,
                  on_sample=None):
         self.prompts.append([list(p) for p in prompts])
+        self.route_requests.append(return_routed_experts)
         samples = [self.sample(i, list(p)) for i, p in enumerate(prompts)]
         for i, sample in enumerate(samples):
             if on_sample is not None:
@@ -229,6 +231,47 @@ def test_each_data_parallel_rank_receives_only_its_own_routes():
     for samples, _ in (results[0][0], results[1][0]):
         assert all(s.routed_experts is not None for s in samples)
     assert [s.tokens.tolist() for s in results[1][0][0]] == [s.tokens.tolist() for s in results[0][0][0]]
+
+
+@pytest.mark.parametrize("method,wants_routes", [
+    ("none", False), ("r2", False), ("r3", True), ("pr2", False), ("pr2-engine", True),
+    ("pr2-lookahead", False), ("current-route", False)])
+def test_routes_are_requested_only_by_methods_that_replay_the_engines(
+        megatron_single_process, method, wants_routes):
+    cfg = digit_config()
+    cfg.algo.routing_method = method
+    prompts = DigitPrompts(cfg)
+    engine = FakeEngine(prompts.tokenizer.eos_id)
+    RolloutSource(cfg, engine, prompts).collect(1)
+    assert engine.route_requests == [wants_routes]
+
+
+def _collect_one_stage_each(rank):
+    import torch.distributed as dist
+
+    from megatron_pr2.platform.distributed import init_process_group
+
+    init_process_group("cpu")
+    try:
+        cfg = digit_config()
+        prompts = DigitPrompts(cfg)
+        engine = FakeEngine(prompts.tokenizer.eos_id) if rank == 0 else None
+        source = RolloutSource(cfg, engine, prompts, route_slots=(rank,))  # PP=2: layer slot r
+        samples, _ = source.collect(1)
+        return samples, engine.prompts if engine else None
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_each_pipeline_stage_receives_only_its_layers_routes():
+    results = run_distributed(_collect_one_stage_each, 2)
+    driver_prompts = results[0][1][0]
+    reference = FakeEngine(DigitPrompts(digit_config()).tokenizer.eos_id)
+    for rank, (samples, _) in enumerate(results):
+        for i, sample in enumerate(samples):
+            want = reference.sample(i, driver_prompts[i]).routed_experts[:, [rank]]
+            assert torch.equal(sample.routed_experts, want), (rank, i)
 
 
 def test_only_the_driver_may_hold_no_engine(megatron_single_process):

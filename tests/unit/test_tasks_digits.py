@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from megatron_pr2.models.presets import TINY_QWEN3_MOE
-from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, Problem, digit_reward
+from megatron_pr2.tasks import (
+    CharTokenizer,
+    DigitTask,
+    DigitTaskConfig,
+    Problem,
+    digit_reward,
+)
 from megatron_pr2.tasks.sft_batches import answer_ids, prompt_ids, sft_batch
 
 TOK = CharTokenizer()
