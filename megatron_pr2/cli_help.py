@@ -51,6 +51,13 @@ TRAIN_HELP: dict[str, str] = {
     "device": "compute device (default: cuda when available, else cpu)",
     "strict_device": "CPU backend: refuse host tensors at the model, loss and collectives, as "
                      "a GPU would",
+    "moe_permute_fusion": "TransformerEngine's fused MoE token permute/unpermute (needs "
+                          "--transformer-impl transformer_engine; replayed routes stay exact)",
+    "apply_rope_fusion": "TransformerEngine's fused rotary embedding (needs --transformer-impl "
+                         "transformer_engine)",
+    "bias_swiglu_fusion": "Megatron's fused SwiGLU activation (bias_activation_fusion)",
+    "gradient_accumulation_fusion": "accumulate weight gradients into main_grad inside the TE "
+                                    "GEMMs (needs --transformer-impl transformer_engine)",
     # parallel
     "tensor_model_parallel_size": "tensor-parallel size (TP)",
     "pipeline_model_parallel_size": "pipeline-parallel size (PP)",

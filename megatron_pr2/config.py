@@ -45,7 +45,7 @@ class ModelArgs:
     moe_permute_fusion: bool = False  # fused MoE token permute/unpermute (TransformerEngine, CUDA)
     apply_rope_fusion: bool = False  # fused rotary embedding (TransformerEngine, CUDA)
     bias_swiglu_fusion: bool = False  # fused SwiGLU activation (Megatron's jit kernel)
-    gradient_accumulation_fusion: bool = False  # weight grads accumulated into main_grad in the GEMM (TE linears)
+    gradient_accumulation_fusion: bool = False  # weight grads accumulated in the TE GEMMs
 
     def validate(self) -> None:
         _choice("transformer_impl", self.transformer_impl, ("local", "transformer_engine"))

@@ -58,7 +58,7 @@ SGLANG_MEM_FRACTION="${SGLANG_MEM_FRACTION:-0.85}"
 SGLANG_PYTHON="${SGLANG_PYTHON:-python}"
 SGLANG_STARTUP_TIMEOUT="${SGLANG_STARTUP_TIMEOUT:-1800}"
 LOG_DIR="${LOG_DIR:-./sglang_logs}"
-SGLANG_VERSION=0.5.23  # = SGLANG_VERSION in megatron_pr2/weight_sync/sglang_api.py
+SGLANG_VERSION=0.5.23  # = SGLANG_VERSION in megatron_pr2/rollout/sglang_weight_api.py
 read -r -a extra_args <<< "${SGLANG_EXTRA_ARGS:-}"
 
 for name in GPUS_PER_NODE SGLANG_TP SGLANG_BASE_PORT SGLANG_STARTUP_TIMEOUT; do
