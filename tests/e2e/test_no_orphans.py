@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests.procfs import alive
+
 ARGS = ["--routing-method", "r2", "--rollout-batch-prompts", "2", "--n-samples-per-prompt", "2",
         "--off-policy-window", "1", "--micro-batch-size", "4", "--max-new-tokens", "4",
         "--save-interval", "1", "--train-iters", "1000"]
@@ -33,14 +35,6 @@ def _descendants(root: int) -> set[int]:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
         found |= frontier
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _saving_again(save) -> bool:
@@ -75,9 +69,9 @@ def test_sigkill_of_the_trainer_leaves_no_helper_process(tmp_path, moment):
         trainer.wait(30)
     assert seen, "no helper process was ever started: the test would prove nothing"
     deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in seen) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in seen) and time.monotonic() < deadline:
         time.sleep(0.2)
-    survivors = [pid for pid in seen if _alive(pid)]
+    survivors = [pid for pid in seen if alive(pid)]
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert survivors == []

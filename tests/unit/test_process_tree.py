@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from tests.procfs import alive
+
 PARENT = """
 import multiprocessing, sys, time
 from megatron_pr2.platform.process_tree import helpers_tied_to_this_process
@@ -22,31 +24,23 @@ with helpers_tied_to_this_process():
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_tied_child_dies_with_its_killed_parent_and_an_untied_one_does_not():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
                               env=env)
     try:
         untied, tied = map(int, parent.stdout.readline().split())
-        assert _alive(untied) and _alive(tied)
+        assert alive(untied) and alive(tied)
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait(30)
     deadline = time.monotonic() + 10
-    while _alive(tied) and time.monotonic() < deadline:
+    while alive(tied) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        assert not _alive(tied)
-        assert _alive(untied)  # the control: nothing else would have stopped it
+        assert not alive(tied)
+        assert alive(untied)  # the control: nothing else would have stopped it
     finally:
         for pid in (untied, tied):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
