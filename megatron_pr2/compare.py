@@ -53,6 +53,8 @@ logger = logging.getLogger("megatron_pr2.compare")
 die_with_parent_if_helper()
 
 DEFAULT_METHODS = ("none", "r2", "r3", "pr2", "pr2-engine", "pr2-lookahead")
+BASELINE = "r2"  # the report's reference: paired differences and cost ratios are against it
+REPLAY_VS_LIVE = ("r3", "none")  # the train/rollout KL ratio the R3 paper reports
 DEFAULT_MODEL = "tiny-qwen3-moe-fg"
 ZERO_DEV_GE2 = "routing/zero_deviation_ratio/ministeps_ge2"
 
@@ -343,17 +345,17 @@ def _tail_mean(records: list[dict]) -> float | None:
 
 def paired_section(results) -> list[str]:
     """Paired differences against R2 (same seeds), each with a verdict in words."""
-    if "r2" not in results:
+    if BASELINE not in results:
         return ["(no r2 run: no paired differences)"]
     header = ["method"] + [f"{what}: method - r2" for what, *_ in PAIRED]
     rows, words = [], []
     degenerate = degenerate_methods(results)
     for method, runs in results.items():
-        if method == "r2":
+        if method == BASELINE:
             continue
         cells = [method]
         for what, key, how, transform, lower_better in PAIRED:
-            mine, base = per_seed(runs, key, how), per_seed(results["r2"], key, how)
+            mine, base = per_seed(runs, key, how), per_seed(results[BASELINE], key, how)
             if mine is None or base is None:
                 cells.append("n/a")
                 continue
@@ -363,7 +365,7 @@ def paired_section(results) -> list[str]:
             r2_mean = sum(base) / len(base)
             relative = f" ({100 * diff.mean / r2_mean:+.0f}%)" if r2_mean else ""
             cells.append(diff.text() + relative)
-            caveat = (" [from degenerate runs]" if degenerate & {method, "r2"} else "")
+            caveat = (" [from degenerate runs]" if degenerate & {method, BASELINE} else "")
             words.append(f"- {method} vs r2, {what}: {diff.text()}{relative} -> "
                          f"{verdict(diff, higher_is_better=not lower_better)}{caveat}")
         rows.append(cells)
@@ -371,18 +373,19 @@ def paired_section(results) -> list[str]:
 
 
 def ratio_section(results) -> list[str]:
-    if "r3" not in results or "none" not in results:
+    replay, live = REPLAY_VS_LIVE
+    if replay not in results or live not in results:
         return ["(needs r3 and none runs)"]
     lines = []
     for label, how in (("mean", "mean"), ("median", "median")):
-        r3 = per_seed(results["r3"], "mismatch/k3_kl", how)
-        none = per_seed(results["none"], "mismatch/k3_kl", how)
+        r3 = per_seed(results[replay], "mismatch/k3_kl", how)
+        none = per_seed(results[live], "mismatch/k3_kl", how)
         ratio = ratio_interval(r3, none) if r3 and none else None
         if ratio is None:
             lines.append(f"- R3 / none train/rollout k3 KL ({label}): n/a")
             continue
         value, low, high = ratio
-        caveat = " [from degenerate runs]" if degenerate_methods(results) & {"r3", "none"} else ""
+        caveat = " [from degenerate runs]" if degenerate_methods(results) & set(REPLAY_VS_LIVE) else ""
         side = ("R3 lower, distinguishable at 95%" if high < 1 else
                 "R3 higher, distinguishable at 95%" if low > 1 else "not distinguishable at 95%")
         lines.append(f"- R3 / none train/rollout k3 KL ({label} over iterations): {value:.3f} "
@@ -426,7 +429,8 @@ def update_section(results) -> list[str]:
 
 def costs_table(results, timings: dict) -> str:
     header = ["method", "s / iteration", "relative to r2", "CPU s / run (process time)"]
-    base = per_seed(results["r2"], "time/iteration_s", "mean") if "r2" in results else None
+    base = (per_seed(results[BASELINE], "time/iteration_s", "mean")
+            if BASELINE in results else None)
     rows = []
     for method, runs in results.items():
         values = per_seed(runs, "time/iteration_s", "mean")
