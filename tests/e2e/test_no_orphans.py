@@ -82,9 +82,16 @@ def test_ctrl_c_prints_one_line_releases_the_lock_and_cleans_staging(tmp_path):
     save = tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MEGATRON_PR2_DEBUG", None)
-    trainer = subprocess.Popen([sys.executable, "-m", "megatron_pr2.train", *ARGS, "--save",
-                                str(save)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # as a terminal starts it: Ctrl-C not ignored, even when this test runs in a background job
+    # (a non-interactive shell starts those with SIGINT ignored, which children inherit; a
+    # handled signal is reset to its default in the child instead)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trainer = subprocess.Popen([sys.executable, "-m", "megatron_pr2.train", *ARGS, "--save",
+                                    str(save)], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 300
         while not _saving_again(save):

@@ -245,6 +245,8 @@ def test_restarted_server_rejoins_after_a_full_sync_and_generates_again(
     assert client.pool.live == [a.address, b.address]
     assert client.metrics()["rollout/server_rejoins"] == 1.0
     assert SGLangWeightAPI(b.address, KEY).weight_checksums() == served[a.address]
-    samples = client.generate([[5, 6, 7]] * 4, SamplingParams(max_new_tokens=2, greedy=True))
+    # distinct prompts: a prompt's samples share one server, prompts spread over the servers
+    samples = client.generate([[5, 6, 7], [8, 9, 10], [5, 6, 7], [8, 9, 10]],
+                              SamplingParams(max_new_tokens=2, greedy=True))
     assert {s.metadata["engine"] for s in samples} == {a.address, b.address}
     sync.close()

@@ -14,6 +14,7 @@ one (:mod:`resume_config`) before any weight is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -131,11 +132,16 @@ def _publish(root: str, staging: str, final: str, iteration: int) -> None:
         shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     tmp = os.path.join(root, LATEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(str(iteration))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(root, LATEST))
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(str(iteration))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, os.path.join(root, LATEST))
+    except BaseException:  # a full disk or Ctrl-C: leave no half-written pointer behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, trainer_state: dict,
