@@ -212,7 +212,8 @@ def with_derived(records: list[dict]) -> list[dict]:
 
 def reduce_run(records: list[dict], key: str, how: str) -> float | None:
     """One number per run from ``key`` over its iterations: ``mean`` / ``median`` / ``first``
-    / ``final`` value, or ``gain`` (mean of the last :data:`GAIN_TAIL` values minus the first)."""
+    / ``final`` value, ``tail`` (mean of the last :data:`GAIN_TAIL` values) or ``gain`` (the
+    tail minus the first value)."""
     values = [r[key] for r in records if key in r and math.isfinite(r[key])]
     if not values:
         return None
@@ -220,8 +221,10 @@ def reduce_run(records: list[dict], key: str, how: str) -> float | None:
         return values[0]
     if how == "final":
         return values[-1]
+    tail = values[-GAIN_TAIL:]
+    if how == "tail":
+        return sum(tail) / len(tail)
     if how == "gain":
-        tail = values[-GAIN_TAIL:]
         return sum(tail) / len(tail) - values[0] if len(values) > GAIN_TAIL else None
     if how == "median":
         return statistics.median(values)
@@ -238,10 +241,10 @@ def degeneracy(records: list[dict]) -> list[str]:
     zero_adv = reduce_run(records, ZERO_ADV, "mean")
     if zero_adv is not None and zero_adv > MAX_ZERO_ADV_FRAC:
         reasons.append(f"{100 * zero_adv:.0f}% of groups had equal rewards")
-    rewards = [r[REWARD] for r in records if REWARD in r]
-    tail = rewards[-GAIN_TAIL:]
-    if tail and sum(tail) / len(tail) < COLLAPSED_REWARD:
-        reasons.append(f"reward collapsed (last {len(tail)} iterations {sum(tail) / len(tail):.3f})")
+    tail = reduce_run(records, REWARD, "tail")
+    if tail is not None and tail < COLLAPSED_REWARD:
+        reasons.append(f"reward collapsed ({tail:.3f}, mean of the last {GAIN_TAIL} "
+                       "iterations or fewer)")
     return reasons
 
 
@@ -321,7 +324,7 @@ def learning_section(results) -> list[str]:
         for seed, records in sorted(runs.items()):
             reasons = degeneracy(records)
             rows.append([method, str(seed), _value_text(reduce_run(records, REWARD, "first")),
-                         _value_text(_tail_mean(records)),
+                         _value_text(reduce_run(records, REWARD, "tail")),
                          _value_text(reduce_run(records, REWARD, "gain")),
                          f"{_value_text(reduce_run(records, EVAL, 'first'))} -> "
                          f"{_value_text(reduce_run(records, EVAL, 'final'))}",
@@ -336,11 +339,6 @@ def learning_section(results) -> list[str]:
                     f"without policy gradient, <= {100 * MAX_ZERO_ADV_FRAC:.0f}% equal-reward "
                     f"groups, reward not collapsed).")
     return [*words, "", verdict_line, "", _md_table(header, rows)]
-
-
-def _tail_mean(records: list[dict]) -> float | None:
-    values = [r[REWARD] for r in records if REWARD in r][-GAIN_TAIL:]
-    return sum(values) / len(values) if values else None
 
 
 def paired_section(results) -> list[str]:
@@ -385,11 +383,13 @@ def ratio_section(results) -> list[str]:
             lines.append(f"- R3 / none train/rollout k3 KL ({label}): n/a")
             continue
         value, low, high = ratio
-        caveat = " [from degenerate runs]" if degenerate_methods(results) & set(REPLAY_VS_LIVE) else ""
+        degenerate = degenerate_methods(results) & set(REPLAY_VS_LIVE)
+        caveat = " [from degenerate runs]" if degenerate else ""
         side = ("R3 lower, distinguishable at 95%" if high < 1 else
                 "R3 higher, distinguishable at 95%" if low > 1 else "not distinguishable at 95%")
         lines.append(f"- R3 / none train/rollout k3 KL ({label} over iterations): {value:.3f} "
-                     f"(95% CI {low:.3f} .. {high:.3f}; none/R3 = {1 / value:.2f}x): {side}{caveat}")
+                     f"(95% CI {low:.3f} .. {high:.3f}; none/R3 = {1 / value:.2f}x): {side}"
+                     f"{caveat}")
     return lines
 
 

@@ -1,7 +1,8 @@
 """How well Adam's predicted next step anticipates the real mini-step updates (a diagnostic).
 
 Lookahead routing assumes the weights after ``k`` mini-steps sit near ``theta_0 + k u``, ``u``
-Adam's next step read before the first mini-step (:mod:`megatron_pr2.routing.strategies.optimizer_state`).
+Adam's next step read before the first mini-step
+(:mod:`megatron_pr2.routing.strategies.optimizer_state`).
 This probe measures that assumption while gradients are live:
 
 - ``update/cos_displacement_vs_adam_step``: mean over mini-steps ``k = 1 .. N`` of
