@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -22,12 +23,33 @@ def _entry(rank, world_size, port, out_dir, fn, args):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    code = 0
     try:
         result = fn(rank, *args)
         torch.save({"ok": result}, os.path.join(out_dir, f"{rank}.pt"))
     except BaseException:
+        code = 1
         torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
-        raise
+        traceback.print_exc()
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Tear the process groups down and leave without interpreter teardown.
+
+    A gloo process group still alive at interpreter exit can abort the process from a C++
+    destructor ("terminate called without an active exception", SIGABRT) after the result was
+    saved, which would fail a run whose every rank succeeded.
+    """
+    try:
+        from megatron_pr2.platform import destroy_model_parallel
+
+        destroy_model_parallel()
+    except Exception:  # noqa: BLE001 - the result is saved; teardown is best effort
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
