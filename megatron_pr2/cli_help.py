@@ -80,6 +80,10 @@ TRAIN_HELP: dict[str, str] = {
     "rollout_timeout": "seconds per SGLang request (with the whole batch in flight, about the "
                        "batch's time)",
     "rollout_max_concurrency": "SGLang requests in flight at once (0: the whole batch)",
+    "async_rollout": "generate the next rollout batch in the background while this one trains "
+                     "(one-step off-policy; see docs/async_rollout.md)",
+    "max_weight_staleness": "with --async-rollout: weight versions a trained batch may lag its "
+                            "policy (1: rollout overlaps training; 0: no overlap)",
     "server_rejoin_interval": "seconds between /health probes of an evicted SGLang server "
                               "(0: never rejoins)",
     "weight_sync": "how weights reach the engine (default: tensor in-process, distributed for "

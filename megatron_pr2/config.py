@@ -86,6 +86,8 @@ class RolloutArgs:
     temperature: float = 1.0
     rollout_timeout: float = 120.0  # s per request; with the whole batch in flight ~ the batch time
     rollout_max_concurrency: int = 0  # SGLang requests in flight at once (0: the whole batch)
+    async_rollout: bool = False  # generate batch k+1 while batch k trains (one-step off-policy)
+    max_weight_staleness: int = 1  # with --async-rollout: 1 overlaps rollout and training, 0 not
     server_rejoin_interval: float = 60.0  # s between /health probes of an evicted server (0: off)
     weight_sync: str | None = None  # tensor | distributed | disk (default: tensor in-process, distributed for SGLang)
     weight_sync_bucket_mb: int = 512  # bucket size: peak extra memory of a sync
@@ -102,6 +104,9 @@ class RolloutArgs:
         if self.rollout_max_concurrency < 0:
             raise ValueError("--rollout-max-concurrency must be >= 0 (0: the whole batch), got "
                              f"{self.rollout_max_concurrency}")
+        if self.max_weight_staleness not in (0, 1):
+            raise ValueError("--max-weight-staleness must be 0 or 1 (a batch generated at most one "
+                             f"weight version behind its policy), got {self.max_weight_staleness}")
         if self.server_rejoin_interval < 0:
             raise ValueError("--server-rejoin-interval must be >= 0 s (0: an evicted server never "
                              f"rejoins), got {self.server_rejoin_interval}")

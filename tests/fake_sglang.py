@@ -134,12 +134,17 @@ class WeightServer:
         self.refuse_weights = refuse_weights
         self.session = None
         self.completed = []  # one {name: tensor} per finished update session
+        self.version = "default"  # SGLang's tag before /update_weight_version
 
     def __call__(self, path, body, count):
         if path == "/server_info":
             return 200, {"dtype": "float32", "tp_size": 1, "pp_size": 1}
         if path == "/generate":
-            return 200, good_answer(body)
+            answer = good_answer(body)
+            answer["meta_info"]["weight_version"] = self.version
+            return 200, answer
+        if path == "/update_weight_version":
+            self.version = body["new_version"]
         if path == "/begin_weight_update" and body is None:  # a GET: SGLang's POST-only route
             return 405, {"detail": "Method Not Allowed"}
         if path == "/begin_weight_update":

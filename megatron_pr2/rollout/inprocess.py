@@ -27,6 +27,7 @@ from megatron_pr2.rollout.engine import EngineHealth
 from megatron_pr2.rollout.hf_weights import load_hf_named_tensors
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
+from megatron_pr2.rollout.weight_version import METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class InProcessEngine:
         self._generator = torch.Generator().manual_seed(seed)
         self._recorder = RouteRecorder(self.model, self.route_shape)
         self._cache_kwarg = _cache_keyword(self.model)
+        self.weight_version: int | None = None  # of the last completed sync (weight_version.py)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, **kwargs) -> InProcessEngine:
@@ -182,6 +184,10 @@ class InProcessEngine:
         """Load HF checkpoint-named tensors (cast to the engine's dtype)."""
         loaded = load_hf_named_tensors(self.model, named_tensors)
         logger.debug("in-process engine loaded %d tensors", len(loaded))
+
+    def set_weight_version(self, version: int) -> None:
+        """The version of the weights just synced; each later sample records it."""
+        self.weight_version = version
 
     def update_weights_from_disk(self, path: str) -> None:
         """Load every tensor of the safetensors files in an HF checkpoint directory."""
@@ -303,5 +309,5 @@ class InProcessEngine:
             rollout_log_probs=torch.tensor(log_probs, dtype=torch.float32),
             routed_experts=torch.cat(routes).to(self.route_shape.compact_dtype),
             status=status,
-            metadata={"engine": self.name},
+            metadata={"engine": self.name, METADATA_KEY: self.weight_version},
         )

@@ -42,6 +42,7 @@ from megatron_pr2.rollout.sample import (
     sample_seed,
 )
 from megatron_pr2.rollout.server_pool import ServerFailure, ServerPool
+from megatron_pr2.rollout.weight_version import METADATA_KEY, reported_version
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ class SGLangClient:
         self.route_shape = route_shape
         self.vocab_size = vocab_size
         self._local = threading.local()
+        self.weight_version: int | None = None  # of the last completed sync (weight_version.py)
 
     @classmethod
     def for_hf_config(cls, addresses: Sequence[str], hf_config, **kwargs) -> SGLangClient:
@@ -379,9 +381,12 @@ class SGLangClient:
                                          request_index=index)
 
         def check(body):
-            return parse_generate_response(
+            sample = parse_generate_response(
                 body, prompt, self.route_shape, vocab_size=self.vocab_size,
                 return_logprobs=return_logprobs, return_routed_experts=return_routed_experts)
+            sample.metadata[METADATA_KEY] = reported_version(
+                body["meta_info"].get("weight_version"), self.weight_version, "the server")
+            return sample
 
         sample, address = self._request("POST", "/generate", payload, first=group, check=check)
         sample.metadata.update(engine=address, finished_at=time.monotonic())
@@ -451,6 +456,18 @@ class SGLangClient:
 
         self.on_each_server(push)
         logger.info("pushed weights in %d chunks to %d servers", len(blobs), len(self.pool.live))
+
+    def set_weight_version(self, version: int) -> None:
+        """Tag every live server's weights with ``version`` (the sync that just completed); a
+        server that does not take it leaves the pool, as on a failed weight update."""
+        for address in self.pool.live:
+            try:
+                self.pool.run_on(address, lambda a: self._as_server_failure(
+                    lambda b: self._weight_api(b).update_weight_version(version), a))
+            except ServerFailure:
+                continue
+        self.pool.require_live()
+        self.weight_version = version
 
     def update_weights_from_disk(self, model_path: str) -> None:
         """Make every server reload its weights from an HF checkpoint directory it can read."""

@@ -118,6 +118,11 @@ class SGLangWeightAPI:
     def end_weight_update(self) -> None:
         self._call("POST", "/end_weight_update", {})
 
+    def update_weight_version(self, version: int) -> None:
+        """Tag the server's weights: each later answer reports ``version`` in its meta_info."""
+        self._call("POST", "/update_weight_version",
+                   {"new_version": str(version), "abort_all_requests": False})
+
     def flush_cache(self) -> None:
         """Drop the prefix cache (KV and routes computed with the old weights)."""
         self._call("POST", "/flush_cache", expect_json=False)

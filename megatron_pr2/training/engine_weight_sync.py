@@ -13,7 +13,7 @@ boundary before the next generation):
    candidates stay evicted (a warning names them) and are probed again after a longer interval.
 
 Rank 0 decides and every decision reaches the other ranks over the gloo host group, so every rank
-takes the same path.
+takes the same path. After a sync, rank 0 tags the engine's weights with their version.
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ from megatron_pr2.platform.distributed import host_group
 from megatron_pr2.rollout.engine import RolloutError
 from megatron_pr2.rollout.exchange import broadcast_object
 from megatron_pr2.rollout.sglang_weight_api import WeightUpdateError
-from megatron_pr2.weight_sync.syncer import SyncReport, WeightSyncer, WeightSyncError
+from megatron_pr2.weight_sync.syncer import (
+    SyncReport,
+    WeightSyncer,
+    WeightSyncError,
+    agree_on_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +53,21 @@ class EngineWeightSync:
         self.server_pool = server_pool
         self.syncer = build(())
 
-    def sync(self, predictive_gate: bool = False) -> SyncReport:
-        """Push every weight to the engine's servers (and to evicted ones that came back)."""
+    def sync(self, version: int, predictive_gate: bool = False) -> SyncReport:
+        """Push every weight to the engine's servers (and to evicted ones that came back), then
+        tag them with ``version`` (:mod:`megatron_pr2.rollout.weight_version`)."""
+        report = self._push(predictive_gate)
+        error = None
+        if dist.get_rank() == 0 and hasattr(self.engine, "set_weight_version"):
+            try:
+                self.engine.set_weight_version(version)
+            except RolloutError as exc:  # no server left: every rank stops, not rank 0 alone
+                error = f"{type(exc).__name__}: {exc}"
+        agree_on_error(host_group(), error, f"tagging the engine's weights as version {version}",
+                       RolloutError)
+        return report
+
+    def _push(self, predictive_gate: bool) -> SyncReport:
         candidates = self._rejoin_candidates()
         if candidates:
             return self._sync_with_candidates(candidates, predictive_gate)

@@ -28,6 +28,7 @@ from megatron_pr2.rollout.exchange import (
 )
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.rollout.sglang_server import API_KEY_ENV
+from megatron_pr2.rollout.weight_version import batch_version
 from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, prompt_ids
 
 logger = logging.getLogger(__name__)
@@ -146,19 +147,35 @@ class RolloutSource:
                               stop_token_ids=tuple(self.prompt_source.stop_token_ids), seed=seed)
 
     def collect(self, iteration: int) -> tuple[list[Sample], dict[str, float]]:
-        """The scored samples of ``iteration`` (group-major: a prompt's samples are adjacent).
+        """The scored samples of ``iteration`` (group-major: a prompt's samples are adjacent),
+        generated now with the engine's current weights (collective).
 
         Every rank gets the whole batch's length, but routes and log-probs only for the samples
         of its data-parallel share (``shard_for_dp``); the others are token-only stubs.
         """
+        start = self.reserve_prompts()
+        batch = self.generate(iteration, start) if _is_driver() else None
+        return self.distribute(batch)
+
+    def reserve_prompts(self) -> int:
+        """The position of the next batch's first prompt (every rank keeps the count)."""
         start = self.data_position
         self.data_position += self.cfg.rollout.rollout_batch_prompts
+        return start
+
+    def generate(self, iteration: int, start: int) -> tuple[list[Sample], dict[str, float]]:
+        """Rollout driver only, no collective (may run in a background thread): generate and
+        score the batch of ``iteration`` from training prompt ``start`` on."""
+        return self._generate_and_score(iteration, start)
+
+    def distribute(self, batch) -> tuple[list[Sample], dict[str, float]]:
+        """Collective: the driver's ``batch`` (None elsewhere) as each rank's view of it."""
         if dist.get_world_size() == 1:
-            return self._generate_and_score(iteration, start)
+            return batch
         rank_views = self._view_of_every_rank()
         per_rank = None
         if _is_driver():
-            samples, metrics = self._generate_and_score(iteration, start)
+            samples, metrics = batch
             views = {view: dp_view(samples, *view) for view in set(rank_views)}
             per_rank = [(views[view], metrics) for view in rank_views]
         return scatter_object(per_rank, src=0, group=_host_group())
@@ -205,10 +222,13 @@ class RolloutSource:
         rewards = torch.tensor([s.reward for s in samples])
         lengths = torch.tensor([float(s.response_length) for s in samples])
         truncated = sum(s.status is SampleStatus.TRUNCATED for s in samples) / len(samples)
+        version = batch_version(samples)
         metrics = {"rollout/reward_mean": float(rewards.mean()),
                    "rollout/reward_std": float(rewards.std()) if len(samples) > 1 else 0.0,
                    "rollout/response_length": float(lengths.mean()),
                    "rollout/truncated_fraction": float(truncated)}
+        if version is not None:
+            metrics["rollout/weight_version"] = float(version)
         if hasattr(self.engine, "metrics"):
             metrics.update(self.engine.metrics())
         return metrics

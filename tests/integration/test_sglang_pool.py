@@ -236,12 +236,12 @@ def test_restarted_server_rejoins_after_a_full_sync_and_generates_again(
     _, _, model = build_model(CFG)
     sync = EngineWeightSync(lambda rejoining: build_weight_syncer(
         [model], client, CFG, WeightSyncOptions(), rejoining=rejoining), client, server_pool=True)
-    sync.sync()
+    sync.sync(1)
     b.launch()  # same port: same address (takes far longer than the 1 s probe interval)
     b.wait_ready()
     served = {s.address: SGLangWeightAPI(s.address, KEY).weight_checksums() for s in (a, b)}
     assert served[b.address] != served[a.address]  # b restarted with the checkpoint's weights
-    sync.sync()
+    sync.sync(2)
     assert client.pool.live == [a.address, b.address]
     assert client.metrics()["rollout/server_rejoins"] == 1.0
     assert SGLangWeightAPI(b.address, KEY).weight_checksums() == served[a.address]

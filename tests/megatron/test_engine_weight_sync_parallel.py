@@ -46,11 +46,11 @@ def _rejoin_and_failover(rank, megatron_dir, live, back, broken):
             transport="tensor", bucket_bytes=64 << 10), rejoining=rejoining)
 
     sync = EngineWeightSync(build, client, server_pool=True)
-    sync.sync()  # broken is a candidate, fails; redone on live + back
+    sync.sync(1)  # broken is a candidate, fails; redone on live + back
     after_failure = _targets(sync)
     if rank == 0:
         client.pool.evict(back, "timed out")
-    sync.sync()  # back is due and rejoins; broken backs off
+    sync.sync(2)  # back is due and rejoins; broken backs off
     sync.close()
     pool = (client.pool.live, sorted(client.pool.evicted), client.metrics()) if rank == 0 else None
     return builds, after_failure, _targets(sync), pool

@@ -60,20 +60,20 @@ def test_a_restarted_server_gets_a_full_sync_then_rejoins_and_generates(model_an
     try:
         client = make_client([a.address, b.address], interval=0.001)
         sync = engine_sync(model, client)
-        sync.sync()
+        sync.sync(1)
         assert len(a_weights.completed) == len(b_weights.completed) == 1
         first, closed = sync.syncer, []
         first.close = lambda: closed.append(first.transport.release())
         b.stop()  # b dies: generation evicts it, the next sync skips it (resync on the live)
         client.generate(PROMPTS, GREEDY)
         assert client.pool.live == [a.address]
-        assert sync.sync().num_tensors == len(reference)
+        assert sync.sync(2).num_tensors == len(reference)
         assert sync.syncer.transport.apis[0].base_url == a.address
         assert len(sync.syncer.transport.apis) == 1 and closed  # the old syncer was closed
         b_weights = WeightServer()
         b = FakeSGLang(b_weights, port=b.port)  # restarted at the same address, old weights
         assert not [p for p, _ in b.requests if p == "/generate"]
-        sync.sync()
+        sync.sync(3)
         assert client.pool.live == [a.address, b.address]
         assert client.metrics()["rollout/server_rejoins"] == 1.0
         assert len(b_weights.completed) == 1
@@ -82,6 +82,9 @@ def test_a_restarted_server_gets_a_full_sync_then_rejoins_and_generates(model_an
         assert "/generate" not in [p for p, _ in b.requests]
         samples = client.generate(PROMPTS, GREEDY)
         assert {s.metadata["engine"] for s in samples} == {a.address, b.address}
+        # the restarted server was tagged with the version of the sync it rejoined with
+        assert a_weights.version == b_weights.version == "3"
+        assert {s.metadata["weight_version"] for s in samples} == {3}
     finally:
         a.stop()
         b.stop()
@@ -96,7 +99,7 @@ def test_a_candidate_failing_the_sync_stays_out_and_the_live_servers_still_sync(
         client = make_client([a.address, b.address], interval=3600.0)
         client.pool.evict(b.address, "timed out")  # it answers /health but cannot take weights
         sync = engine_sync(model, client)
-        report = sync.sync()
+        report = sync.sync(4)
         assert report.num_tensors == len(reference)
         assert client.pool.live == [a.address]
         assert client.metrics()["rollout/server_rejoins"] == 0.0
@@ -104,7 +107,7 @@ def test_a_candidate_failing_the_sync_stays_out_and_the_live_servers_still_sync(
         assert_full_sync(a_weights.completed[-1], reference)
         assert [s.metadata["engine"] for s in client.generate(PROMPTS, GREEDY)] == [a.address] * 4
         probes = [p for p, _ in b.requests].count("/health")
-        sync.sync()  # b backs off: not probed, not synced
+        sync.sync(5)  # b backs off: not probed, not synced
         assert [p for p, _ in b.requests].count("/health") == probes
         assert_full_sync(a_weights.completed[-1], reference)
     finally:
@@ -123,3 +126,23 @@ def test_servers_to_rejoin_must_be_evicted_servers_of_an_sglang_pool(model_and_r
         build_weight_syncer([model], client, CFG, rejoining=["http://127.0.0.1:1"])
     with pytest.raises(ValueError, match="need an SGLang engine"):
         build_weight_syncer([model], InProcessEngine(CFG), CFG, rejoining=["http://127.0.0.1:2"])
+
+
+def test_a_server_that_missed_a_sync_is_caught_by_its_weight_version(model_and_reference):
+    model, _ = model_and_reference
+    a_weights, b_weights = WeightServer(), WeightServer()
+    a, b = FakeSGLang(a_weights), FakeSGLang(b_weights)
+    try:
+        client = make_client([a.address, b.address], interval=3600.0)
+        sync = engine_sync(model, client)
+        sync.sync(7)
+        assert a_weights.version == b_weights.version == "7"
+        b_weights.version = "6"  # as if b had kept the weights of the sync before
+        samples = client.generate(PROMPTS, GREEDY)
+        # b's answers are refused (and retried on a); every sample is of version 7
+        assert {s.metadata["weight_version"] for s in samples} == {7}
+        assert {s.metadata["engine"] for s in samples} == {a.address}
+        assert client.metrics()["rollout/malformed_answers"] >= 1
+    finally:
+        a.stop()
+        b.stop()
