@@ -27,7 +27,7 @@ def _entry(rank, world_size, port, out_dir, fn, args):
     try:
         result = fn(rank, *args)
         torch.save({"ok": result}, os.path.join(out_dir, f"{rank}.pt"))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - saved for the parent, then this rank exits 1
         code = 1
         torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
         traceback.print_exc()
@@ -45,7 +45,7 @@ def _exit_now(code: int) -> None:
         from megatron_pr2.platform import destroy_model_parallel
 
         destroy_model_parallel()
-    except Exception:  # noqa: BLE001 - the result is saved; teardown is best effort
+    except Exception:  # noqa: BLE001, S110 - the result is saved; teardown is best effort
         pass
     sys.stdout.flush()
     sys.stderr.flush()

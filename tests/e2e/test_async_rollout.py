@@ -5,6 +5,7 @@ generates the batch that was ahead again (nothing trained twice or skipped).
 
 All runs share one spawned process (tests/e2e/test_train_methods.py's worker)."""
 
+import itertools
 import traceback
 
 import pytest
@@ -74,10 +75,10 @@ def test_each_batch_records_the_weights_that_generated_it(runs):
 
 def test_rollout_of_the_next_batch_overlaps_training_of_this_one(runs):
     records = runs["async1"]
-    for this, following in zip(records, records[1:]):
+    for this, following in itertools.pairwise(records):
         assert following["time/rollout_start_s"] < this["time/train_end_s"]
         assert following["time/rollout_end_s"] > this["time/train_start_s"]
-    for this, following in zip(runs["sync"], runs["sync"][1:]):  # in step: one after the other
+    for this, following in itertools.pairwise(runs["sync"]):  # in step: one after the other
         assert following["time/rollout_start_s"] >= this["time/train_end_s"]
 
 

@@ -12,7 +12,7 @@ PROMPTS = 4
 
 
 class _Cfg:
-    class rollout:  # noqa: N801 - mirrors RunConfig.rollout
+    class rollout:
         rollout_batch_prompts = PROMPTS
 
 

@@ -5,7 +5,11 @@ import torch
 
 from megatron_pr2.rollout.engine import RolloutError
 from megatron_pr2.rollout.sample import Sample
-from megatron_pr2.rollout.weight_version import StaleWeightsError, batch_version, reported_version
+from megatron_pr2.rollout.weight_version import (
+    StaleWeightsError,
+    batch_version,
+    reported_version,
+)
 
 
 def _sample(version):
