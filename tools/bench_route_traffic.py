@@ -23,7 +23,7 @@ import pickle
 import torch
 
 from megatron_pr2.rollout.exchange import dp_view
-from megatron_pr2.rollout.route_codec import RouteShape, compact_routes
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample
 from megatron_pr2.routing.methods import ROUTING_METHODS
 
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     ids = routes(args.tokens - 1, shape)
     sample = Sample(torch.zeros(args.tokens, dtype=torch.long), args.tokens // 8,
                     torch.zeros(args.tokens - args.tokens // 8),
-                    compact_routes(ids, args.experts))
+                    ids.to(shape.compact_dtype))  # exact: ids < E
     per_wire = wire_bytes(ids)
     share = samples // dp
     gb = 1e9
