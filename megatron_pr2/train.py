@@ -95,6 +95,7 @@ def run_training(cfg: RunConfig, prompts=None) -> None:
     from megatron_pr2.training.rollout_source import (
         RolloutSource,
         data_parallel_coordinates,
+        grid_layout_of,
         make_engine,
         make_prompts,
         stage_route_slots_of,
@@ -109,7 +110,8 @@ def run_training(cfg: RunConfig, prompts=None) -> None:
             _maybe_warm_up(cfg, parts, prompts)
             source = RolloutSource(cfg, make_engine(cfg, parts.hf_config), prompts,
                                    dp=data_parallel_coordinates(parts.groups),
-                                   route_slots=stage_route_slots_of(parts))
+                                   route_slots=stage_route_slots_of(parts),
+                                   layout=grid_layout_of(parts))
             RLLoop(parts, source).run()
         finally:
             parts.actor.controller.close()

@@ -2,16 +2,16 @@
 (SGLang's base64 int32 routes) and driver -> trainer ranks (the pickled compact samples each
 rank receives over the gloo host group: its data-parallel share).
 
-Default: Qwen3-30B-A3B (48 MoE layers, top-8 of 128 experts), 2 x 8 H100 with TP=4 PP=2 EP=8
-(DP=2), 64 prompts x 8 samples of 4608 tokens (examples/pr2/train_qwen_moe.sh). Sizes are
-measured on one encoded payload and one pickled sample, then scaled. "before" is the trainer
-asking every request for routes and sending each rank all MoE layers; "after" asks only where
-the method replays the engine's routes (``RoutingMethod.uses_engine_routes``) and sends each rank
-its pipeline stage's MoE layers (``dp_view`` with the stage's slots). The last column projects
-the host-group bytes if each rank also received only its sequence-parallel token slice (1/TP;
-not implemented).
+Default: Qwen3-30B-A3B (48 MoE layers, top-8 of 128 experts), 2 x 8 H100 with TP=4 (+SP) PP=2
+EP=8 (DP=2), micro-batch size 1, 64 prompts x 8 samples of 4608 tokens
+(examples/pr2/train_qwen_moe.sh). Sizes are measured on pickled samples as ``dp_view`` cuts them
+for each rank, then scaled. Engine -> driver: "before" asks every request for routes, "after"
+only where the method replays the engine's routes (``RoutingMethod.uses_engine_routes``).
+Driver -> ranks, three steps: every rank all MoE layers of every token; each rank its pipeline
+stage's MoE layers (``route_slots``); and also only the token rows its routers read under
+sequence parallelism (``GridLayout``, about 1/TP; what the trainer sends now).
 
-    .venv/bin/python tools/bench_route_traffic.py [--tokens 4608 --tp 4 --pp 2 --world 16]
+    PYTHONPATH=. .venv/bin/python tools/bench_route_traffic.py [--tokens 4608 --tp 4 --pp 2 --world 16]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import pickle
 
 import torch
 
+from megatron_pr2.rollout.alignment import TokenParallel
 from megatron_pr2.rollout.exchange import dp_view
-from megatron_pr2.rollout.route_codec import RouteShape, compact_routes
+from megatron_pr2.rollout.grid_layout import GridLayout
+from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import Sample
 from megatron_pr2.routing.methods import ROUTING_METHODS
 
@@ -39,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--world", type=int, default=16)
     parser.add_argument("--tp", type=int, default=4)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
     return parser.parse_args(argv)
 
 
@@ -53,12 +56,13 @@ def wire_bytes(ids: torch.Tensor) -> int:
     return len(base64.b64encode(ids.numpy().astype("<i4").tobytes()))
 
 
-def host_bytes(sample: Sample, with_routes: bool, route_slots=None) -> tuple[int, int]:
-    """Pickled bytes of a sample in a rank's own share (routes cut to ``route_slots``) and as a
-    token stub (another rank's share)."""
+def host_bytes(sample: Sample, with_routes: bool, route_slots=None,
+               layout: GridLayout | None = None) -> tuple[int, int]:
+    """Pickled bytes of a sample in a rank's own share (routes cut to ``route_slots`` and to the
+    rows ``layout``'s routers read) and as a token stub (another rank's share)."""
     own = sample if with_routes else Sample(sample.tokens, sample.prompt_length,
                                             sample.rollout_log_probs)
-    mine, stub = dp_view([own, own], 2, 0, route_slots)
+    mine, stub = dp_view([own, own], 2, 0, route_slots, layout)
     return len(pickle.dumps(mine)), len(pickle.dumps(stub))
 
 
@@ -70,32 +74,38 @@ def main(argv=None) -> None:
     ids = routes(args.tokens - 1, shape)
     sample = Sample(torch.zeros(args.tokens, dtype=torch.long), args.tokens // 8,
                     torch.zeros(args.tokens - args.tokens // 8),
-                    compact_routes(ids, args.experts))
+                    ids.to(shape.compact_dtype))  # exact: ids < E
     per_wire = wire_bytes(ids)
     share = samples // dp
     gb = 1e9
-    print(f"layout: {args.world} GPUs, TP={args.tp} PP={args.pp} DP={dp}; {samples} samples of "
-          f"{args.tokens} tokens; routes [T-1, {args.layers}, {args.top_k}] of {args.experts}")
+    print(f"layout: {args.world} GPUs, TP={args.tp} (+SP) PP={args.pp} DP={dp}, micro-batch "
+          f"{args.micro_batch_size}; {samples} samples of {args.tokens} tokens; routes "
+          f"[T-1, {args.layers}, {args.top_k}] of {args.experts}")
     print(f"one sample: {per_wire / 1e6:.2f} MB of base64 routes from SGLang; "
           f"{host_bytes(sample, True)[0] / 1e6:.2f} MB pickled with compact routes, "
           f"{host_bytes(sample, False)[0] / 1e6:.3f} MB without")
-    print(f"{'method':<15}{'engine->driver GB':>20}{'driver->ranks GB':>20}"
-          f"{'  + SP token slice GB (projection)':>36}")
+    print(f"{'method':<15}{'engine->driver GB':>20}   driver->ranks GB: all layers -> stage "
+          f"layers -> + SP token slice")
     stages = [tuple(range(s * args.layers // args.pp, (s + 1) * args.layers // args.pp))
               for s in range(args.pp)]
-    plain_own, plain_stub = host_bytes(sample, False)
-    plain = args.world * (share * plain_own + (samples - share) * plain_stub)
+    layouts = [GridLayout(args.micro_batch_size,
+                          TokenParallel(tp_size=args.tp, tp_rank=r, sequence_parallel=True),
+                          uniform_width=args.pp > 1) for r in range(args.tp)]
+
+    def per_iteration(own_and_stub) -> int:  # one rank's bytes (dp ranks alike)
+        own, stub = own_and_stub
+        return dp * (share * own + (samples - share) * stub)
+
     for name, method in ROUTING_METHODS.items():
-        engine_before = samples * per_wire
-        host_before = args.world * sum(share * own + (samples - share) * stub for own, stub in
-                                       [host_bytes(sample, True)])
         wants = method.uses_engine_routes
-        engine_after = samples * per_wire if wants else 0
-        host_after = sum(args.world // args.pp * (share * own + (samples - share) * stub)
-                         for own, stub in (host_bytes(sample, wants, slots) for slots in stages))
-        projected = plain + (host_after - plain) / args.tp
+        engine_before, engine_after = samples * per_wire, samples * per_wire if wants else 0
+        host_before = args.world // dp * per_iteration(host_bytes(sample, True))
+        host_stage = sum(args.tp * per_iteration(host_bytes(sample, wants, slots))
+                         for slots in stages)
+        host_sliced = sum(per_iteration(host_bytes(sample, wants, slots, layout))
+                          for slots in stages for layout in layouts)
         print(f"{name:<15}{engine_before / gb:>9.2f} -> {engine_after / gb:<8.2f}"
-              f"{host_before / gb:>9.2f} -> {host_after / gb:<8.2f}{projected / gb:>20.2f}")
+              f"{host_before / gb:>12.2f} -> {host_stage / gb:.2f} -> {host_sliced / gb:.2f}")
 
 
 if __name__ == "__main__":

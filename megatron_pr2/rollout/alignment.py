@@ -248,6 +248,23 @@ def _checked_routes(samples: Sequence[Sample], indices: Sequence[int],
     return routes
 
 
+def _held_row(chosen: Sequence[Sample], owner: torch.Tensor, token_of: torch.Tensor,
+              valid: torch.Tensor) -> torch.Tensor:
+    """The row of each valid position's token in its sample's routes: the token itself, unless
+    a sample carries a token slice (``Sample.route_rows``)."""
+    if all(s.route_rows is None for s in chosen):
+        return token_of
+    counts = [s.total_length - 1 for s in chosen]
+    lookup = torch.cat([torch.arange(n) if s.route_rows is None else s.route_rows.row_of_token(n)
+                        for s, n in zip(chosen, counts)])
+    first_token = torch.cumsum(torch.tensor(counts), 0) - torch.tensor(counts)
+    rows = lookup[torch.where(valid, first_token[owner] + token_of, 0)]
+    if bool((valid & (rows < 0)).any()):
+        raise ValueError("a router row reads a token whose route this rank was not sent (its "
+                         "token slice was cut for another micro-batch layout)")
+    return torch.where(valid, rows, 0)
+
+
 def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], route_shape: RouteShape,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routes at grid positions: ``([N, L_moe, K] compact, [N] valid)``.
@@ -260,12 +277,16 @@ def route_grid(micro_batch: MicroBatch, samples: Sequence[Sample], route_shape: 
     if positions is not None:
         sample_of, token_of = sample_of[positions], token_of[positions]
     per_sample = _checked_routes(samples, micro_batch.sample_indices, route_shape)
-    route_rows = torch.tensor([r.shape[0] for r in per_sample])  # T - 1 per sample
-    first_row = torch.cumsum(route_rows, 0) - route_rows
+    chosen = [samples[i] for i in micro_batch.sample_indices]
+    held = torch.tensor([r.shape[0] for r in per_sample])  # T - 1, or the rows of a token slice
+    first_row = torch.cumsum(held, 0) - held
     owner = sample_of.clamp(min=0)
-    valid = (sample_of >= 0) & (token_of < route_rows[owner])
-    source = torch.where(valid, first_row[owner] + token_of, 0)
+    route_count = torch.tensor([s.total_length - 1 for s in chosen])
+    valid = (sample_of >= 0) & (token_of < route_count[owner])
+    source = torch.where(valid, first_row[owner] + _held_row(chosen, owner, token_of, valid), 0)
     table = torch.cat(per_sample).to(route_shape.compact_dtype)
+    if table.shape[0] == 0:  # a token slice with none of these samples' routes: all invalid
+        table = torch.zeros((1, *table.shape[1:]), dtype=table.dtype)
     routes = table.index_select(0, source)
     missing = (~valid).nonzero().flatten()
     routes[missing] = _spread_ids(missing.numel(), route_shape).to(route_shape.compact_dtype)
@@ -344,7 +365,8 @@ def _layer_major(routes: torch.Tensor) -> torch.Tensor:
     they fit one (top-8 uint8: one int64), ~5x faster than an element-wise permute."""
     rows, layers, top_k = routes.shape
     word = _WORD_OF_BYTES.get(top_k * routes.element_size())
-    if word is None or not routes.is_contiguous() or routes.numel() == 0:
+    # one row: the transposed words keep a non-unit last stride (size-1 dims count as contiguous)
+    if word is None or not routes.is_contiguous() or routes.numel() == 0 or rows == 1:
         return routes.permute(1, 0, 2).contiguous()
     words = routes.view(word).view(rows, layers).t().contiguous()
     return words.view(routes.dtype).view(layers, rows, top_k)

@@ -3,8 +3,9 @@
 Routes travel in their compact dtype (uint8 for E <= 256) inside the pickled samples. The
 rollout driver (rank 0) sends each rank only what its data-parallel rank trains on
 (:func:`dp_view`, cut by :func:`megatron_pr2.rollout.alignment.shard_for_dp`, routes cut to its
-pipeline stage's MoE layers); the other ranks
-wait on the host group, whose timeout (``--distributed-timeout-minutes``) bounds the wait.
+pipeline stage's MoE layers and, under sequence parallelism, to the token rows its routers
+read); the other ranks wait on the host group, whose timeout (``--distributed-timeout-minutes``)
+bounds the wait.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pr2.rollout.alignment import shard_for_dp
+from megatron_pr2.rollout.grid_layout import GridLayout, cut_to_rows, read_route_rows
 from megatron_pr2.rollout.sample import Sample
 
 
@@ -36,14 +38,24 @@ def token_stub(sample: Sample) -> Sample:
 
 
 def dp_view(samples: Sequence[Sample], dp_size: int, dp_rank: int,
-            route_slots: Sequence[int] | None = None) -> list[Sample]:
+            route_slots: Sequence[int] | None = None,
+            layout: GridLayout | None = None) -> list[Sample]:
     """The batch as data-parallel rank ``dp_rank`` needs it: its share (``shard_for_dp``) whole,
     every other sample as a :func:`token_stub` (no routes, no log-probs). ``route_slots``: the
     positions on the MoE-layer axis of the receiving pipeline stage's layers (None: all); the
-    share's routes keep only those."""
-    share = set(shard_for_dp(len(samples), dp_size, dp_rank))
-    return [(_with_route_slots(s, route_slots) if i in share else token_stub(s))
-            for i, s in enumerate(samples)]
+    share's routes keep only those. ``layout``: the receiving rank's micro-batch layout; where
+    its routers read only part of each grid row (sequence/context parallelism), the share's
+    routes keep only the rows they read (:func:`~megatron_pr2.rollout.grid_layout.cut_to_rows`)."""
+    indices = shard_for_dp(len(samples), dp_size, dp_rank)
+    rows = (read_route_rows(samples, indices, layout)
+            if layout is not None and layout.splits_tokens else {})
+    share = set(indices)
+    return [(_with_route_slots(_with_rows(s, rows.get(i)), route_slots) if i in share
+             else token_stub(s)) for i, s in enumerate(samples)]
+
+
+def _with_rows(sample: Sample, rows) -> Sample:
+    return sample if rows is None else cut_to_rows(sample, rows)
 
 
 def _with_route_slots(sample: Sample, route_slots: Sequence[int] | None) -> Sample:
@@ -72,7 +84,7 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
 
 
 def gather_rank_views(view: tuple, group=None) -> list[tuple]:
-    """Each rank's ``view`` (what it needs of a batch, e.g. ``(dp_size, dp_rank, route_slots)``)
+    """Each rank's ``view`` (what it needs of a batch: ``dp_view``'s arguments after the batch)
     in rank order, on every rank of ``group``."""
     gathered: list[tuple | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, tuple(view), group=group)

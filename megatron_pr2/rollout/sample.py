@@ -69,6 +69,37 @@ def sample_seed(batch_seed: int, index: int) -> int:
     return (batch_seed * _SEED_STRIDE + index) % SEED_LIMIT
 
 
+@dataclasses.dataclass(frozen=True)
+class RouteRows:
+    """The token positions of a sample whose routes it carries, when it carries only some (the
+    rows one rank's routers read, :mod:`megatron_pr2.rollout.grid_layout`): its
+    ``routed_experts`` are the routes of the half-open ``spans`` of ``[0, T - 1)``, in order."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return sum(stop - start for start, stop in self.spans)
+
+    def check(self, route_count: int) -> None:
+        """Spans ascending, disjoint, non-empty and inside ``[0, route_count)``."""
+        end = 0
+        for start, stop in self.spans:
+            if not end <= start < stop <= route_count:
+                raise ValueError(f"route spans {self.spans} are not ascending, disjoint spans "
+                                 f"inside [0, {route_count})")
+            end = stop
+
+    def row_of_token(self, route_count: int) -> torch.Tensor:
+        """``[route_count]`` int64: each token's row in the carried routes, -1 where none."""
+        rows = torch.full((route_count,), -1, dtype=torch.long)
+        first = 0
+        for start, stop in self.spans:
+            rows[start:stop] = torch.arange(first, first + stop - start)
+            first += stop - start
+        return rows
+
+
 @dataclasses.dataclass
 class Sample:
     """One prompt and its generated continuation.
@@ -83,6 +114,8 @@ class Sample:
         reward: scalar reward, once scored.
         status: how generation ended.
         metadata: free-form (prompt id, group id, answer, engine address, ...).
+        route_rows: None when ``routed_experts`` holds every token's route; else the token
+            positions its rows hold (a rank's token slice).
     """
 
     tokens: torch.Tensor
@@ -92,6 +125,7 @@ class Sample:
     reward: float | None = None
     status: SampleStatus = SampleStatus.PENDING
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    route_rows: RouteRows | None = None
 
     def __post_init__(self):
         if self.tokens.dim() != 1:
@@ -106,10 +140,13 @@ class Sample:
             )
         if self.routed_experts is not None:
             shape = tuple(self.routed_experts.shape)
-            if len(shape) != 3 or shape[0] != total - 1:
-                raise ValueError(
-                    f"routed_experts must be [T-1={total - 1}, L, K], got {shape}"
-                )
+            rows, expected = total - 1, f"T-1={total - 1}"
+            if self.route_rows is not None:
+                self.route_rows.check(total - 1)
+                rows = self.route_rows.count
+                expected = f"{rows} (the rows of {self.route_rows.spans})"
+            if len(shape) != 3 or shape[0] != rows:
+                raise ValueError(f"routed_experts must be [{expected}, L, K], got {shape}")
             if self.routed_experts.is_floating_point():
                 raise ValueError(f"routed_experts must be integer, got {self.routed_experts.dtype}")
 

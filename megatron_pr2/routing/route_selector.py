@@ -24,6 +24,7 @@ class RouteRequest:
     Attributes:
         forced_ids_TK: ``[N, K]`` int64 ids to dispatch to (replay), or None.
         valid_T: ``[N]`` bool, rows of ``forced_ids_TK`` to use; other rows are routed live.
+            None: every row (a recompute's own route; no device read to find that out).
         selection_scores_TE: ``[N, E]`` scores whose top-k is the route (predict), or None.
         want_live_ids: also compute the live top-k (for the zero-deviation metric).
         chosen_ids_TK: output, the ids dispatched to.
@@ -57,10 +58,13 @@ class RouteSelector:
         live_ids = None
         if request.forced_ids_TK is not None:
             ids = request.forced_ids_TK
-            if request.want_live_ids or not bool(request.valid_T.all()):
+            valid = request.valid_T
+            # ``bool(valid.all())`` reads the device: asked only when live ids are not wanted
+            if request.want_live_ids or (valid is not None and not bool(valid.all())):
                 with torch.no_grad():
                     live_ids = live()[1]
-                ids = torch.where(request.valid_T.unsqueeze(-1), ids, live_ids)
+                if valid is not None:
+                    ids = torch.where(valid.unsqueeze(-1), ids, live_ids)
         elif request.selection_scores_TE is not None:
             with torch.no_grad():
                 ids = default_compute_topk(request.selection_scores_TE, topk,

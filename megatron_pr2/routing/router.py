@@ -225,10 +225,10 @@ class ReplayRouter(TopKRouter):
     def _route_request(self, hidden_TH, logits_TE, mb: int, revisit: bool) -> RouteRequest:
         state = self.replay_state
         num_rows = logits_TE.shape[0]
-        if revisit:  # activation recompute (or a repeated forward): the forward's own route
+        if revisit:  # activation recompute (or a repeated forward): the forward's own route,
+            # every row of it (valid_T None: the selector need not read a mask off the device)
             ids = state.consumed[mb].to(device=logits_TE.device, dtype=torch.long)
-            return RouteRequest(forced_ids_TK=ids, valid_T=torch.ones(
-                num_rows, dtype=torch.bool, device=logits_TE.device))
+            return RouteRequest(forced_ids_TK=ids)
         if state.mode is RoutingMode.REPLAY:
             routes = state.plan.get(mb, self.layer_number)
             ids = self._checked_route_ids(routes, num_rows, mb, logits_TE.device)

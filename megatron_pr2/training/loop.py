@@ -32,12 +32,9 @@ from megatron_pr2.training.drift_probe import DriftProbe, drift_metrics
 from megatron_pr2.training.engine_weight_sync import EngineWeightSync
 from megatron_pr2.training.metrics_log import MetricsLogger
 from megatron_pr2.training.nonfinite import nonfinite_context, nonfinite_summary
-from megatron_pr2.training.rollout_batch import (
-    build_train_microbatches,
-    needs_uniform_width,
-)
+from megatron_pr2.training.rollout_batch import build_train_microbatches
 from megatron_pr2.training.rollout_schedule import RolloutSchedule
-from megatron_pr2.training.rollout_source import RolloutSource
+from megatron_pr2.training.rollout_source import RolloutSource, grid_layout_of
 from megatron_pr2.training.update_direction import UpdateDirectionProbe
 from megatron_pr2.weight_sync import WeightSyncOptions, build_weight_syncer
 
@@ -193,11 +190,11 @@ class RLLoop:
         dp_group = self.parts.groups.dp
         plan_batch(self.cfg, dp_group.size())
         indices = shard_for_dp(len(samples), dp_group.size(), dp_group.rank())
-        mbs = self.cfg.train.micro_batch_size
-        return build_train_microbatches(samples, indices, advantages, mbs,
-                                        self.parts.token_parallel,
+        layout = grid_layout_of(self.parts)  # the layout the driver cut this rank's routes for
+        return build_train_microbatches(samples, indices, advantages, layout.micro_batch_size,
+                                        layout.parallel,
                                         int(self.parts.hf_config.get("pad_token_id") or 0),
-                                        uniform_width=needs_uniform_width(self.parts.model[0].config))
+                                        uniform_width=layout.uniform_width)
 
     def _engine_plan(self, microbatches, samples):
         if not self.method.uses_engine_routes:

@@ -8,11 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from megatron_pr2.platform.device import to_device
-from megatron_pr2.rollout.alignment import (
-    MicroBatch,
-    TokenParallel,
-    build_micro_batches,
-)
+from megatron_pr2.rollout.alignment import MicroBatch, TokenParallel
+from megatron_pr2.rollout.grid_layout import GridLayout, build_grids
 from megatron_pr2.rollout.sample import Sample
 from megatron_pr2.training.padding_mask import pad_token_mask
 
@@ -91,21 +88,6 @@ def to_train_microbatch(grid: MicroBatch, samples: Sequence[Sample], advantages:
         grid.tokens, grid.position_ids, labels, loss_mask, token_adv.float(), rollout_logp)))
 
 
-def _pad_grid(grid: MicroBatch, width: int, pad_token_id: int) -> None:
-    extra = width - grid.tokens.shape[1]
-    if extra <= 0:
-        return
-
-    def pad(tensor, value):
-        return torch.nn.functional.pad(tensor, (0, extra), value=value)
-
-    grid.tokens = pad(grid.tokens, pad_token_id)
-    grid.position_ids = pad(grid.position_ids, 0)
-    grid.sample_of = pad(grid.sample_of, -1)
-    grid.token_of = pad(grid.token_of, -1)
-    grid.response_mask = pad(grid.response_mask, False)
-
-
 def needs_uniform_width(config) -> bool:
     """Whether every micro-batch must have one width (a Megatron ``TransformerConfig``).
 
@@ -129,12 +111,7 @@ def build_train_microbatches(samples: Sequence[Sample], indices: Sequence[int],
     ``uniform_width`` (see :func:`needs_uniform_width`) to the longest sample of the whole rollout
     batch, which every rank holds, so all ranks agree on it.
     """
-    grids = build_micro_batches(samples, list(indices), micro_batch_size, "bshd", parallel,
-                                pad_token_id)
-    if uniform_width:
-        multiple = parallel.sequence_multiple
-        width = -(-max(s.total_length for s in samples) // multiple) * multiple
-        for grid in grids:
-            _pad_grid(grid, width, pad_token_id)
+    grids = build_grids(samples, indices, GridLayout(micro_batch_size, parallel, uniform_width),
+                        pad_token_id)
     return [to_train_microbatch(grid, samples, advantages, i, pad_token_id)
             for i, grid in enumerate(grids)]

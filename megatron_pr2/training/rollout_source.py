@@ -3,10 +3,10 @@
 Rank 0 (the rollout driver) alone holds the engine: it generates the batch, scores each sample
 in a worker thread as soon as the engine hands it over (while the others still generate), and
 sends every rank only what its data-parallel rank trains on (its share, with routes for its
-pipeline stage's MoE layers only, the rest as token-only stubs;
-:func:`~megatron_pr2.rollout.exchange.dp_view`). The other ranks wait on
-the gloo host group, bounded by ``--distributed-timeout-minutes``, never inside an NCCL
-collective.
+pipeline stage's MoE layers only and, under sequence parallelism, only the token rows its
+routers read; the rest as token-only stubs; :func:`~megatron_pr2.rollout.exchange.dp_view`).
+The other ranks wait on the gloo host group, bounded by ``--distributed-timeout-minutes``,
+never inside an NCCL collective.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from megatron_pr2.rollout.exchange import (
     gather_rank_views,
     scatter_object,
 )
+from megatron_pr2.rollout.grid_layout import GridLayout
 from megatron_pr2.rollout.sample import Sample, SampleStatus, SamplingParams
 from megatron_pr2.rollout.sglang_server import API_KEY_ENV
 from megatron_pr2.rollout.weight_version import batch_version
 from megatron_pr2.tasks import CharTokenizer, DigitTask, DigitTaskConfig, prompt_ids
+from megatron_pr2.training.rollout_batch import needs_uniform_width
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +126,17 @@ class RolloutSource:
         dp: ``(dp_size, dp_rank)`` of this rank (default: no data parallelism).
         route_slots: positions on the MoE-layer axis of this rank's pipeline-stage layers
             (:func:`~megatron_pr2.rollout.alignment.stage_route_slots`); None: all layers.
+        layout: this rank's micro-batch layout (:func:`grid_layout_of`); where its routers read
+            only part of each grid row (sequence parallelism), it receives only those route
+            rows. None: every token's routes.
 
     Attributes:
         data_position: training prompts consumed so far (saved in the trainer state).
     """
 
     def __init__(self, cfg: RunConfig, engine, prompts, dp: tuple[int, int] = (1, 0),
-                 route_slots: tuple[int, ...] | None = None):
+                 route_slots: tuple[int, ...] | None = None,
+                 layout: GridLayout | None = None):
         if _is_driver() and engine is None:
             raise ValueError("the rollout driver (rank 0) needs a rollout engine")
         self.cfg = cfg
@@ -138,6 +144,8 @@ class RolloutSource:
         self.prompt_source = prompts
         self.dp = dp
         self.route_slots = None if route_slots is None else tuple(route_slots)
+        # a layout that reads whole rows needs no cut: ranks that share a view share its pickle
+        self.layout = layout if layout is not None and layout.splits_tokens else None
         self.data_position = 0
         self._rank_views: list[tuple] | None = None
 
@@ -151,7 +159,8 @@ class RolloutSource:
         generated now with the engine's current weights (collective).
 
         Every rank gets the whole batch's length, but routes and log-probs only for the samples
-        of its data-parallel share (``shard_for_dp``); the others are token-only stubs.
+        of its data-parallel share (``shard_for_dp``), routes cut to what its routers read
+        (``route_slots``, ``layout``); the others are token-only stubs.
         """
         start = self.reserve_prompts()
         batch = self.generate(iteration, start) if _is_driver() else None
@@ -182,7 +191,7 @@ class RolloutSource:
 
     def _view_of_every_rank(self) -> list[tuple]:
         if self._rank_views is None:
-            self._rank_views = gather_rank_views((*self.dp, self.route_slots),
+            self._rank_views = gather_rank_views((*self.dp, self.route_slots, self.layout),
                                                  group=_host_group())
         return self._rank_views
 
@@ -259,6 +268,13 @@ def stage_route_slots_of(parts) -> tuple[int, ...]:
 
     return stage_route_slots(RouteShape.from_hf_config(parts.spec),
                              model_layer_numbers(parts.model))
+
+
+def grid_layout_of(parts) -> GridLayout:
+    """How this rank lays out its micro-batches, for a run's ``Components`` (the trainer's
+    :meth:`~megatron_pr2.training.loop.RLLoop._microbatches` builds its grids with it)."""
+    return GridLayout(parts.cfg.train.micro_batch_size, parts.token_parallel,
+                      needs_uniform_width(parts.model[0].config))
 
 
 def make_engine(cfg: RunConfig, hf_config: dict):

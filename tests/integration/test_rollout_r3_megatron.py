@@ -5,7 +5,8 @@ and replays the engine's routes through ``ReplayRouter``. Reference: Megatron's 
 each router row, which the router compares with the replayed route (zero-deviation ratio). With
 the same fp32 weights the engine's route of a token is Megatron's live route of that token, so
 only a route that reached exactly its token's router row agrees; a plan with rows in the wrong
-order (the negative control) does not.
+order (the negative control) does not. The plan a rank builds from the routes the driver cuts to
+its token slice (``dp_view`` with its ``GridLayout``) replays as exactly.
 """
 
 import torch
@@ -25,6 +26,8 @@ from megatron_pr2.rollout.alignment import (
     build_route_plan,
     local_moe_layer_numbers,
 )
+from megatron_pr2.rollout.exchange import dp_view
+from megatron_pr2.rollout.grid_layout import GridLayout, build_grids
 from megatron_pr2.rollout.inprocess import InProcessEngine
 from megatron_pr2.rollout.route_codec import RouteShape
 from megatron_pr2.rollout.sample import SamplingParams
@@ -88,7 +91,13 @@ def _replay(rank, ckpt_dir, samples):
         micro_batches = build_micro_batches(samples, list(range(len(samples))), 2, "bshd", token_parallel)
         plan = build_route_plan(micro_batches, samples, route_shape, layer_numbers=stage,
                                 parallel=token_parallel)
-        for label, this_plan in (("aligned", plan), ("scrambled", _scrambled(plan))):
+        layout = GridLayout(2, token_parallel)
+        cut = dp_view(samples, 1, 0, layout=layout)  # what the driver sends this rank
+        results[(name, "rows_sent")] = sum(s.routed_experts.shape[0] for s in cut)
+        cut_plan = build_route_plan(build_grids(cut, range(len(cut)), layout), cut, route_shape,
+                                    layer_numbers=stage, parallel=token_parallel)
+        for label, this_plan in (("aligned", plan), ("token_slice", cut_plan),
+                                 ("scrambled", _scrambled(plan))):
             controller.begin_step("replay", plan=this_plan)
             for mb_id, micro_batch in enumerate(micro_batches):
                 controller.set_microbatch(mb_id)
@@ -118,9 +127,13 @@ def test_engine_routes_replayed_in_megatron_match_its_live_routes(megatron_singl
     for rank, results in enumerate(per_rank):
         for name in ROUTE_SHAPES:
             aligned, scrambled = results[(name, "aligned")], results[(name, "scrambled")]
+            assert results[(name, "token_slice")] == aligned
             for layer, (ratio, tokens) in aligned.items():
                 assert tokens == results[(name, "valid_rows")][layer] > 0
                 assert ratio == 1.0, f"{name} rank {rank} layer {layer}: zero-deviation {ratio}"
                 assert scrambled[layer][0] < 0.6, f"{name} layer {layer}: control {scrambled[layer]}"
             layers_seen[name] |= set(aligned)
     assert layers_seen == {"tp2-sp": {1, 3, 4}, "pp2": {1, 3, 4}}
+    all_rows = sum(s.total_length - 1 for s in samples)
+    assert [r[("pp2", "rows_sent")] for r in per_rank] == [all_rows, all_rows]  # no SP: whole
+    assert sum(r[("tp2-sp", "rows_sent")] for r in per_rank) == all_rows  # SP: split in two

@@ -1,7 +1,9 @@
-"""Activation recompute in backward must dispatch to the routes its forward used."""
+"""Activation recompute in backward must dispatch to the routes its forward used, without
+reading a value back from the device (a sync on a GPU) in the route selector."""
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_pr2.routing.controller import RoutingController
 from tests.megatron.test_router_replay import build, tokens_and_positions
@@ -31,6 +33,40 @@ def _record_routing_maps(model):
             (out[1].detach().clone(), torch.is_grad_enabled())))
         for layer in model.decoder.layers]
     return calls, handles
+
+
+HOST_READS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero",
+              "cpu", "numpy"}
+
+
+class _HostReads(TorchFunctionMode):
+    """Records the tensor calls that read a value back to the host (each a device sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _watch_route_selectors(model):
+    """Per layer number, the host reads of each call to its route selector, in call order."""
+    reads = {}
+    for layer in model.decoder.layers:
+        selector = layer.mlp.router.route_selector
+        original = selector.get_replay_topk
+
+        def watched(*args, _original=original, _layer=layer.layer_number, **kwargs):
+            with _HostReads() as mode:
+                out = _original(*args, **kwargs)
+            reads.setdefault(_layer, []).append(mode.reads)
+            return out
+
+        selector.get_replay_topk = watched
+    return reads
 
 
 def _negate_router_weights(model):
@@ -82,10 +118,12 @@ def test_recompute_in_backward_sees_the_forward_routes(megatron_single_process, 
         plan = controller.end_step().routes
         for routes in plan.routes.values():
             routes.valid[:4] = False
+    reads = _watch_route_selectors(model)
     calls, step = _step_with_weight_change(model, controller, mode, plan=plan)
     for layer in model.decoder.layers:
         seen = calls[layer.layer_number]
         assert len(seen) == 2 and seen[1][1] is True, "expected a forward and a recompute"
+        assert reads[layer.layer_number][1] == [], "the recompute read the device"
         assert torch.equal(seen[0][0], seen[1][0]), f"layer {layer.layer_number} re-routed"
         recorded = step.routes.get(0, layer.layer_number).expert_ids.long()
         assert torch.equal(torch.zeros_like(seen[0][0]).scatter(1, recorded, True), seen[0][0])

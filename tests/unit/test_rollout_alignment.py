@@ -232,3 +232,13 @@ def test_router_index_covers_each_grid_position_once_across_ranks():
 def test_unknown_token_format_is_rejected():
     with pytest.raises(ValueError, match="unknown micro-batch token format 'sbhd'"):
         build_micro_batch(make_samples([3]), [0], "sbhd")
+
+
+def test_a_micro_batch_of_one_router_row_per_rank():
+    samples = make_samples([2])  # one route; TP=2 SP: each rank's router holds one row
+    for tp_rank in range(2):
+        par = TokenParallel(tp_size=2, tp_rank=tp_rank, sequence_parallel=True)
+        plan = build_route_plan([build_micro_batch(samples, [0], "bshd", par)], samples,
+                                ROUTE_SHAPE, parallel=par)
+        for slot, number in enumerate(ROUTE_SHAPE.moe_layer_numbers):
+            check_layer(plan.get(0, number), [(0, tp_rank, 2)], slot)
