@@ -137,6 +137,7 @@ def base_config(args, seed: int) -> RunConfig:
     cfg.algo.lookahead_scale = args.lookahead_scale
     cfg.predictor.predictor_lr_mult = args.predictor_lr_mult
     cfg.task.partial_credit = args.partial_credit
+    cfg.rollout.async_rollout = args.async_rollout
     cfg.task.task_min_len, cfg.task.task_max_len = args.task_min_len, args.task_max_len
     return cfg
 
@@ -549,6 +550,10 @@ def parse_args(argv=None):
                         help="digit reward: share of matching answer positions (else exact match)")
     parser.add_argument("--task-min-len", type=int, default=3, help="shortest digit string")
     parser.add_argument("--task-max-len", type=int, default=6, help="longest digit string")
+    parser.add_argument("--async-rollout", action="store_true",
+                        help="every run generates its next batch while the current one trains "
+                             "(docs/async_rollout.md); compare two output directories with "
+                             "tools/async_vs_sync.py")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run (1 is fastest for the tiny default model)")
     parser.add_argument("--jobs", type=int, default=2,

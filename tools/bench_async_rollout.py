@@ -9,8 +9,10 @@ waiting for its batch.
     python tools/bench_async_rollout.py                      # r3, 6 iterations
     python tools/bench_async_rollout.py --method r2 --iterations 8 --max-new-tokens 24
 
-Both runs share the machine with the server: on a 2-core box the overlap competes for cores,
-so the ratio is a lower bound of what separate GPUs for rollout and training give.
+Rollout and training get separate devices on a GPU cluster; here they get separate cores: the
+server runs on core 0 and the trainer on core 1 (``--cores split``, the default on a machine
+with 2 or more cores). ``--cores shared`` lets both use every core: on a 2-core machine the
+overlapped rollout then slows down by as much as it overlaps, so that ratio says little.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def serve(root: str):
-    """A started SGLang server on a random-weight checkpoint of the tiny preset."""
+def serve(root: str, cores: set[int] | None):
+    """A started SGLang server on a random-weight checkpoint of the tiny preset, on ``cores``
+    (None: every core)."""
     from megatron_pr2.convert.random_init import save_random_hf_checkpoint
     from megatron_pr2.models.presets import preset
     from megatron_pr2.rollout.sglang_server import SGLangServer, sglang_venv_ready
@@ -39,10 +42,25 @@ def serve(root: str):
     path = os.path.join(root, "served")
     save_random_hf_checkpoint(preset("tiny-qwen3-moe"), path, seed=0)
     print("starting the SGLang CPU server (about a minute) ...", flush=True)
-    return SGLangServer(path, startup_timeout=900, max_lifetime=3600).start()
+    server = SGLangServer(path, startup_timeout=900, max_lifetime=3600)
+    everything = os.sched_getaffinity(0)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if cores is not None:  # the server's processes inherit the affinity and thread count
+        os.sched_setaffinity(0, cores)
+        os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    try:
+        server.launch()
+    finally:
+        os.sched_setaffinity(0, everything)
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
+    return server.wait_ready()
 
 
-def train(args, address: str, jsonl: str, asynchronous: bool) -> list[dict]:
+def train(args, address: str, jsonl: str, asynchronous: bool,
+          cores: set[int] | None) -> list[dict]:
     command = [sys.executable, "-m", "megatron_pr2.train", "--device", "cpu",
                "--routing-method", args.method, "--rollout-engine", "sglang",
                "--sglang-urls", address, "--train-iters", str(args.iterations),
@@ -58,7 +76,8 @@ def train(args, address: str, jsonl: str, asynchronous: bool) -> list[dict]:
     print(f"{label}: {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=3600)
+                          timeout=3600, preexec_fn=(lambda: os.sched_setaffinity(0, cores))
+                          if cores is not None else None)
     if done.returncode:
         raise SystemExit(f"the {label} run failed:\n{done.stderr[-3000:]}")
     print(f"{label}: {time.perf_counter() - started:.0f} s in all", flush=True)
@@ -86,19 +105,26 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=40, help="SFT steps before RL")
     parser.add_argument("--threads", type=int, default=1, help="trainer torch threads")
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--cores", choices=("split", "shared"),
+                        default="split" if len(os.sched_getaffinity(0)) >= 2 else "shared",
+                        help="split: the server on core 0, the trainer on core 1")
     args = parser.parse_args()
     if args.iterations < 2:
         parser.error("--iterations must be >= 2 (the first iteration has nothing to overlap)")
+    available = sorted(os.sched_getaffinity(0))
+    server_cores, trainer_cores = (({available[0]}, {available[1]}) if args.cores == "split"
+                                   else (None, None))
     with tempfile.TemporaryDirectory() as root:
-        server = serve(root)
+        server = serve(root, server_cores)
         try:
             runs = {label: summary(train(args, server.address, os.path.join(root, f"{label}.jsonl"),
-                                         label == "async"))
+                                         label == "async", trainer_cores))
                     for label in ("sync", "async")}
         finally:
             server.stop()
     print(f"\n{args.method}, {args.iterations} iterations, {args.prompts} prompts x 4 samples, "
-          f"{args.max_new_tokens} new tokens, one CPU SGLang server (iterations 2..):")
+          f"{args.max_new_tokens} new tokens, one CPU SGLang server, cores {args.cores} "
+          "(iterations 2..):")
     print(f"{'loop':6} {'s/iteration':>12} {'rollout s':>10} {'train s':>8} {'lag':>5} "
           f"{'reward':>7}")
     for label, row in runs.items():

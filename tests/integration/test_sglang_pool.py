@@ -1,7 +1,8 @@
 """Real SGLang CPU servers (API key required, 127.0.0.1): the whole batch in flight, rewards
 scored while generation goes on, a server killed mid-batch loses nothing and leaves the pool, a
 training run whose second server is killed mid-run finishes on the first, and a killed server
-relaunched at its address rejoins after a full weight sync.
+relaunched at its address rejoins after a full weight sync; an asynchronous training run trains
+each batch one weight version behind, as the servers report it.
 
 Skipped when SGLang's venv (``tools/sglang_env.sh``) is absent. Three module-scoped servers (A, B,
 C, started at once) serve a tiny random Qwen3-MoE whose LM head is zero: every token is equally
@@ -143,6 +144,31 @@ def test_whole_batch_in_flight_and_rewards_scored_while_generation_continues(
     assert scored[0] < finished[-1], "no reward was scored before the last sample arrived"
     assert all(s.reward is not None for s in samples)
     assert metrics["rollout/servers_live"] == 2.0 and metrics["rollout/server_evictions"] == 0.0
+
+
+def test_async_run_trains_each_batch_one_version_behind_as_the_servers_report(
+        servers, tmp_path):
+    jsonl = tmp_path / "metrics.jsonl"
+    command = [sys.executable, "-m", "megatron_pr2.train", "--device", "cpu",
+               "--routing-method", "r3", "--rollout-engine", "sglang", "--async-rollout",
+               "--sglang-urls", f"{servers[0].address},{servers[1].address}",
+               "--train-iters", "3", "--rollout-batch-prompts", "2", "--n-samples-per-prompt", "2",
+               "--off-policy-window", "1", "--micro-batch-size", "2", "--max-new-tokens", "6",
+               "--rollout-timeout", "300", "--log-jsonl", str(jsonl)]
+    launcher_env = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_env},
+           "SGLANG_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_rows(jsonl)
+    # every sample's version is the one its server reported (checked by the client)
+    assert [r["rollout/weight_version"] for r in rows] == [0.0, 0.0, 1.0]
+    assert [r["rollout/weight_version_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    answer = requests.post(servers[0].address + "/generate", timeout=120,
+                           headers={"Authorization": f"Bearer {KEY}"},
+                           json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 1}})
+    assert answer.json()["meta_info"]["weight_version"] == "3"  # the sync after iteration 3
 
 
 def test_server_killed_mid_batch_loses_nothing_and_leaves_the_pool(servers):
