@@ -90,3 +90,12 @@ def test_a_resumed_run_regenerates_the_batch_that_was_ahead(runs):
     # batch 3 was generated ahead (version 0) before the stop; after it, by the restored weights
     assert _column(records, "rollout/weight_version") == [0.0, 0.0, 2.0, 2.0]
     assert _column(records, "rollout/weight_version_lag") == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_two_ranks_receive_the_batch_generated_ahead(tmp_path):
+    """Rank 0 generates in its background thread while both ranks train; the batch reaches
+    rank 1 in the main thread's scatter (expert parallel over 2 processes)."""
+    records = run_distributed(_train_worker, 2, "r3", {"expert_model_parallel_size": 2},
+                              str(tmp_path), {"rollout.async_rollout": True})[0]
+    assert [r["step"] for r in records] == [1, 2]
+    assert _column(records, "rollout/weight_version_lag") == [0.0, 1.0]
