@@ -153,6 +153,8 @@ TRAIN_HELP: dict[str, str] = {
     "task_max_len": "digit task: most digits per problem",
     "partial_credit": "digit task: reward the share of matching answer positions (1 only for the "
                       "exact answer) instead of exact match only",
+    "task_stratified": "digit task: problem i's operation and length cycle with i, so every batch "
+                       "of (operations x lengths) prompts has the same difficulty mix",
     "tokenizer": "HF tokenizer directory (math task)",
     "eval_data_path": "math evaluation problems (else --eval-fraction of --data-path)",
     "eval_fraction": "math: share of --data-path held out (seeded) for evaluation",

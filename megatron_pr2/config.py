@@ -239,6 +239,7 @@ class TaskArgs:
     task_min_len: int = 3
     task_max_len: int = 6
     partial_credit: bool = False  # digit task: reward the share of matching answer positions
+    task_stratified: bool = False  # digit task: operation and length cycle with the problem index
     tokenizer: str | None = None  # HF tokenizer directory (math task)
     eval_data_path: str | None = None  # math eval problems (else --eval-fraction of --data-path)
     eval_fraction: float = 0.0  # math: share of --data-path held out (seeded) for evaluation
@@ -254,6 +255,8 @@ class TaskArgs:
             raise ValueError("give either --eval-data-path or --eval-fraction, not both")
         if self.partial_credit and self.task != "digits":
             raise ValueError("--partial-credit is a reward of the digit task (--task digits)")
+        if self.task_stratified and self.task != "digits":
+            raise ValueError("--task-stratified orders the digit task's problems (--task digits)")
 
     @property
     def has_eval_split(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import sys
@@ -39,8 +40,13 @@ def _exit_now(code: int) -> None:
 
     A gloo process group still alive at interpreter exit can abort the process from a C++
     destructor ("terminate called without an active exception", SIGABRT) after the result was
-    saved, which would fail a run whose every rank succeeded.
+    saved, which would fail a run whose every rank succeeded. The children this rank started
+    (e.g. the manager of Megatron's checkpoint writer), which interpreter exit would have shut
+    down, are ended first: os._exit would leave them running.
     """
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=5)
     try:
         from megatron_pr2.platform import destroy_model_parallel
 

@@ -37,6 +37,10 @@ class DigitTaskConfig:
         min_len, max_len: digit-string length range (inclusive); the difficulty knob.
         seed: base seed of the problem stream.
         partial_credit: reward per-position matches instead of exact match only.
+        stratified: problem ``i`` takes its operation and length from ``i`` (every run of
+            ``len(kinds) * (max_len - min_len + 1)`` consecutive problems holds each pair once;
+            only the digits are drawn), so batches of that size have the same difficulty mix and
+            the batch-to-batch spread of the reward is the policy's, not the draw's.
     """
 
     kinds: tuple[str, ...] = ("copy", "reverse", "sort")
@@ -44,6 +48,7 @@ class DigitTaskConfig:
     max_len: int = 6
     seed: int = 0
     partial_credit: bool = False
+    stratified: bool = False
 
     def __post_init__(self):
         unknown = [k for k in self.kinds if k not in TASK_KINDS]
@@ -62,15 +67,27 @@ def _number(rng: random.Random, length: int) -> int:
     return rng.randrange(10 ** (length - 1) if length > 1 else 0, 10 ** length)
 
 
-def make_problem(rng: random.Random, cfg: DigitTaskConfig) -> Problem:
-    """Draw one problem with ``rng``."""
-    kind = rng.choice(cfg.kinds)
+def stratum(index: int, cfg: DigitTaskConfig) -> tuple[str, int]:
+    """The (operation, length) of stratified problem ``index``: operations vary fastest."""
+    kind = cfg.kinds[index % len(cfg.kinds)]
+    length = cfg.min_len + (index // len(cfg.kinds)) % (cfg.max_len - cfg.min_len + 1)
+    return kind, length
+
+
+def make_problem(rng: random.Random, cfg: DigitTaskConfig,
+                 cell: tuple[str, int] | None = None) -> Problem:
+    """Draw one problem with ``rng`` (``cell``: its operation and length, else drawn too)."""
+    kind = cell[0] if cell else rng.choice(cfg.kinds)
+
+    def length() -> int:
+        return cell[1] if cell else rng.randint(cfg.min_len, cfg.max_len)
+
     if kind == "add":
-        a = _number(rng, rng.randint(cfg.min_len, cfg.max_len))
-        b = _number(rng, rng.randint(cfg.min_len, cfg.max_len))
+        a = _number(rng, length())
+        b = _number(rng, length())
         return Problem(prompt=f"{ADD_PREFIX}:{a}+{b}=", answer=str(a + b), kind=kind)
     prefix, solve = OPERATIONS[kind]
-    digits = _digits(rng, rng.randint(cfg.min_len, cfg.max_len))
+    digits = _digits(rng, length())
     return Problem(prompt=f"{prefix}:{digits}=", answer=solve(digits), kind=kind)
 
 
@@ -84,7 +101,8 @@ class DigitTask:
         """Problem ``index`` of ``split`` (splits are independent streams; they may overlap)."""
         if index < 0:
             raise ValueError(f"problem index must be >= 0, got {index}")
-        return make_problem(random.Random(f"{self.cfg.seed}/{split}/{index}"), self.cfg)
+        rng = random.Random(f"{self.cfg.seed}/{split}/{index}")
+        return make_problem(rng, self.cfg, stratum(index, self.cfg) if self.cfg.stratified else None)
 
     def problems(self, start: int, count: int, split: str = "train") -> list[Problem]:
         """Problems ``start .. start + count - 1`` of ``split``."""

@@ -44,7 +44,8 @@ class DigitPrompts:
     def __init__(self, cfg: RunConfig):
         self.task = DigitTask(DigitTaskConfig(min_len=cfg.task.task_min_len,
                                               max_len=cfg.task.task_max_len, seed=cfg.train.seed,
-                                              partial_credit=cfg.task.partial_credit))
+                                              partial_credit=cfg.task.partial_credit,
+                                              stratified=cfg.task.task_stratified))
         self.tokenizer = CharTokenizer()
         self.stop_token_ids = (self.tokenizer.eos_id,)
 

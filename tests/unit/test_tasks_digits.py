@@ -102,3 +102,19 @@ def test_sft_batch_layout():
         sft_batch(TOK, [])
     with pytest.raises(TypeError, match="text prompt"):
         sft_batch(TOK, [Problem([{"role": "user", "content": "1"}], "1", "math")])
+
+
+def test_stratified_problems_cover_every_operation_and_length_once_per_cycle():
+    from megatron_pr2.tasks.digits import OPERATIONS, DigitTask, DigitTaskConfig
+
+    task = DigitTask(DigitTaskConfig(min_len=3, max_len=6, seed=5, stratified=True))
+    solvers = {prefix: solve for prefix, solve in OPERATIONS.values()}
+    for start in (0, 12, 36):
+        cells = []
+        for problem in task.problems(start, 12):
+            prefix, digits = problem.prompt[:-1].split(":")
+            assert problem.answer == solvers[prefix](digits)  # still a correct problem
+            cells.append((prefix, len(digits)))
+        assert sorted(cells) == sorted((p, n) for p in ("cp", "rv", "so") for n in range(3, 7))
+    # the digits are still drawn: two cycles differ
+    assert [p.prompt for p in task.problems(0, 12)] != [p.prompt for p in task.problems(12, 12)]
