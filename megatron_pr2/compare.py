@@ -138,6 +138,7 @@ def base_config(args, seed: int) -> RunConfig:
     cfg.predictor.predictor_lr_mult = args.predictor_lr_mult
     cfg.task.partial_credit = args.partial_credit
     cfg.rollout.async_rollout = args.async_rollout
+    cfg.task.task_stratified = args.task_stratified
     cfg.task.task_min_len, cfg.task.task_max_len = args.task_min_len, args.task_max_len
     return cfg
 
@@ -548,6 +549,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--partial-credit", action=argparse.BooleanOptionalAction, default=True,
                         help="digit reward: share of matching answer positions (else exact match)")
+    parser.add_argument("--task-stratified", action=argparse.BooleanOptionalAction, default=False,
+                        help="every batch of 12 prompts holds each operation x length once "
+                             "(lengths 3-6), so batches differ only in their digits")
     parser.add_argument("--task-min-len", type=int, default=3, help="shortest digit string")
     parser.add_argument("--task-max-len", type=int, default=6, help="longest digit string")
     parser.add_argument("--async-rollout", action="store_true",
