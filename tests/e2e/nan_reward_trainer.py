@@ -15,16 +15,16 @@ from megatron_pr2.training.rollout_source import RolloutSource
 
 
 def poison_rewards(iterations: set[int]) -> None:
-    collect = RolloutSource.collect
+    generate = RolloutSource.generate  # on the rollout driver, in step or in the background
 
-    def collect_with_nan(self, iteration):
-        samples, metrics = collect(self, iteration)
+    def generate_with_nan(self, iteration, start):
+        samples, metrics = generate(self, iteration, start)
         if iteration in iterations:
             for sample in samples:
                 sample.reward = math.nan
         return samples, metrics
 
-    RolloutSource.collect = collect_with_nan
+    RolloutSource.generate = generate_with_nan
 
 
 def poison_warmup(steps: set[int]) -> None:

@@ -97,6 +97,20 @@ def test_nan_steps_are_skipped_shown_and_stop_the_run(tmp_path):
     assert all(torch.equal(weights[3][k], weights[4][k]) for k in weights[3])
 
 
+def test_nan_stop_with_a_batch_generating_ahead_exits_cleanly(tmp_path):
+    # asynchronous rollout: batch 6 is generating in the background when iteration 5 stops
+    jsonl = tmp_path / "metrics.jsonl"
+    result = _train(tmp_path / "ckpt", 6, "--log-jsonl", str(jsonl), "--max-consecutive-skips",
+                    "3", "--async-rollout", module="tests.e2e.nan_reward_trainer",
+                    pre=("rewards:2,4,5",))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: iteration 5: RL stopped" in result.stderr
+    records = {r["step"]: r for r in read_jsonl(jsonl)}
+    assert sorted(records) == [1, 2, 3, 4]
+    assert records[2]["train/update_skipped"] == 1.0 and records[3]["train/update_skipped"] == 0.0
+    assert _latest(tmp_path / "ckpt") == 4
+
+
 def test_nan_in_warmup_is_skipped_and_stops_the_run(tmp_path):
     result = _train(tmp_path / "ckpt", 1, "--warmup-sft-steps", "3", "--max-consecutive-skips",
                     "2", module="tests.e2e.nan_reward_trainer", pre=("warmup:2,3",))
