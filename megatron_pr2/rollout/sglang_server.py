@@ -35,6 +35,8 @@ GPU_FLAGS = ("--skip-tokenizer-init", "--enable-return-routed-experts")  # as th
 # <lifetime> seconds, whatever becomes of the process that started it.
 GPU_BOOTSTRAP = f"""\
 import os, runpy, signal, sys, threading
+if os.getpgid(0) != os.getpid():
+    os.setpgrp()  # lead a group of its own: the timer must never reach the caller's
 timer = threading.Timer(float(sys.argv.pop(1)), os.killpg, (os.getpgid(0), signal.SIGKILL))
 timer.daemon = True
 timer.start()
