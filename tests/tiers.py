@@ -17,6 +17,7 @@ SLOW, DISTRIBUTED, SGLANG, GPU = "slow", "distributed", "sglang", "gpu"
 TIERS: dict[str, tuple[str, ...]] = {
     # the GPU smoke suite (skipped without CUDA)
     "tests/gpu/": (GPU, SLOW),
+    "tests/gpu/test_sglang_gpu.py": (GPU, SGLANG, SLOW),
     # whole trainer runs, the compare job, recipe scripts, fresh interpreters
     "tests/e2e/": (SLOW,),
     # a real SGLang server

@@ -1,4 +1,6 @@
-"""Start and stop a local CPU SGLang server (its own venv, ``tools/launch_sglang.py``), bounded in time.
+"""Start and stop a local SGLang server, bounded in time: on CPU from its own venv
+(``tools/launch_sglang.py``), or with ``gpu=True`` SGLang's own ``sglang.launch_server`` from
+this interpreter (a GPU install of ``sglang``; no CPU shims).
 
 The server runs in a new process session so that :meth:`SGLangServer.stop` ends its whole tree
 (the HTTP server, the scheduler and the detokenizer) and nothing else.
@@ -6,16 +8,19 @@ The server runs in a new process session so that :meth:`SGLangServer.stop` ends 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
 import requests
 
 from megatron_pr2.platform.distributed import free_port
+from megatron_pr2.rollout.sglang_weight_api import SGLANG_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,21 @@ DEFAULT_VENV = os.path.join(REPO_ROOT, ".venv-sglang")
 LAUNCHER = os.path.join(REPO_ROOT, "tools", "launch_sglang.py")
 READY_MARKER = "sglang-cpu-ready"
 API_KEY_ENV = "SGLANG_API_KEY"  # tools/launch_sglang.py passes it to SGLang's --api-key
+GPU_FLAGS = ("--skip-tokenizer-init", "--enable-return-routed-experts")  # as the CPU launcher
+# ``python -c GPU_BOOTSTRAP <lifetime> <SGLang args>``: SGLang's entry point with --api-key from
+# the environment (never on a command line) and a timer that kills the whole process group after
+# <lifetime> seconds, whatever becomes of the process that started it.
+GPU_BOOTSTRAP = f"""\
+import os, runpy, signal, sys, threading
+if os.getpgid(0) != os.getpid():
+    os.setpgrp()  # lead a group of its own: the timer must never reach the caller's
+timer = threading.Timer(float(sys.argv.pop(1)), os.killpg, (os.getpgid(0), signal.SIGKILL))
+timer.daemon = True
+timer.start()
+if os.environ.get("{API_KEY_ENV}"):
+    sys.argv += ["--api-key", os.environ["{API_KEY_ENV}"]]
+runpy.run_module("sglang.launch_server", run_name="__main__")
+"""
 
 
 class SGLangServerError(RuntimeError):
@@ -33,6 +53,11 @@ class SGLangServerError(RuntimeError):
 def sglang_venv_ready(venv: str = DEFAULT_VENV) -> bool:
     """Whether ``tools/sglang_env.sh`` completed for ``venv``."""
     return os.path.exists(os.path.join(venv, READY_MARKER)) and os.path.exists(_python(venv))
+
+
+def sglang_importable() -> bool:
+    """Whether ``sglang`` is installed in this interpreter (a GPU install; not imported here)."""
+    return importlib.util.find_spec("sglang") is not None
 
 
 def _python(venv: str) -> str:
@@ -51,13 +76,16 @@ class SGLangServer:
         extra_args: further SGLang arguments.
         log_path: where the server's output goes (default: a temp file).
         api_key: the key the server requires (``Authorization: Bearer``); None: no key.
+        gpu: run ``sglang.launch_server`` from this interpreter (``venv`` unused) with
+            :data:`GPU_FLAGS`; device, dtype and memory flags go in ``extra_args``.
     """
 
     def __init__(self, model_path: str, *, venv: str = DEFAULT_VENV, port: int | None = None,
                  host: str = "127.0.0.1", startup_timeout: float = 240.0,
                  max_lifetime: float = 1800.0, extra_args: tuple[str, ...] = (),
-                 log_path: str | None = None, api_key: str | None = None):
+                 log_path: str | None = None, api_key: str | None = None, gpu: bool = False):
         self.model_path = model_path
+        self.gpu = gpu
         self.api_key = api_key
         self.venv = venv
         self.host = host
@@ -74,6 +102,10 @@ class SGLangServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
+        if self.gpu:
+            return [sys.executable, "-c", GPU_BOOTSTRAP, str(self.max_lifetime), "--model-path",
+                    self.model_path, "--host", self.host, "--port", str(self.port), *GPU_FLAGS,
+                    *self.extra_args]
         cmd = [_python(self.venv), LAUNCHER, "--model-path", self.model_path, "--host", self.host,
                "--port", str(self.port), "--max-lifetime", str(self.max_lifetime)]
         if self.extra_args:
@@ -86,9 +118,9 @@ class SGLangServer:
 
     def launch(self) -> SGLangServer:
         """Start the server process without waiting (see :meth:`wait_ready`)."""
-        if not sglang_venv_ready(self.venv):
-            raise SGLangServerError(f"no SGLang venv at {self.venv}: run tools/sglang_env.sh")
-        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        self._check_installed()
+        dropped = (API_KEY_ENV, "SGLANG_USE_CPU_ENGINE") if self.gpu else (API_KEY_ENV,)
+        env = {k: v for k, v in os.environ.items() if k not in dropped}
         if self.api_key:
             env[API_KEY_ENV] = self.api_key  # read by the launcher, never on a command line
         with open(self.log_path, "ab") as log:
@@ -98,6 +130,13 @@ class SGLangServer:
         self._deadline = time.monotonic() + self.startup_timeout
         logger.info("started SGLang (pid %d) on %s, log %s", self._process.pid, self.address, self.log_path)
         return self
+
+    def _check_installed(self) -> None:
+        if self.gpu and not sglang_importable():
+            raise SGLangServerError(f"sglang is not installed in {sys.executable}: pip install "
+                                    f"sglang=={SGLANG_VERSION}")
+        if not self.gpu and not sglang_venv_ready(self.venv):
+            raise SGLangServerError(f"no SGLang venv at {self.venv}: run tools/sglang_env.sh")
 
     def wait_ready(self) -> SGLangServer:
         """Wait until the launched server generates (``startup_timeout`` from its launch)."""

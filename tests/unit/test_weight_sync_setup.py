@@ -79,3 +79,10 @@ def test_the_sglang_pins_agree():
     launcher = os.path.join(REPO, "examples", "pr2", "launch_sglang_servers.sh")
     with open(launcher, encoding="utf-8") as handle:
         assert f"SGLANG_VERSION={SGLANG_VERSION}  #" in handle.read()
+    with open(os.path.join(REPO, "tools", "gpu_smoke.sh"), encoding="utf-8") as handle:
+        smoke = handle.read()  # WITH_SGLANG=1 reads the pin from sglang_weight_api.py with sed
+    assert "s/^SGLANG_VERSION = " in smoke and '"sglang==$pin"' in smoke
+    api = os.path.join(REPO, "megatron_pr2", "rollout", "sglang_weight_api.py")
+    pin = subprocess.run(["sed", "-n", r's/^SGLANG_VERSION = "\(.*\)"$/\1/p', api],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert pin == SGLANG_VERSION
