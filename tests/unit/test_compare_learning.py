@@ -31,12 +31,14 @@ def test_zero_advantage_fraction_matches_the_advantages():
 
 
 def test_gain_first_and_final_reductions_by_hand():
-    records = _run([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    records = _run([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     assert compare.reduce_run(records, compare.REWARD, "gain") == pytest.approx(
-        (0.3 + 0.4 + 0.5 + 0.6) / 4 - 0.1)
+        (0.6 + 0.7 + 0.8 + 0.9) / 4 - (0.1 + 0.2 + 0.3 + 0.4) / 4)
+    assert compare.reduce_run(records, compare.REWARD, "head") == pytest.approx(0.25)
     assert compare.reduce_run(records, compare.EVAL, "first") == 0.5
     assert compare.reduce_run(records, compare.EVAL, "final") == 0.7
-    assert compare.reduce_run(_run([0.1, 0.2, 0.3, 0.4]), compare.REWARD, "gain") is None
+    # the first and last 4 iterations may not overlap
+    assert compare.reduce_run(_run([0.1] * 7), compare.REWARD, "gain") is None
 
 
 def test_degeneracy_flags_each_reason():
@@ -52,9 +54,10 @@ def test_degeneracy_flags_each_reason():
 
 
 def test_learning_section_states_gain_and_degenerate_runs():
-    learning = {1: _run([0.2, 0.3, 0.4, 0.5, 0.6]), 2: _run([0.1, 0.3, 0.5, 0.5, 0.5]),
-                3: _run([0.3, 0.4, 0.5, 0.6, 0.6])}
-    flat = {1: _run([0.0] * 5, zero_grad=4, zero_adv=1.0), 2: _run([0.0] * 5, zero_grad=4,
+    learning = {1: _run([0.2, 0.3, 0.4, 0.5, 0.6, 0.6, 0.7, 0.7]),
+                2: _run([0.1, 0.3, 0.5, 0.5, 0.5, 0.6, 0.6, 0.6]),
+                3: _run([0.3, 0.4, 0.5, 0.6, 0.6, 0.7, 0.7, 0.8])}
+    flat = {1: _run([0.0] * 8, zero_grad=4, zero_adv=1.0), 2: _run([0.0] * 8, zero_grad=4,
                                                                     zero_adv=1.0)}
     text = "\n".join(compare.learning_section({"r2": learning, "none": flat}))
     gains = [compare.reduce_run(r, compare.REWARD, "gain") for r in learning.values()]
