@@ -56,7 +56,7 @@ def rows(sync, asynchronous) -> list[list[str]]:
             if any(v is None for v in a + b):
                 continue
             diff = paired_difference(a, b)
-            where = ("contains 0" if not diff.excludes(0.0)
+            where = ("n/a (one seed)" if diff.n < 2 else "contains 0" if not diff.excludes(0.0)
                      else "async higher" if diff.low > 0 else "async lower")
             out.append([method, what, f"{sum(b) / len(b):.4f}", f"{sum(a) / len(a):.4f}",
                         diff.text(), where, str(len(seeds))])
@@ -73,12 +73,17 @@ def main(argv=None) -> int:
     if not table:
         print("no method with the same seeds in both directories", file=sys.stderr)
         return 1
+    print_table(table)
+    return 0
+
+
+def print_table(table: list[list[str]]) -> None:
+    """The rows as a Markdown table."""
     header = ["method", "metric", "sync", "async", "async - sync (95%)", "interval", "seeds"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in table:
         print("| " + " | ".join(row) + " |")
-    return 0
 
 
 if __name__ == "__main__":
