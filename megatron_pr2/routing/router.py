@@ -349,7 +349,7 @@ class ReplayRouter(TopKRouter):
                                         float(per_token.detach().mean()))
         if attach:
             if self.calculate_per_token_loss:  # as Megatron scales its aux losses
-                loss = loss * (int((~pad_T).sum()) if pad_T is not None else logits_TE.shape[0])
+                loss = loss * unpadded_token_count(pad_T, logits_TE.shape[0])
             probs = MoEAuxLossAutoScaler.apply(probs, loss)
             state.predictor_loss_attached.add(mb)
         return probs
@@ -358,3 +358,7 @@ class ReplayRouter(TopKRouter):
         """Ranks that each hold a slice of the tokens and sum ``W_p``'s gradient (TP under SP)."""
         return self.tp_group.size() if self.config.sequence_parallel else 1
 
+
+def unpadded_token_count(pad_T: torch.Tensor | None, num_rows: int):
+    """Tokens that are not padding: a device tensor (no host read-back), or ``num_rows``."""
+    return (~pad_T).sum() if pad_T is not None else num_rows
