@@ -59,10 +59,20 @@ def _train(method: str, out_dir: str, overrides: dict) -> dict:
         section, field = path.split(".")
         setattr(getattr(cfg, section), field, value)
     seen = []
-    with helpers_tied_to_this_process(), _ddp_flags(seen):  # checkpoint writers die with us
+    with helpers_tied_to_this_process(), _ddp_flags(seen):
         run_training(cfg.validate())
     records = read_jsonl(cfg.train.log_jsonl) if os.path.exists(cfg.train.log_jsonl) else None
     return {"records": records, "overlap_grad_reduce": seen}
+
+
+def _stop_helper_processes() -> None:
+    """Stop the processes the runs left (Megatron's checkpoint writer, kept for the next run of
+    this process), which would otherwise outlive this rank (it leaves through ``os._exit``)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(timeout=30)
 
 
 def train_with_and_without_overlap(rank: int, methods: list[str], out_dir: str,
@@ -74,11 +84,14 @@ def train_with_and_without_overlap(rank: int, methods: list[str], out_dir: str,
     """
     del rank
     base_port, results = int(os.environ["MASTER_PORT"]), {}
-    for method in methods:
-        for name, overrides in OVERLAP_RUNS.items():
-            os.environ["MASTER_PORT"] = str(base_port + len(results))
-            results[method, name] = _train(method, os.path.join(out_dir, method, name),
-                                           {**overrides, **(extra or {})})
+    try:
+        for method in methods:
+            for name, overrides in OVERLAP_RUNS.items():
+                os.environ["MASTER_PORT"] = str(base_port + len(results))
+                results[method, name] = _train(method, os.path.join(out_dir, method, name),
+                                               {**overrides, **(extra or {})})
+    finally:
+        _stop_helper_processes()
     return results
 
 
