@@ -132,6 +132,8 @@ TRAIN_HELP: dict[str, str] = {
     "clip_grad": "global gradient-norm clip (0: off)",
     "bf16": "bf16 weights and compute (Float16Module), fp32 main weights and gradients",
     "use_distributed_optimizer": "shard main weights and Adam state over data-parallel ranks",
+    "overlap_grad_reduce": "reduce each gradient bucket across data-parallel ranks as soon as "
+                           "the last micro-batch's backward fills it (Megatron's DDP)",
     "seed": "random seed (sampling, data order, initialisation)",
     "save": "checkpoint directory; a run resumes from it automatically",
     "save_interval": "save every N iterations (0: never)",

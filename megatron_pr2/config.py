@@ -186,6 +186,7 @@ class TrainArgs:
     clip_grad: float = 1.0  # global grad-norm clip (0 = off)
     bf16: bool = False  # bf16 weights and compute (Float16Module), fp32 main params and grads
     use_distributed_optimizer: bool = False  # shard optimizer state over data parallel ranks
+    overlap_grad_reduce: bool = False  # Megatron DDP: reduce grad buckets during backward
     seed: int = 1234
     save: str | None = None
     save_interval: int = 0

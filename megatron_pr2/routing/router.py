@@ -196,7 +196,8 @@ class ReplayRouter(TopKRouter):
         state = self.replay_state
         mb = state.microbatch_id
         if state.mode is RoutingMode.LIVE and mb is None:
-            return super().routing(logits, padding_mask=padding_mask)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            return self._keep_predictor_in_graph(probs), routing_map
         if mb is None:
             raise RuntimeError(
                 f"layer {self.layer_number}: routing mode {state.mode.value!r} needs a micro-batch "
@@ -320,7 +321,11 @@ class ReplayRouter(TopKRouter):
     # ----------------------------------------------------------------------------- predictor
     def _apply_predictor_loss(self, probs, logits_TE, pad_T, mb: int, revisit: bool):
         state = self.replay_state
+        attach = torch.is_grad_enabled() and mb not in state.predictor_loss_attached
         if not state.train_predictor:
+            if attach and self._predictor_trainable():
+                state.predictor_loss_attached.add(mb)  # where the loss would attach: same counts
+                return self._keep_predictor_in_graph(probs)
             return probs
         sample = state.predictor_samples.get(mb)
         if sample is None:
@@ -329,7 +334,6 @@ class ReplayRouter(TopKRouter):
                 f"{mb} (recorded: {sorted(state.predictor_samples)}); the predict pass (or a pass "
                 "with record_predictor_inputs) must run over the same micro-batch ids first"
             )
-        attach = torch.is_grad_enabled() and mb not in state.predictor_loss_attached
         if revisit and not attach:
             return probs
         if sample.num_rows != logits_TE.shape[0]:
@@ -349,12 +353,45 @@ class ReplayRouter(TopKRouter):
                                         float(per_token.detach().mean()))
         if attach:
             if self.calculate_per_token_loss:  # as Megatron scales its aux losses
-                loss = loss * (int((~pad_T).sum()) if pad_T is not None else logits_TE.shape[0])
+                loss = loss * unpadded_token_count(pad_T, logits_TE.shape[0])
             probs = MoEAuxLossAutoScaler.apply(probs, loss)
             state.predictor_loss_attached.add(mb)
         return probs
+
+    def _predictor_trainable(self) -> bool:
+        return self.predictor is not None and self.predictor.weight.requires_grad
+
+    def _keep_predictor_in_graph(self, probs):
+        """``probs`` unchanged, with a zero gradient for ``W_p`` in a backward without the
+        predictor loss.
+
+        Megatron's DDP with ``overlap_grad_reduce`` starts a bucket's reduction once every
+        parameter in it has reported its gradient, as many times as in its first iteration; a
+        ``W_p`` without one (mini-step 1, warm-up, the optimizer predictor) would break that.
+        """
+        if not (torch.is_grad_enabled() and self._predictor_trainable()):
+            return probs
+        return _ZeroGradient.apply(probs, self.predictor.weight)
 
     def _token_split_size(self) -> int:
         """Ranks that each hold a slice of the tokens and sum ``W_p``'s gradient (TP under SP)."""
         return self.tp_group.size() if self.config.sequence_parallel else 1
 
+
+def unpadded_token_count(pad_T: torch.Tensor | None, num_rows: int):
+    """Tokens that are not padding: a device tensor (no host read-back), or ``num_rows``."""
+    return (~pad_T).sum() if pad_T is not None else num_rows
+
+
+class _ZeroGradient(torch.autograd.Function):
+    """Identity on ``output``; ``weight`` gets a zero gradient (it joins the backward graph)."""
+
+    @staticmethod
+    def forward(ctx, output, weight):
+        ctx.weight_meta = (weight.shape, weight.dtype, weight.device)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        shape, dtype, device = ctx.weight_meta
+        return grad_output, torch.zeros(shape, dtype=dtype, device=device)

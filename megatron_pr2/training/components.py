@@ -109,6 +109,7 @@ def build_components(cfg: RunConfig) -> Components:
 
         load_megatron_checkpoint(chunks, cfg.model.load)
     model = wrap_with_ddp(chunks, config,
+                          overlap_grad_reduce=cfg.train.overlap_grad_reduce,
                           use_distributed_optimizer=cfg.train.use_distributed_optimizer,
                           groups=groups)
     optimizer = _optimizer(cfg, model)

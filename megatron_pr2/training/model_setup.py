@@ -21,6 +21,9 @@ def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False,
     With ``config.bf16`` each chunk is first wrapped in Megatron's ``Float16Module`` (bf16
     weights and compute; the optimizer keeps fp32 main params). ``use_distributed_optimizer``
     lays the grad buffer out for the sharded optimizer (reduce-scatter instead of all-reduce).
+    ``overlap_grad_reduce`` reduces each bucket while the last micro-batch's backward runs; the
+    schedule's ``no_sync_func``/``grad_sync_func`` and ``finalize_model_grads`` (which finishes
+    the reductions before the optimizer step) are set on ``config`` as Megatron-LM does.
     ``groups``: the run's ``ProcessGroupCollection`` (default: Megatron's initialised groups).
     """
     if config.bf16:
@@ -36,10 +39,17 @@ def wrap_with_ddp(chunks, config, overlap_grad_reduce: bool = False,
         for index, chunk in enumerate(chunks)
     ]
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [chunk.no_sync for chunk in wrapped]
-    if len(wrapped) == 1:
-        config.no_sync_func = config.no_sync_func[0]
+    config.no_sync_func = _per_chunk([chunk.no_sync for chunk in wrapped])
+    # as Megatron-LM's --overlap-grad-reduce (with its default --align-grad-reduce): the
+    # interleaved schedule starts each chunk's reduction when its last backward is done
+    config.grad_sync_func = (_per_chunk([chunk.start_grad_sync for chunk in wrapped])
+                             if overlap_grad_reduce else None)
     return wrapped
+
+
+def _per_chunk(funcs: list):
+    """Megatron's schedule config form: one function per chunk, or the function itself."""
+    return funcs[0] if len(funcs) == 1 else funcs
 
 
 @dataclasses.dataclass(frozen=True)

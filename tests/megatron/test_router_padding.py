@@ -8,6 +8,7 @@ import torch
 from megatron_pr2.routing.controller import RoutingController
 from megatron_pr2.routing.metrics import same_expert_set
 from megatron_pr2.routing.route_plan import RoutePlan
+from megatron_pr2.routing.router import unpadded_token_count
 from megatron_pr2.training.padding_mask import pad_token_mask, stage_padding_mask
 from tests.megatron.test_router_replay import build, random_routes, tokens_and_positions
 
@@ -105,3 +106,20 @@ def test_the_actor_passes_the_padding_mask_of_its_microbatches(megatron_single_p
         for router in controller.routers:
             assert router.replay_state.predictor_samples[mb.microbatch_id].token_rows.tolist() \
                 == real
+
+
+def test_per_token_predictor_loss_scale_is_the_host_count_kept_on_the_device():
+    """The predictor loss scale under ``calculate_per_token_loss`` equals the former
+    ``int((~pad_T).sum())`` read back to the host, as a tensor where the mask is."""
+    gen = torch.Generator().manual_seed(3)
+    loss = torch.rand((), generator=gen) * 7
+    masks = [torch.rand(37, generator=gen) < 0.3, torch.zeros(5, dtype=torch.bool),
+             torch.ones(4, dtype=torch.bool)]
+    for pad_T in masks:
+        count = unpadded_token_count(pad_T, pad_T.numel())
+        assert isinstance(count, torch.Tensor) and count.device == pad_T.device
+        scaled = loss * count
+        assert scaled.dtype == loss.dtype
+        assert torch.equal(scaled, loss * int((~pad_T).sum()))
+    assert unpadded_token_count(None, 12) == 12
+

@@ -81,7 +81,9 @@ def test_pr2_with_zero_predictor_is_bitwise_r2(megatron_single_process, name):
     for layer in pr2_model.decoder.layers:
         assert layer.mlp.router.predictor.weight.grad.abs().sum() > 0
     assert all(m.summary()["predictor_loss"] > 0 for m in step.metrics.values())
-    assert all(p.grad is None for n, p in r2_model.named_parameters() if "predictor" in n)
+    # without the predictor loss W_p's gradient is zero (kept in the graph for Megatron's DDP)
+    assert all(p.grad is None or not p.grad.any()
+               for n, p in r2_model.named_parameters() if "predictor" in n)
 
 
 def _capture_router_inputs(model):

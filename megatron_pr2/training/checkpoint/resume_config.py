@@ -40,7 +40,8 @@ PARAMETER_LAYOUT = tuple(f for f in LAYOUT if f != "sequence_parallel")  # SP ke
 SAFE_FIELDS = {
     "train.lr", "train.train_iters", "train.save_interval", "train.eval_interval",
     "train.eval_prompts", "train.tensorboard_dir", "train.log_jsonl", "train.keep_last",
-    "train.max_consecutive_skips", "train.allow_resharding", "predictor.predictor_lr_mult",
+    "train.max_consecutive_skips", "train.allow_resharding", "train.overlap_grad_reduce",
+    "predictor.predictor_lr_mult",
     "rollout.rollout_timeout", "rollout.sglang_urls", "rollout.rollout_max_concurrency",
     "rollout.server_rejoin_interval",
     "parallel.distributed_timeout_minutes",
