@@ -553,8 +553,9 @@ def parse_args(argv=None):
     parser.add_argument("--partial-credit", action=argparse.BooleanOptionalAction, default=True,
                         help="digit reward: share of matching answer positions (else exact match)")
     parser.add_argument("--task-stratified", action=argparse.BooleanOptionalAction, default=False,
-                        help="every batch of 12 prompts holds each operation x length once "
-                             "(lengths 3-6), so batches differ only in their digits")
+                        help="consecutive problems cycle through every operation x length "
+                             "(12 with the default lengths), so such batches differ only in "
+                             "their digits")
     parser.add_argument("--task-min-len", type=int, default=3, help="shortest digit string")
     parser.add_argument("--task-max-len", type=int, default=6, help="longest digit string")
     parser.add_argument("--async-rollout", action="store_true",
