@@ -13,6 +13,7 @@ from megatron_pr2.rollout.sglang_server import (
     SGLangServer,
     SGLangServerError,
 )
+from tests.procfs import alive
 
 FAKE_LAUNCH_SERVER = '''
 import json, os, subprocess, sys
@@ -51,19 +52,11 @@ def fake_sglang(tmp_path, monkeypatch):
     return record
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _wait_dead(pid: int, seconds: float = 30.0) -> bool:
     deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not _alive(pid)
+    return not alive(pid)
 
 
 def test_gpu_server_gets_its_flags_and_the_key_and_stop_ends_its_group(fake_sglang):
