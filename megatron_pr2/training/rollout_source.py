@@ -173,11 +173,6 @@ class RolloutSource:
         self.data_position += self.cfg.rollout.rollout_batch_prompts
         return start
 
-    def generate(self, iteration: int, start: int) -> tuple[list[Sample], dict[str, float]]:
-        """Rollout driver only, no collective (may run in a background thread): generate and
-        score the batch of ``iteration`` from training prompt ``start`` on."""
-        return self._generate_and_score(iteration, start)
-
     def distribute(self, batch) -> tuple[list[Sample], dict[str, float]]:
         """Collective: the driver's ``batch`` (None elsewhere) as each rank's view of it."""
         if dist.get_world_size() == 1:
@@ -196,7 +191,9 @@ class RolloutSource:
                                                  group=_host_group())
         return self._rank_views
 
-    def _generate_and_score(self, iteration: int, start: int):
+    def generate(self, iteration: int, start: int) -> tuple[list[Sample], dict[str, float]]:
+        """Rollout driver only, no collective (may run in a background thread): generate and
+        score the batch of ``iteration`` from training prompt ``start`` on."""
         n = self.cfg.rollout.n_samples_per_prompt
         problems, prompt_tokens = self.prompt_source.prompts(
             start, self.cfg.rollout.rollout_batch_prompts, "train")
