@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -460,10 +461,12 @@ class SGLangClient:
     def set_weight_version(self, version: int) -> None:
         """Tag every live server's weights with ``version`` (the sync that just completed); a
         server that does not take it leaves the pool, as on a failed weight update."""
+        def tag(address: str) -> None:
+            self._weight_api(address).update_weight_version(version)
+
         for address in self.pool.live:
             try:
-                self.pool.run_on(address, lambda a: self._as_server_failure(
-                    lambda b: self._weight_api(b).update_weight_version(version), a))
+                self.pool.run_on(address, functools.partial(self._as_server_failure, tag))
             except ServerFailure:
                 continue
         self.pool.require_live()
